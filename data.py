@@ -23,7 +23,22 @@ import torch
 # Volumes
 # =============================================================================
 
+# The 18 CT-RATE abnormality labels, in the column order of multi_abnormality_labels/*_predicted_labels.csv.
+LABELS = [
+    "Medical material", "Arterial wall calcification", "Cardiomegaly", "Pericardial effusion",
+    "Coronary artery wall calcification", "Hiatal hernia", "Lymphadenopathy", "Emphysema", "Atelectasis",
+    "Lung nodule", "Lung opacity", "Pulmonary fibrotic sequela", "Pleural effusion",
+    "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
+    "Interlobular septal thickening",
+]
+
 # (volume side: issue 2)
+
+# =============================================================================
+# Synthetic chest CT
+# =============================================================================
+
+# (phantom: issue 2)
 
 # =============================================================================
 # Text
