@@ -32,13 +32,338 @@ LABELS = [
     "Interlobular septal thickening",
 ]
 
-# (volume side: issue 2)
+import csv
+import hashlib
+import math
+import sys
+import time
+import zlib
+
+import nibabel as nib
+import numpy as np
+import torch.nn.functional as F
+from tqdm import tqdm
+
+NORMS = ("hu", "unit", "symmetric", "ctscroll")
+AIR = -1000.0  # HU; the pad value
+
+
+class BadVolume(ValueError):
+    """A volume file or CSV row that must not be used; the message starts with the file it is about."""
+
+
+def _read_nifti(path):
+    """-> (stored values float32 (z, y, x) in (I, P, L), spacing (z, y, x) mm, (header slope, header intercept))."""
+    path = Path(path)
+    if not path.is_file():
+        raise BadVolume(f"{path}: no such file")
+    try:
+        img = nib.load(path)
+        raw = np.asarray(img.dataobj.get_unscaled())
+        slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
+        raise BadVolume(f"{path}: unreadable or truncated NIfTI ({type(e).__name__}: {e})") from e
+    found = raw.shape
+    while raw.ndim > 3 and raw.shape[-1] == 1:  # a 4-D file holding a single volume
+        raw = raw[..., 0]
+    if raw.ndim != 3:
+        raise BadVolume(f"{path}: expected a 3-D volume, found shape {found}")
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+        raise BadVolume(f"{path}: {(~np.isfinite(raw)).sum()} NaN/inf voxels")
+    ornt = nib.orientations.ornt_transform(nib.orientations.io_orientation(img.affine),
+                                           nib.orientations.axcodes2ornt(("I", "P", "L")))
+    raw = np.ascontiguousarray(nib.orientations.apply_orientation(raw, ornt), dtype=np.float32)
+    spacing = [0.0] * 3
+    for (axis, _), zoom in zip(ornt, img.header.get_zooms()[:3]):  # row i: where input axis i goes
+        spacing[int(axis)] = float(zoom)
+    return raw, tuple(spacing), (slope, inter)
+
+
+def load_nifti(path):
+    """NIfTI -> (float32 array (z, y, x) in the header's scaled units, spacing (z, y, x) in mm); axes (I, P, L)."""
+    raw, spacing, (slope, inter) = _read_nifti(path)
+    return (raw if (slope, inter) == (1.0, 0.0) else raw * np.float32(slope) + np.float32(inter)), spacing
+
+
+def normalize(hu, window=(-1000, 200), norm="unit"):
+    """Clip HU to window (None: no clip), then hu: as is; unit: -> [0, 1]; symmetric: -> [-1, 1];
+    ctscroll: unit - 0.449 (the CT-Scroll authors' code: (x + 1000) / 1200 - 0.449)."""
+    if norm not in NORMS or (window is None and norm != "hu"):
+        raise ValueError(f"norm={norm!r} with window={window}: norm must be one of {NORMS}, and only 'hu' has no window")
+    hu = torch.as_tensor(hu, dtype=torch.float32)
+    if window is None:
+        return hu
+    lo, hi = window
+    x = hu.clamp(lo, hi)
+    if norm == "hu":
+        return x
+    x = (x - lo) / (hi - lo)
+    return {"unit": x, "symmetric": 2 * x - 1, "ctscroll": x - 0.449}[norm]
+
+
+def crop_or_pad(v: torch.Tensor, shape, value=AIR) -> torch.Tensor:
+    """Centre crop each axis longer than shape, centre pad (with air) each shorter one."""
+    for d, n in enumerate(shape):
+        if v.shape[d] > n:
+            v = v.narrow(d, (v.shape[d] - n) // 2, n)
+    pad = []
+    for d in reversed(range(len(shape))):  # F.pad lists the last axis first
+        extra = max(0, shape[d] - v.shape[d])
+        pad += [extra // 2, extra - extra // 2]
+    return F.pad(v, pad, value=value) if any(pad) else v
+
+
+def preprocess(volume, spacing, *, target_spacing=None, shape=None, window=(-1000, 200), norm="unit", device=None):
+    """HU volume (z, y, x) -> float32 tensor: trilinear resample to target_spacing, centre crop/pad to shape
+    (padding with air before the window), then normalize(window, norm). CPU or CUDA (device)."""
+    v = torch.as_tensor(volume, dtype=torch.float32, device=device)
+    if target_spacing is not None and tuple(spacing) != tuple(target_spacing):
+        size = [max(1, round(n * s / t)) for n, s, t in zip(v.shape, spacing, target_spacing)]
+        v = F.interpolate(v[None, None], size=size, mode="trilinear", align_corners=False)[0, 0]
+    if shape is not None:
+        v = crop_or_pad(v, shape)
+    return normalize(v, window, norm)
+
+# =============================================================================
+# CT-RATE
+# =============================================================================
+
+RESCALES = ("auto", "metadata", "header", "none")
+
+
+def _read_csv(path, columns) -> dict:
+    """CSV -> {VolumeName: row}; a missing file or column is an error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; expected the CT-RATE layout (README: Data preparation for CT-RATE)")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in columns if c not in (reader.fieldnames or [])]
+        if missing:
+            raise BadVolume(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+        return {row["VolumeName"]: row for row in reader}
+
+
+def _in_val(patient: str, val_fraction: float) -> bool:  # the same patient -> the same split, on any machine
+    return int(hashlib.sha256(patient.encode()).hexdigest()[:8], 16) / 16 ** 8 < val_fraction
+
+
+def _air(v) -> float:  # fraction of voxels within 100 HU of air
+    return float(((v > AIR - 100) & (v < AIR + 100)).mean())
+
+
+class CTRATE(torch.utils.data.Dataset):
+    """CT-RATE from its on-disk layout (../shared/ctrate_format.md): volumes under dataset/{train,valid}[_fixed]/,
+    labels, Findings_EN reports and metadata CSVs joined by VolumeName. Splits: train/val = the train folder split
+    by patient (a hash of the patient id, val_fraction of patients to val), test = the valid folder.
+
+    rescale: how stored values become HU. metadata: HU = RescaleSlope * stored + RescaleIntercept from the metadata
+    CSV (the original release); header: the NIfTI header's scaling (v2 `*_fixed` volumes, already HU); none: stored
+    values as they are; auto: per volume, whichever of header/metadata puts more voxels near air (-1000 HU), said
+    once per choice. Spacing comes from the metadata CSV (the DICOM's) when it has the volume, else the header.
+    Bad rows and files are skipped with one warning line each and counted in n_bad; strict=True raises instead.
+    """
+
+    def __init__(self, root, split, *, shape=(240, 480, 480), spacing=(1.5, 0.75, 0.75), window=(-1000, 200),
+                 norm="unit", rescale="auto", strict=False, val_fraction=0.1):
+        if split not in ("train", "val", "test") or rescale not in RESCALES:
+            raise ValueError(f"split={split!r} rescale={rescale!r}: expected train|val|test and one of {RESCALES}")
+        root = Path(root)
+        root = root / "dataset" if (root / "dataset").is_dir() else root
+        folder, csv_split = ("valid", "validation") if split == "test" else ("train", "train")
+        self.dir = next((root / d for d in (folder + "_fixed", folder) if (root / d).is_dir()), None)
+        if self.dir is None:
+            raise FileNotFoundError(f"{root}: no {folder}/ or {folder}_fixed/ folder of volumes (CT-RATE layout)")
+        self.labels_csv = root / "multi_abnormality_labels" / f"{folder}_predicted_labels.csv"
+        self.meta_csv = root / "metadata" / f"{csv_split}_metadata.csv"
+        reports_csv = root / "radiology_text_reports" / f"{csv_split}_reports.csv"
+        labels = _read_csv(self.labels_csv, ["VolumeName", *LABELS])
+        reports = _read_csv(reports_csv, ["VolumeName", "Findings_EN"])
+        meta = _read_csv(self.meta_csv, ["VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing"]
+                         ) if rescale == "metadata" or self.meta_csv.is_file() else {}
+        self.split, self.shape, self.spacing, self.window, self.norm = split, shape, spacing, window, norm
+        self.rescale, self.strict, self.n_bad, self._bad_rows, self._said = rescale, strict, 0, set(), set()
+        self.rows, missing = [], []
+        for name, row in labels.items():
+            parts = name.split("_")  # split_patient_scan_recon.nii.gz
+            patient = "_".join(parts[:2])
+            if split != "test" and _in_val(patient, val_fraction) != (split == "val"):
+                continue
+            path = self.dir / patient / "_".join(parts[:3]) / name
+            try:
+                y = [row[c].strip() for c in LABELS]
+                if any(v not in ("0", "1", "0.0", "1.0") for v in y):
+                    raise BadVolume(f"{self.labels_csv}: {name}: labels must be 0 or 1, found {y}")
+                report = reports.get(name, {}).get("Findings_EN", "").strip()
+                if report in ("", "Not given."):
+                    raise BadVolume(f"{reports_csv}: {name}: no Findings_EN report ({report!r})")
+            except BadVolume as e:
+                self._bad(e)
+                continue
+            if not path.is_file():
+                missing.append(path)
+                continue
+            self.rows.append({"name": name, "path": path, "report": report, "meta": meta.get(name),
+                              "labels": torch.tensor([float(v) for v in y])})
+        if missing:
+            self._bad(BadVolume(f"{missing[0]}: listed in {self.labels_csv} but not on disk"
+                                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")), len(missing))
+
+    def _bad(self, e: BadVolume, count=1):
+        if self.strict:
+            raise e
+        self.n_bad += count
+        print(f"warning: skipped {e}", file=sys.stderr)
+
+    def __len__(self):
+        return len(self.rows)
+
+    def load(self, i) -> dict:
+        """Item i, or BadVolume naming the file."""
+        r = self.rows[i]
+        raw, spacing, header = _read_nifti(r["path"])
+        meta = None
+        if r["meta"] is not None:
+            try:
+                m = r["meta"]
+                meta = float(m["RescaleSlope"]), float(m["RescaleIntercept"])
+                xy = [float(s) for s in m["XYSpacing"].strip("[]() ").split(",")]
+                spacing = (float(m["ZSpacing"]), xy[0], xy[-1])
+            except (ValueError, IndexError) as e:
+                raise BadVolume(f"{self.meta_csv}: {r['name']}: unparseable rescale/spacing ({e})") from e
+        mode = self.rescale
+        if mode == "metadata" and meta is None:
+            raise BadVolume(f"{self.meta_csv}: no row for {r['name']} (needed by rescale=metadata)")
+        if mode == "auto":
+            air = {k: _air(raw[::4, ::4, ::4] * s + b) for k, (s, b) in (("header", header), ("metadata", meta)) if s is not None}
+            mode = max(air, key=air.get)
+            if air[mode] < 0.01:
+                raise BadVolume(f"{r['path']}: rescale=auto found no air near -1000 HU with the header or the metadata "
+                                f"rescale ({air}); check the file or pass rescale=header|metadata|none")
+            if mode not in self._said:
+                self._said.add(mode)
+                print(f"CTRATE {self.split}: rescale=auto chose '{mode}' ({r['name']}: {air[mode]:.0%} of voxels "
+                      f"near air; {'' if mode == 'metadata' else 'not '}applying the metadata CSV's slope/intercept)")
+        slope, inter = {"none": (1.0, 0.0), "header": header, "metadata": meta}[mode]
+        hu = raw if (slope, inter) == (1.0, 0.0) else raw * np.float32(slope) + np.float32(inter)
+        v = preprocess(hu, spacing, target_spacing=self.spacing, shape=self.shape, window=self.window, norm=self.norm)
+        return {"volume": v[None], "labels": r["labels"], "report": r["report"], "name": r["name"]}
+
+    def __getitem__(self, i):
+        for j in [k % len(self) for k in range(i, i + len(self))]:  # a bad file hands over to the next one
+            if j in self._bad_rows:
+                continue
+            try:
+                return self.load(j)
+            except BadVolume as e:
+                self._bad_rows.add(j)
+                self._bad(e)
+        raise BadVolume(f"{self.dir}: no readable volume in split {self.split}")
 
 # =============================================================================
 # Synthetic chest CT
 # =============================================================================
 
 # (phantom: issue 2)
+
+# =============================================================================
+# Cache: preprocess CT-RATE once, then read int16 memmaps; picking a dataset
+# =============================================================================
+
+class _Loads(torch.utils.data.Dataset):  # CTRATE items as int16 HU, or the error text, for prepare's DataLoader
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        try:
+            return self.ds.load(i)["volume"][0].round().clamp(-32768, 32767).to(torch.int16)
+        except BadVolume as e:
+            return str(e)
+
+
+def prepare(root, out, shape, spacing, *, splits=("train", "val", "test"), rescale="auto", strict=False,
+            val_fraction=0.1, workers=0):
+    """CT-RATE folder -> out/{split}.int16 (raw memmap, N x Z x Y x X, HU after rescale, resample and crop/pad, no
+    window: any window/norm applies at read time) + out/index.json (shape, spacing, names, labels, reports)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    index = {"shape": list(shape), "spacing": list(spacing), "root": str(root), "rescale": rescale, "splits": {}}
+    for split in splits:
+        ds = CTRATE(root, split, shape=shape, spacing=spacing, window=None, norm="hu", rescale=rescale,
+                    strict=strict, val_fraction=val_fraction)
+        path = out / f"{split}.int16"
+        print(f"prepare {split}: {len(ds)} volumes -> {path} ({len(ds) * math.prod(shape) * 2 / 1e9:.2f} GB)")
+        mm = np.memmap(path, np.int16, "w+", shape=(max(1, len(ds)), *shape))
+        keep = []
+        loader = torch.utils.data.DataLoader(_Loads(ds), batch_size=None, num_workers=workers)
+        for i, v in enumerate(tqdm(loader, total=len(ds), desc=f"prepare {split}")):
+            if isinstance(v, str):
+                ds._bad(BadVolume(v))
+                continue
+            mm[len(keep)] = v.numpy()
+            keep.append(ds.rows[i])
+        mm.flush()
+        del mm
+        os.truncate(path, len(keep) * math.prod(shape) * 2)
+        index["splits"][split] = {"file": path.name, "n_bad": ds.n_bad, "names": [r["name"] for r in keep],
+                                  "labels": [r["labels"].int().tolist() for r in keep],
+                                  "reports": [r["report"] for r in keep]}
+        tmp = out / "index.json.tmp"
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, out / "index.json")
+    return index
+
+
+class PreparedCT(torch.utils.data.Dataset):
+    """A folder written by prepare(): items like CTRATE's, read from the int16 memmap and normalised on the fly."""
+
+    def __init__(self, cache_dir, split, *, window=(-1000, 200), norm="unit"):
+        index_path = Path(cache_dir) / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path}: missing; run python data.py prepare --root CTRATE --out {cache_dir}")
+        index = json.loads(index_path.read_text())
+        if split not in index["splits"]:
+            raise ValueError(f"{index_path}: no split {split!r} (has {list(index['splits'])}); prepare it")
+        s = index["splits"][split]
+        self.shape, self.spacing = tuple(index["shape"]), tuple(index["spacing"])
+        self.names, self.reports, self.n_bad = s["names"], s["reports"], s["n_bad"]
+        self.labels = torch.tensor(s["labels"], dtype=torch.float32).view(-1, len(LABELS))
+        self.volumes = (np.memmap(Path(cache_dir) / s["file"], np.int16, "r", shape=(len(self.names), *self.shape))
+                        if self.names else np.zeros((0, *self.shape), np.int16))
+        self.window, self.norm = window, norm
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        hu = torch.from_numpy(self.volumes[i].astype(np.float32))
+        return {"volume": normalize(hu, self.window, self.norm)[None], "labels": self.labels[i],
+                "report": self.reports[i], "name": self.names[i]}
+
+
+def get_dataset(data, split, *, n=None, shape=(64, 128, 128), spacing=(1.5, 0.75, 0.75), window=(-1000, 200),
+                norm="unit", seed=0, strict=False):
+    """data = "synthetic" (n volumes generated at shape), a prepare()d cache folder (has index.json), or a CT-RATE
+    root. n sizes the synthetic set only; real data yields every volume of the split."""
+    if data == "synthetic":
+        return SyntheticCT(split, n, shape=shape, seed=seed, window=window, norm=norm)
+    if (Path(data) / "index.json").is_file():
+        ds = PreparedCT(data, split, window=window, norm=norm)
+        if ds.shape != tuple(shape):
+            raise ValueError(f"{data} was prepared at shape {ds.shape}, asked for {tuple(shape)}: pass --shape "
+                             f"{','.join(map(str, ds.shape))} or prepare again")
+        return ds
+    if not Path(data).is_dir():
+        raise FileNotFoundError(f"{data}: not 'synthetic', a prepared cache or a CT-RATE folder")
+    return CTRATE(data, split, shape=shape, spacing=spacing, window=window, norm=norm, strict=strict)
+
+
+def collate(items: list) -> dict:
+    """Tensors stacked on a new batch dim, everything else (names, reports, questions) as lists."""
+    return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
+            for k in items[0]}
 
 # =============================================================================
 # Text
@@ -101,8 +426,9 @@ def train_bpe(texts, vocab_size: int) -> tiktoken.Encoding:
     vocab_size counts everything: 256 bytes + merges + len(SPECIAL_TOKENS) (= enc.n_vocab, or fewer if the
     corpus runs out of pairs). Training is incremental: the text is split once into chunks, each unique chunk is
     kept with its frequency, pair counts are updated only for the chunks a merge touches, and the most frequent pair
-    comes off a heap with lazy deletion (ties -> smallest token ids). Example: chunks {"aaab": 1} merge (a, a) ->
-    "aa", then (aa, a) -> "aaa", then (aaa, b).
+    comes off a heap with lazy deletion (ties -> smallest token ids). Example: the chunk "aaab" has pairs
+    {(a, a): 2, (a, b): 1} -> merge "aa" (rank 256); then [aa, a, b] ties (aa, a) with (a, b) -> "ab" (257, the
+    smaller ids); then [aa, ab] -> "aaab" (258).
     A merge whose bytes already are a token (a + bc when ab + c made abc) reuses that token, as tiktoken merges by
     the rank of the concatenated bytes; so ranks stay unique and the encoder applies the merges in training order.
     """
