@@ -4,11 +4,11 @@ Sections, in reading order:
   Volumes      load_nifti, preprocess (resample, crop/pad, HU window, normalisation)
   CT-RATE      the real on-disk layout and CSVs (../shared/ctrate_format.md), rescale modes
   Synthetic    a procedural chest CT phantom with 18 findings, masks, reports and questions (the default dataset)
-  Cache        prepare() -> preprocessed int16 memmaps + an index, and the dataset that reads them
+  Cache        prepare() -> preprocessed int16 memmaps + an index, PreparedCT reads them; get_dataset, collate
   Text         byte-level BPE on tiktoken, the Llama-3 tokenizer
   Metrics      AUROC, F1 thresholds, classification metrics, BLEU/METEOR/ROUGE/CIDEr, VQA accuracy
   Runs         checkpoints, DDP, logs
-  CLI          python data.py synthetic|prepare|montage ...
+  CLI          python data.py synthetic|prepare|montage|bench
 
 Axes everywhere are (z, y, x) = (I, P, L): slice 0 is the top, row 0 anterior, column 0 the patient's right.
 """
@@ -263,7 +263,681 @@ class CTRATE(torch.utils.data.Dataset):
 # Synthetic chest CT
 # =============================================================================
 
-# (phantom: issue 2)
+# A procedural chest CT in continuous millimetre coordinates. Every structure is a signed distance (mm, < 0 inside)
+# evaluated only inside its own bounding box and painted with a one-voxel partial-volume ramp, so one patient
+# sampled at 64x128x128 or 256x512x512 is the same body. sample_patient() draws latent factors, anatomy, labels
+# and attributes without touching voxels (cheap label statistics); render_phantom() turns them into HU + masks.
+
+FOV = (360.0, 360.0, 360.0)  # mm, (z, y, x): z=0 most cranial, y=0 anterior, x=0 patient's right
+REGIONS = {0: "other", 1: "right lung", 2: "left lung", 3: "heart", 4: "aorta", 5: "trachea and bronchi",
+           6: "esophagus", 7: "bone", 8: "mediastinum", 9: "abdomen", 10: "pleura"}
+# CT-RATE prevalences: the counts of fusion2d3d.md Table 1 over its 3,028 volumes.
+PREVALENCE = [c / 3028 for c in (425, 909, 358, 269, 793, 425, 831, 586, 842, 1393, 1141, 783, 481, 268, 324,
+                                 569, 307, 273)]
+# Weights of the latent factors (age z-score, heart failure, infection) on each label's logit -> co-occurrence.
+_LATENT_W = [(0.3, 0.8, 0.3), (1.5, 0.3, 0), (0.4, 2.5, 0), (0.2, 2.0, 0.3), (1.5, 0.5, 0), (0.6, 0, 0),
+             (0.3, 0.5, 1.0), (0.9, 0, 0), (0.4, 1.0, 1.5), (0.5, 0, 0), (0.2, 0.8, 2.0), (0.7, 0, 0.5),
+             (0.4, 2.5, 0.8), (0, 0.5, 0.5), (0, 0, 1.5), (0.2, 0.3, 2.5), (0.4, 0, 0.8), (0.2, 2.5, 0)]
+_P_INFECTION = 0.3
+_p_hf = lambda age: 1 / (1 + math.exp(2.0 - 0.7 * age))  # heart failure grows with age
+_SPLIT_ID = {"train": 0, "val": 1, "test": 2}
+LOBES = {"right": ("upper", "middle", "lower"), "left": ("upper", "lower")}
+
+
+def _generator(*key) -> torch.Generator:
+    """A CPU torch.Generator seeded from a stable hash of `key` (Python's hash() is salted per process)."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def _latent_bias() -> list:
+    """Per-label logit offsets that make each marginal prevalence exact under the latent distribution."""
+    a = torch.linspace(-3, 3, 121, dtype=torch.float64)
+    pa = torch.exp(-a ** 2 / 2); pa /= pa.sum()
+    phf = 1 / (1 + torch.exp(2.0 - 0.7 * a))
+    bias = []
+    for target, (wa, wh, wi) in zip(PREVALENCE, _LATENT_W):
+        lo, hi = -15.0, 15.0
+        for _ in range(50):  # bisection: the marginal grows monotonically with the offset
+            b = (lo + hi) / 2
+            p = sum(pa * ph * pi * torch.sigmoid(b + wa * a + wh * h + wi * i)
+                    for h, ph in ((0, 1 - phf), (1, phf)) for i, pi in ((0, 1 - _P_INFECTION), (1, _P_INFECTION)))
+            lo, hi = (b, hi) if p.sum() < target else (lo, b)
+        bias.append(b)
+    return bias
+
+
+_BIAS = []
+
+
+def sample_patient(seed: int, split: str, index: int, difficulty: float = 0.5) -> dict:
+    """Latent factors, anatomy, the 18 labels and their attributes of one patient; no voxels, ~1 ms."""
+    if split not in _SPLIT_ID:
+        raise ValueError(f"split must be one of {list(_SPLIT_ID)}, got {split!r}")
+    if not _BIAS:
+        _BIAS.extend(_latent_bias())
+    g = _generator("patient", seed, _SPLIT_ID[split], index)
+    u = lambda lo=0.0, hi=1.0: lo + (hi - lo) * torch.rand((), generator=g, dtype=torch.float64).item()
+    pick = lambda seq: seq[int(u() * len(seq))]
+    age = min(max(torch.randn((), generator=g, dtype=torch.float64).item(), -3.0), 3.0)
+    hf, inf = u() < _p_hf(age), u() < _P_INFECTION
+    labels = [int(u() < 1 / (1 + math.exp(-(b + wa * age + wh * hf + wi * inf))))
+              for b, (wa, wh, wi) in zip(_BIAS, _LATENT_W)]
+    strength = 1.25 - 0.5 * difficulty  # how far a finding departs from normal anatomy (difficulty in [0, 1])
+    p = dict(seed=seed, split=split, index=index, age=round(55 + 15 * age), heart_failure=hf, infection=inf,
+             labels=labels, difficulty=difficulty, strength=strength,
+             # anatomy in mm: body half-axes and centre, fat and muscle layers, lung apex, right diaphragm dome
+             rx=u(138, 168), ry=u(98, 120), cy=u(178, 190), fat=u(6, 26), muscle=u(9, 14), apex=u(28, 46),
+             diaph=u(245, 272), heart=u(0.9, 1.05), aorta=u(11, 14), carina=u(95, 110), tree=int(u() * 1e9))
+    A = {}
+    for k, name in enumerate(LABELS):
+        if labels[k]:
+            s = pick(("right", "left", "bilateral"))
+            A[name] = dict(side=s, lobe=pick(LOBES["left" if s == "left" else "right"]),
+                           severity=pick(("mild", "moderate", "severe")), u=[u() for _ in range(8)])
+    sev = lambda name: {"mild": 0.6, "moderate": 0.8, "severe": 1.0}[A[name]["severity"]] * strength
+    if "Medical material" in A:
+        A["Medical material"]["kind"] = pick(("central venous catheter", "sternotomy wires", "pacemaker lead"))
+    if "Cardiomegaly" in A:  # normal hearts span 0.90-1.05, enlarged ones 1.12-1.35
+        p["heart"] = 1.05 + 0.3 * sev("Cardiomegaly") * u(0.7, 1)
+    if "Lung nodule" in A:  # about half of the patients with nodules have only small (2-4 mm) ones
+        small = u() < 0.5
+        nod = []
+        for i in range(1 + int(u() * 4)):
+            s = pick(("right", "left"))
+            nod.append(dict(size=round(u(2, 4.49) if small or i else u(5, 15)), side=s, lobe=pick(LOBES[s]),
+                            u=[u() for _ in range(3)]))
+        nod.sort(key=lambda n: -n["size"])
+        A["Lung nodule"].update(nodules=nod, size=nod[0]["size"], side=nod[0]["side"], lobe=nod[0]["lobe"],
+                                count=len(nod))
+    for name in ("Atelectasis", "Bronchiectasis", "Interlobular septal thickening"):  # basal predominance
+        if name in A:
+            A[name]["lobe"] = "lower"
+    if "Emphysema" in A:
+        A["Emphysema"]["lobe"] = "upper"
+    for name in ("Lung opacity", "Consolidation"):
+        if name in A:
+            A[name]["size"] = round(20 + 40 * sev(name) * A[name]["u"][7])
+    if "Lymphadenopathy" in A:  # short axis in mm, count
+        A["Lymphadenopathy"].update(size=round(12 + 14 * sev("Lymphadenopathy") * A["Lymphadenopathy"]["u"][5]),
+                                    count=1 + int(3 * A["Lymphadenopathy"]["u"][0]))
+    p["attributes"] = A
+    return p
+
+
+# ---- rendering ------------------------------------------------------------------------------------------------
+
+class _Canvas:
+    """HU and mask volumes over the FOV, and painting of signed-distance shapes inside bounding boxes."""
+
+    def __init__(self, shape, device=None):
+        self.shape, self.device = tuple(shape), device
+        self.vox = [f / n for f, n in zip(FOV, self.shape)]
+        self.ramp = math.prod(self.vox) ** (1 / 3)  # partial-volume edge width: one (geometric mean) voxel
+        self.c = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) * v for n, v in zip(self.shape, self.vox)]
+        self.hu = torch.full(self.shape, -1000.0, device=device)
+        self.mask = torch.zeros(self.shape, dtype=torch.uint8, device=device)
+
+    def box(self, lo, hi):
+        """Slices of the voxels whose centres lie in [lo, hi] mm per axis, and their broadcastable coordinates."""
+        sl = []
+        for l, h, n, v in zip(lo, hi, self.shape, self.vox):
+            i0, i1 = max(0, math.ceil(l / v - 0.5)), min(n, math.floor(h / v - 0.5) + 1)
+            sl.append(slice(i0, max(i0, i1)))
+        z, y, x = (c[s] for c, s in zip(self.c, sl))
+        return tuple(sl), (z.view(-1, 1, 1), y.view(1, -1, 1), x.view(1, 1, -1))
+
+    def paint(self, lo, hi, sdf, value, rid=None, only=None, ramp=None, weight=None):
+        """hu <- lerp(hu, value, w) with w = 1 inside the shape, 0 outside, a linear ramp over `ramp` mm between;
+        `only` restricts to voxels whose mask id is in it (e.g. lesions stay inside the lungs)."""
+        sl, (z, y, x) = self.box(lo, hi)
+        if any(s.stop <= s.start for s in sl):
+            return
+        w = sdf(z, y, x) if weight is None else weight(z, y, x)
+        if weight is None:
+            w = w.mul(-1 / (ramp or self.ramp)).add_(0.5).clamp_(0, 1)
+        if only is not None:
+            w = w * torch.isin(self.mask[sl], torch.tensor(only, dtype=torch.uint8, device=self.device))
+        if callable(value):  # a value field from the signed distance (e.g. bright cortex, dark marrow)
+            value = value(sdf(z, y, x))
+        elif not torch.is_tensor(value):
+            value = torch.tensor(float(value), device=self.device)
+        self.hu[sl].lerp_(value, w)
+        if rid is not None:
+            self.mask[sl].masked_fill_(w > 0.5, rid)
+
+
+def _ellipsoid(c, r):
+    def sdf(z, y, x):
+        q = ((z - c[0]) / r[0]) ** 2 + ((y - c[1]) / r[1]) ** 2
+        return (q + ((x - c[2]) / r[2]) ** 2).sqrt_().sub_(1).mul_(min(r))
+    return sdf
+
+
+def _ebox(c, r, pad=3.0):
+    return [ci - ri - pad for ci, ri in zip(c, r)], [ci + ri + pad for ci, ri in zip(c, r)]
+
+
+def _capsule(a, b, r):
+    ab = [bi - ai for ai, bi in zip(a, b)]
+    n2 = max(sum(v * v for v in ab), 1e-6)
+
+    def sdf(z, y, x):
+        p = (z - a[0], y - a[1], x - a[2])
+        t = (p[0] * ab[0] + p[1] * ab[1] + p[2] * ab[2]).div_(n2).clamp_(0, 1)
+        return sum((pi - t * abi) ** 2 for pi, abi in zip(p, ab)).sqrt_().sub_(r)
+    return sdf
+
+
+def _cbox(a, b, r, pad=3.0):
+    return [min(ai, bi) - r - pad for ai, bi in zip(a, b)], [max(ai, bi) + r + pad for ai, bi in zip(a, b)]
+
+
+def _tube(cv, pts, r, value, rid=None, only=None):
+    """A polyline of capsules (vessels, catheters)."""
+    for a, b in zip(pts[:-1], pts[1:]):
+        cv.paint(*_cbox(a, b, r), _capsule(a, b, r), value, rid, only)
+
+
+def _field(g, knots, lo, hi, coords):
+    """A smooth random field (about unit variance): Gaussian bumps on a knot grid, evaluated separably with
+    matmuls. The coefficients depend only on g, so every sampling of the FOV sees the same field."""
+    return _field_eval(torch.randn(knots, generator=g), lo, hi, coords)
+
+
+def _field_eval(C, lo, hi, coords):
+    knots = C.shape
+    out = C.to(coords[0].device)
+    step = [(h - l) / max(k - 1, 1) for l, h, k in zip(lo, hi, knots)]
+    W = [torch.exp(-0.5 * ((c.reshape(-1, 1) - (l + s * torch.arange(k, device=c.device))) / (0.7 * s)) ** 2)
+         for c, l, s, k in zip(coords, lo, step, knots)]
+    out = torch.einsum("abc,xc->abx", out, W[2])
+    out = torch.einsum("abx,yb->ayx", out, W[1])
+    Z = W[0].shape[0]
+    return (W[0] @ out.reshape(knots[0], -1)).view(Z, W[1].shape[0], W[2].shape[0]).div_(1.55)
+
+
+def _lung_point(p, G, g, side, lobe, margin):
+    """A point (mm) inside `side` lung's `lobe`, at least `margin` mm from the lung surface and mediastinum."""
+    s = -1 if side == "right" else 1
+    for _ in range(50):
+        u = torch.rand(3, generator=g).tolist()
+        zr = {"upper": (G["apex"] + 20, G["carina"] + 25), "middle": (G["carina"] + 35, G["dia"][side] - 40),
+              "lower": (G["carina"] + 30, G["dia"][side] - 10)}[lobe]
+        yr = {"upper": (-0.6, 0.6), "middle": (-0.8, -0.1), "lower": (0.0, 0.8)}[lobe]
+        pt = (zr[0] + (zr[1] - zr[0]) * u[0], G["cy"] + G["rcy"] * (yr[0] + (yr[1] - yr[0]) * u[1]),
+              G["cx"] + s * (35 + (G["rcx"] - 35) * u[2]))
+        if _in_lung(G, pt, margin):
+            return pt
+    return pt
+
+
+def _in_lung(G, pt, margin):
+    t = [torch.tensor([[[float(v)]]]) for v in pt]
+    return G["lung"](*t).item() < -margin and min(f(*t).item() for f in G["carvers"]) > margin
+
+
+def _branches(g, start, direction, length, r, depth):
+    """A random binary airway tree: [(a, b, radius, depth)] segments."""
+    n = math.sqrt(sum(v * v for v in direction))
+    d = [v / n for v in direction]
+    end = [s + length * v for s, v in zip(start, d)]
+    out = [(tuple(start), tuple(end), r, depth)]
+    if depth < 4:
+        for _ in range(2):
+            j = torch.randn(3, generator=g).tolist()
+            out += _branches(g, end, [di + 0.6 * ji for di, ji in zip(d, j)], length * 0.85, r * 0.72, depth + 1)
+    return out
+
+
+def render_phantom(p: dict, shape=(64, 128, 128), device=None):
+    """HU volume (float32, (Z, Y, X)) and region masks (uint8) of patient `p` sampled at `shape` over FOV."""
+    cv = _Canvas(shape, device)
+    g = _generator("render", p["seed"], p["split"], p["index"])  # anatomy randomness: shape-independent
+    A, st = p["attributes"], p["strength"]
+    sev = lambda name: {"mild": 0.6, "moderate": 0.8, "severe": 1.0}[A[name]["severity"]] * st
+    cy, cx, rx, ry = p["cy"], FOV[2] / 2, p["rx"], p["ry"]
+    wall = p["fat"] + p["muscle"] + 10  # skin to pleura: fat, muscle, ribs and intercostal muscle
+    rcx, rcy = rx - wall, ry - wall     # thoracic cavity half-axes
+    y_sp = cy + ry - p["fat"] - p["muscle"] - 42  # vertebral body centre
+    y_es, y_tr = y_sp - 28, y_sp - 50            # esophagus, trachea
+    carina = p["apex"] + p["carina"] - 30
+    atel = A.get("Atelectasis")
+    lift = lambda side: 10 * sev("Atelectasis") if atel and atel["side"] in (side, "bilateral") else 0  # volume loss
+    dia = {"right": p["diaph"] - lift("right"), "left": p["diaph"] + 12 - lift("left")}
+    Z = FOV[0]
+
+    def ellipse2d(r_x, r_y, yc=cy):  # signed distance (mm, approximate) to an axis-aligned ellipse in-plane
+        return lambda z, y, x: (((x - cx) / r_x) ** 2 + ((y - yc) / r_y) ** 2).sqrt_().sub_(1).mul_(min(r_x, r_y))
+
+    def z_dia(y, x):  # diaphragm surface: two domes, deeper at the periphery and posteriorly (recesses)
+        right = dia["right"] + 0.006 * ((x - cx + 70) ** 2 + (y - cy) ** 2)
+        left = dia["left"] + 0.006 * ((x - cx - 70) ** 2 + (y - cy) ** 2)
+        return torch.where(x < cx, right, left) + 0.25 * (y - cy).clamp(min=0)
+
+    def lung_sdf(z, y, x):  # inside the cavity, below the apical domes, above the diaphragm, off the midline
+        cav = ellipse2d(rcx, rcy)(z, y, x) + 2
+        top = p["apex"] + 0.01 * ((x - cx).abs() - 0.55 * rcx) ** 2 + 0.004 * (y - cy) ** 2 - z
+        mid = 24 + 16 * ((y - cy) / rcy).clamp(0, 1) - (x - cx).abs()  # mediastinal column, wider at the spine
+        return torch.maximum(torch.maximum(cav, mid), torch.maximum(top, z - z_dia(y, x)))
+
+    # body: skin/fat, muscle, thoracic cavity (mediastinal fat) — z-invariant, so signed distances are 2-D
+    full = ([0, 0, 0], list(FOV))
+    cv.paint(*full, ellipse2d(rx, ry), -100, 0)
+    cv.paint(*full, lambda z, y, x: ellipse2d(rx, ry)(z, y, x) + p["fat"], 40, 0)
+    cv.paint(*full, lambda z, y, x: ellipse2d(rx, ry)(z, y, x) + wall, -90, 8)
+    cv.paint(*full, ellipse2d(50, 24, y_sp + 40), 45, 0)  # paraspinal muscles
+    # upper abdomen below the diaphragm: liver (right), stomach with an anterior air cap (left)
+    cv.paint(*full, lambda z, y, x: torch.maximum(ellipse2d(rcx, rcy)(z, y, x), z_dia(y, x) - z), 55, 9)
+    st_c, st_r = (dia["left"] + 40, cy - 15, cx + 70), (40, 38, 42)
+    cv.paint(*_ebox(st_c, st_r), _ellipsoid(st_c, st_r), 25, 9, only=[9])
+    cv.paint(*_ebox(st_c, st_r), lambda z, y, x: torch.maximum(_ellipsoid(st_c, st_r)(z, y, x) + 3, y - (cy - 30)),
+             -1000, 9, only=[9])
+    # lungs, with a 3 mm pleural rim
+    lo, hi = [p["apex"] - 5, cy - rcy, cx - rcx], [max(dia.values()) + 0.006 * 150 ** 2, cy + rcy, cx + rcx]
+    cv.paint(lo, hi, lambda z, y, x: lung_sdf(z, y, x) - 3, -90, 10)
+    sl, (z, y, x) = cv.box(lo, hi)
+    w = lung_sdf(z, y, x).mul_(-1 / cv.ramp).add_(0.5).clamp_(0, 1)
+    cv.hu[sl].lerp_(torch.tensor(-850.0, device=device), w)
+    cv.mask[sl] = torch.where(w > 0.5, torch.where(x < cx, 1, 2).to(torch.uint8), cv.mask[sl])
+
+    # heart in its pericardial fat (fluid rim when effusion), great vessels, esophagus, airways
+    h = p["heart"]
+    hc, hr = (dia["right"] - 42 * h, cy - 12, cx + 16 + 18 * (h - 1)), (46 * h, 44 * h, 58 * h)
+    heart = lambda z, y, x: torch.maximum(_ellipsoid(hc, hr)(z, y, x), ellipse2d(rcx, rcy)(z, y, x) + 1)
+    eff = 4 + (12 * sev("Pericardial effusion") if "Pericardial effusion" in A else 0)
+    cv.paint(*_ebox(hc, hr, eff + 4), lambda z, y, x: heart(z, y, x) - eff - 3, -90, 8)
+    cv.paint(*_ebox(hc, hr, eff + 4), lambda z, y, x: heart(z, y, x) - eff + 4, 12 if eff > 4 else 40, 3)
+    cv.paint(*_ebox(hc, hr), heart, 40, 3)
+    ra = p["aorta"]
+    arch = carina - 22
+    aorta = [(hc[0] - 0.5 * hr[0], cy - 20, cx - 6), (arch + 8, cy - 24, cx - 8), (arch - 6, (cy + y_sp) / 2 - 30, cx + 6),
+             (arch + 10, y_sp - 24, cx + 24), (Z, y_sp - 20, cx + 10)]
+    _tube(cv, aorta, ra + 3, -90, 8)
+    _tube(cv, aorta, ra, 40, 4)
+    pa = (carina + 12, cy - 10, cx + 22)
+    _tube(cv, [(hc[0] - 0.6 * hr[0], cy - 30, cx + 25), pa], 13, 40, 8)
+    _tube(cv, [pa, (carina + 18, y_tr + 8, cx - 48)], 9.5, 40, 8)
+    _tube(cv, [pa, (carina + 8, y_tr + 16, cx + 52)], 9.5, 40, 8)
+    _tube(cv, [(0, cy - 26, cx - 30), (hc[0] - hr[0] * 0.6, cy - 24, cx - 26)], 9, 40, 8)  # superior vena cava
+    _tube(cv, [(0, y_es, cx + 4), (dia["left"] + 5, y_es + 2, cx + 14), (dia["left"] + 25, cy - 5, cx + 50)], 8, 40, 6)
+    _tube(cv, [(0, y_es, cx + 4), (dia["left"], y_es + 2, cx + 14)], 2, -1000, 6)
+    _tube(cv, [(0, y_tr, cx), (carina, y_tr, cx)], 10.5, 40, 5)
+    _tube(cv, [(0, y_tr, cx), (carina, y_tr, cx)], 8.5, -1000, 5)
+    # bones: vertebral bodies (discs every 28 mm), posterior arches, sternum, ribs; cortex brighter than marrow
+    cortex = lambda d: 260 + 600 * (1 + d / 2).clamp(0, 1)
+    disc = lambda z: ((z - p["apex"]) % 28 - 14).abs_() - 11.5
+    col = ([0, y_sp - 20, cx - 20], [Z, y_sp + 65, cx + 20])
+    cv.paint(*col, lambda z, y, x: torch.maximum(ellipse2d(19, 16, y_sp)(z, y, x), disc(z)), cortex, 7)
+    cv.paint(*col, lambda z, y, x: torch.maximum(ellipse2d(14, 13, y_sp + 27)(z, y, x).abs() - 4, disc(z)), cortex, 7)
+    cv.paint(*col, lambda z, y, x: torch.maximum(ellipse2d(5, 14, y_sp + 48)(z, y, x), disc(z)), cortex, 7)
+    ys = cy - ry + p["fat"] + p["muscle"] + 4
+    cv.paint([p["apex"] + 15, ys - 8, cx - 17], [dia["right"] - 25, ys + 8, cx + 17], ellipse2d(15, 6, ys), cortex, 7)
+    cv.paint(*_ebox((0, y_sp + 27, cx), (Z, 8, 8)), lambda z, y, x: ellipse2d(8, 8, y_sp + 27)(z, y, x), 20, 0)
+    _ribs(cv, p, cx, cy, rx, ry, p["fat"] + p["muscle"] + 5, dia)
+
+    # ---- findings (before the airway tree, so lumens cut air bronchograms through consolidation) -------------
+    G = dict(apex=p["apex"], carina=carina, dia=dia, cy=cy, cx=cx, rcx=rcx, rcy=rcy, lung=lung_sdf,
+             carvers=[lambda z, y, x: heart(z, y, x) - eff - 5] + [_capsule(a, b, ra + 6) for a, b in zip(aorta[2:], aorta[3:])])
+    sides = lambda f: ("right", "left") if A[f]["side"] == "bilateral" else (A[f]["side"],)
+    lungs = [1, 2]
+    tree = _airway_tree(_generator("tree", p["tree"]), carina, y_tr, cx)
+    f = "Medical material"
+    if f in A:
+        kind, top = A[f]["kind"], (p["apex"] - 10, cy - 40, cx - 55)
+        if kind == "sternotomy wires":
+            for k in range(4):
+                zk = p["apex"] + 35 + k * (dia["right"] - p["apex"] - 80) / 3
+                _tube(cv, [(zk, ys + 2, cx - 14), (zk, ys - 7, cx), (zk, ys + 2, cx + 14)], 1.2, 3000, 0)
+        else:
+            end = (hc[0] - 0.3 * hr[0], hc[1] - 0.3 * hr[1], hc[2] - 0.5 * hr[2]) if kind == "pacemaker lead" else \
+                (hc[0] - 0.85 * hr[0], cy - 24, cx - 26)
+            if kind == "pacemaker lead":
+                top = (p["apex"] + 10, cy - ry + 0.6 * p["fat"], cx + 70)
+                cv.paint(*_ebox(top, (18, 5, 22)), _ellipsoid(top, (18, 5, 22)), 3000, 0)
+            _tube(cv, [top, (p["apex"] + 5, cy - 30, cx - 32), (carina, cy - 26, cx - 30), end], 1.3, 2500, 8)
+    f = "Arterial wall calcification"
+    if f in A:  # plaques on the wall of the arch and descending aorta
+        for k in range(int(3 + 12 * sev(f))):
+            u = torch.rand(4, generator=g).tolist()
+            i = 1 + int(u[0] * 3)
+            a, b = aorta[i], aorta[i + 1]
+            c = [ai + u[1] * (bi - ai) for ai, bi in zip(a, b)]
+            ang = 2 * math.pi * u[2]
+            c = (c[0], c[1] + ra * math.sin(ang), c[2] + ra * math.cos(ang))
+            r = (1.2 + 1.5 * u[3],) * 3
+            cv.paint(*_ebox(c, r), _ellipsoid(c, r), 700 + 300 * u[3], 4)
+    f = "Coronary artery wall calcification"
+    if f in A:  # spots along the atrioventricular groove on the heart surface
+        for k in range(int(2 + 8 * sev(f))):
+            u = torch.rand(3, generator=g).tolist()
+            ang = math.pi * (1.0 + 1.0 * u[0])  # anterior half
+            c = (hc[0] - 0.35 * hr[0] + 10 * u[1], hc[1] + 0.9 * hr[1] * math.sin(ang), hc[2] + 0.9 * hr[2] * math.cos(ang))
+            r = (1.0 + 1.5 * u[2],) * 3
+            cv.paint(*_ebox(c, r), _ellipsoid(c, r), 650 + 350 * u[2], 3)
+    f = "Hiatal hernia"
+    if f in A:  # a wall-lined pouch behind the heart above the diaphragm; air rises anteriorly over fluid
+        c, r = (dia["left"] - 12, y_es + 4, cx + 14), (14 + 14 * sev(f), 16 + 10 * sev(f), 16 + 14 * sev(f))
+        cv.paint(*_ebox(c, r), _ellipsoid(c, r), 40, 6)
+        inner = lambda z, y, x: _ellipsoid(c, r)(z, y, x) + 3
+        cv.paint(*_ebox(c, r), inner, 15, 6)
+        cv.paint(*_ebox(c, r), lambda z, y, x: torch.maximum(inner(z, y, x), y - c[1] + 0.3 * r[1]), -1000, 6)
+    nodes = [(carina - 22, y_tr - 2, cx - 20), (carina + 18, y_tr + 14, cx + 2), (carina - 8, y_tr - 14, cx + 24),
+             (carina + 22, y_tr + 8, cx - 40), (carina + 14, y_tr + 12, cx + 44)]
+    for k in range(2):  # normal-sized nodes everybody has
+        c = nodes[int(torch.rand(1, generator=g).item() * 5)]
+        cv.paint(*_ebox(c, (4, 4, 4)), _ellipsoid(c, (3.5, 3.0, 4.0)), 40, 8)
+    f = "Lymphadenopathy"
+    if f in A:  # enlarged (short axis > 10 mm) round nodes at paratracheal, subcarinal, AP-window, hilar stations
+        for k in range(A[f]["count"]):
+            c = nodes[int(A[f]["u"][1 + k] * 5)]
+            r = (A[f]["size"] / 2,) * 3
+            cv.paint(*_ebox(c, r), _ellipsoid(c, r), 40, 8)
+    f = "Pleural effusion"
+    if f in A:  # dependent fluid crescent, thickest posteriorly
+        T = 10 + 45 * sev(f)
+        for sd in sides(f):
+            def crescent(z, y, x, sd=sd):
+                depth = -ellipse2d(rcx, rcy)(z, y, x)
+                t = T * ((y - cy + 0.3 * rcy) / (1.3 * rcy)).clamp(0, 1)
+                half = (cx - x) if sd == "left" else (x - cx)
+                return torch.maximum(torch.maximum(depth - t, half), torch.maximum(carina + 20 - z, z - z_dia(y, x)))
+            cv.paint([carina, cy - rcy, 0], [max(dia.values()) + 90, cy + rcy, FOV[2]], crescent, 12, 10, only=lungs + [10])
+    f = "Atelectasis"
+    if f in A:  # a dense plate along the posterior base (its volume loss raised the diaphragm above)
+        for sd in sides(f):
+            s = -1 if sd == "right" else 1
+            c = (dia[sd] + 5, cy + 0.75 * rcy, cx + s * 0.5 * rcx)
+            r = (14 + 14 * sev(f), 10 + 8 * sev(f), 30 + 10 * sev(f))
+            cv.paint(*_ebox(c, r), _ellipsoid(c, r), 25, None, only=lungs)
+    f = "Emphysema"
+    if f in A:  # clusters of -980 HU in the upper lungs, thresholded from a smooth random field
+        lo, hi = [p["apex"], cy - rcy, cx - rcx], [carina + 40, cy + rcy, cx + rcx]
+        fld = _smooth_field_fn(g, lo, hi, 7.0)
+        thr = 2.0 - 1.2 * sev(f)
+        mask_side = lambda x: 1.0 if A[f]["side"] == "bilateral" else ((x < cx) == (A[f]["side"] == "right")).float()
+        cv.paint(lo, hi, None, -985, None, only=lungs, weight=lambda z, y, x: ((fld(z, y, x) - thr) * 2).clamp_(0, 1) * mask_side(x))
+    f = "Mosaic attenuation pattern"
+    if f in A:  # lobular patchwork: air-trapping lobules darker, the others denser
+        lo, hi = [p["apex"], cy - rcy, cx - rcx], [max(dia.values()) + 90, cy + rcy, cx + rcx]
+        fld = _smooth_field_fn(g, lo, hi, 16.0)
+        cv.paint(lo, hi, None, -960, None, only=lungs, weight=lambda z, y, x: (fld(z, y, x) * 3).clamp_(0, 1) * sev(f))
+        cv.paint(lo, hi, None, -700, None, only=lungs, weight=lambda z, y, x: (fld(z, y, x) * -3).clamp_(0, 1) * sev(f))
+    f = "Interlobular septal thickening"
+    if f in A:  # fine polygonal lines: the zero set of a smooth field is a sheet, a line in any slice
+        lo, hi = [carina, cy - rcy, cx - rcx], [max(dia.values()) + 90, cy + rcy, cx + rcx]
+        fld = _smooth_field_fn(g, lo, hi, 8.0)
+        width = 0.12 * cv.ramp ** 0.5
+        mask_side = lambda x: 1.0 if A[f]["side"] == "bilateral" else ((x < cx) == (A[f]["side"] == "right")).float()
+        cv.paint(lo, hi, None, -150, None, only=lungs,
+                 weight=lambda z, y, x: (1 - fld(z, y, x).abs_() / width).clamp_(0, 1) * (0.6 * sev(f) + 0.4) * mask_side(x))
+    f = "Pulmonary fibrotic sequela"
+    if f in A:  # reticular bands tangent to the pleura, in the periphery
+        for sd in sides(f):
+            s = -1 if sd == "right" else 1
+            for k in range(int(3 + 6 * sev(f))):
+                c = _lung_point(p, G, g, sd, A[f]["lobe"] if k % 2 == 0 else "lower", 3)
+                ang = math.atan2((c[1] - cy) / rcy, (c[2] - cx) / rcx)
+                c = (c[0], cy + (rcy - 6) * math.sin(ang), cx + (rcx - 6) * math.cos(ang))
+                t = (torch.rand(1, generator=g).item() - 0.5) * 40
+                a, b = (c[0] - t, c[1] - 12 * math.cos(ang), c[2] + 12 * math.sin(ang)), (c[0] + t, c[1] + 12 * math.cos(ang), c[2] - 12 * math.sin(ang))
+                cv.paint(*_cbox(a, b, 2), _capsule(a, b, 1.2 + 0.8 * sev(f)), -60, None, only=lungs)
+    for f, value in (("Lung opacity", -520), ("Consolidation", 30)):
+        if f in A:  # ground glass: soft-edged patch; consolidation: dense, around an airway (air bronchograms)
+            for sd in sides(f):
+                seg = [sg for sg in tree if sg[4] == sd and sg[5] == A[f]["lobe"] and sg[3] >= 2 and _in_lung(G, sg[1], 8)]
+                c = seg[int(torch.rand(1, generator=g).item() * len(seg))][1] if seg else _lung_point(p, G, g, sd, A[f]["lobe"], 5)
+                r = (A[f]["size"] / 2 * 0.8, A[f]["size"] / 2, A[f]["size"] / 2 * 1.1)
+                cv.paint(*_ebox(c, r, 8), _ellipsoid(c, r), value, None, only=lungs, ramp=6.0)
+    f = "Lung nodule"
+    if f in A:
+        for nd in A[f]["nodules"]:
+            c, r = _lung_point(p, G, g, nd["side"], nd["lobe"], nd["size"] / 2 + 4), nd["size"] / 2
+            if r >= 2.5:
+                cv.paint(*_ebox(c, (r, r, r)), _ellipsoid(c, (r, r, r)), 30, None, only=lungs)
+            else:  # small nodules: a volume-preserving blob, the sphere averaged over a voxel (partial volume)
+                sig = [math.sqrt(r * r / 5 + v * v / 12) for v in cv.vox]
+                amp = min(1.0, 4 / 3 * math.pi * r ** 3 / ((2 * math.pi) ** 1.5 * math.prod(sig)))
+                blob = lambda z, y, x: amp * torch.exp(-0.5 * (((z - c[0]) / sig[0]) ** 2 + ((y - c[1]) / sig[1]) ** 2 + ((x - c[2]) / sig[2]) ** 2))
+                cv.paint(*_ebox(c, [3 * s_ for s_ in sig], 1), None, 30, None, only=lungs, weight=blob)
+
+    # ---- airway tree with its accompanying arteries ---------------------------------------------------------
+    pbt, bx = A.get("Peribronchial thickening"), A.get("Bronchiectasis")
+    for a, b, r, depth, sd, lobe in tree:
+        wall = 0.12 * r + 0.45
+        if pbt and pbt["side"] in (sd, "bilateral") and depth >= 1:
+            wall *= 1 + 2.5 * sev("Peribronchial thickening")
+        if bx and bx["side"] in (sd, "bilateral") and lobe == "lower" and depth >= 2:
+            r, wall = r * (1.4 + 1.2 * sev("Bronchiectasis")), wall * 1.5
+        only = None if depth <= 1 else lungs + [5]
+        d = [bi - ai for ai, bi in zip(a, b)]
+        n = [d[1], -d[0], 0.0] if abs(d[2]) > 0.5 * math.sqrt(sum(v * v for v in d)) else [0.0, d[2], -d[1]]
+        k = (r + wall + 1.1 * (r + wall) + 0.5) / math.sqrt(sum(v * v for v in n) + 1e-9)
+        va, vb = [ai + k * ni for ai, ni in zip(a, n)], [bi + k * ni for bi, ni in zip(b, n)]
+        if depth >= 1:
+            cv.paint(*_cbox(va, vb, 1.1 * (r + wall)), _capsule(va, vb, 1.1 * (r + wall)), 40, None, only=lungs)
+        cv.paint(*_cbox(a, b, r + wall), _capsule(a, b, r + wall), 40, 5 if r > 1.5 else None, only=only)
+        cv.paint(*_cbox(a, b, r), _capsule(a, b, r), -1000, 5 if r > 1.5 else None, only=only)
+
+    # ---- texture and noise ---------------------------------------------------------------------------------
+    cv.hu += _field(g, (9, 9, 9), (0, 0, 0), FOV, cv.c).mul_(8)
+    gn = _generator("noise", p["seed"], p["split"], p["index"], tuple(shape))
+    f = 2 if cv.vox[1] < 1.0 else 1  # CT noise grain is about 1 mm: finer voxels get correlated 2x2 noise
+    Zs, Ys, Xs = shape
+    noise = torch.randn(Zs, -(-Ys // f), 1, -(-Xs // f), 1, generator=gn).mul_(10 + 20 * p["difficulty"])
+    cv.hu += noise.expand(-1, -1, f, -1, f).reshape(Zs, -(-Ys // f) * f, -(-Xs // f) * f)[:, :Ys, :Xs].to(cv.hu.device)
+    return cv.hu.clamp_(-1024, 3071), cv.mask
+
+
+def _smooth_field_fn(g, lo, hi, scale):
+    """A smooth random field over the box lo..hi with knots every `scale` mm, as a function of coordinates."""
+    knots = tuple(max(2, int((h - l) / scale) + 1) for l, h in zip(lo, hi))
+    C = torch.randn(knots, generator=g)
+    return lambda z, y, x: _field_eval(C, lo, hi, (z.flatten(), y.flatten(), x.flatten()))
+
+
+def _airway_tree(g, carina, y_tr, cx):
+    """Main, lobar and four generations of segmental bronchi: [(a, b, radius, depth, side, lobe)]."""
+    R, L = (carina + 20, y_tr + 6, cx - 28), (carina + 32, y_tr + 10, cx + 40)
+    out = [((carina, y_tr, cx), R, 6.5, 0, "right", "upper"), ((carina, y_tr, cx), L, 6.0, 0, "left", "upper")]
+    for sd, lobe, start, d, length, r in (
+            ("right", "upper", R, (-0.8, 0.1, -0.6), 22, 4.5), ("right", "middle", R, (0.5, -0.7, -0.5), 24, 4.0),
+            ("right", "lower", R, (0.8, 0.35, -0.35), 26, 5.0), ("left", "upper", L, (-0.75, -0.1, 0.6), 22, 4.5),
+            ("left", "upper", L, (0.4, -0.75, 0.5), 22, 3.8), ("left", "lower", L, (0.8, 0.35, 0.35), 26, 5.0)):
+        out += [seg + (sd, lobe) for seg in _branches(g, start, d, length, r, 1)]
+    return out
+
+
+def _ribs(cv, p, cx, cy, rx, ry, depth, dia):
+    """Ribs: cross-sections around the thoracic cage every 26 mm, sloping down anteriorly. Evaluated only on the
+    in-plane ring where ribs can be (a few % of the voxels), through flat indices."""
+    y, x = cv.c[1].view(-1, 1), cv.c[2].view(1, -1)
+    e = (((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2).sqrt().sub(1).mul(min(rx, ry)) + depth  # 0 on the rib line
+    ring = ((e.abs() < 8) & ((x - cx).abs() > 22)).flatten().nonzero().squeeze(1)
+    e, shift = e.flatten()[ring], (40 * (cy - y) / ry + 0 * x).flatten()[ring]  # anterior ends lower
+    sl, (z, _, _) = cv.box([p["apex"] - 20, 0, 0], [max(dia.values()) + 60, FOV[1], FOV[2]])
+    dz = ((z.view(-1, 1) - shift - p["apex"]) % 26 - 13)
+    d = ((e / 4) ** 2 + (dz / 5.5) ** 2).sqrt_().sub_(1).mul_(4)
+    w = d.mul(-1 / cv.ramp).add_(0.5).clamp_(0, 1)
+    hu = cv.hu[sl].reshape(len(z), -1)
+    hu[:, ring] = hu[:, ring].lerp(260 + 600 * (1 + d / 1.5).clamp(0, 1), w)
+    mk = cv.mask[sl].reshape(len(z), -1)
+    mk[:, ring] = torch.where(w > 0.5, 7, mk[:, ring]).to(torch.uint8)
+
+
+# ---- text: a CT-RATE-style findings report and grounded questions ----------------------------------------------
+
+# Per label, in report order: (normal sentences, abnormal sentences); several paraphrases each.
+# Placeholders: {sev} severity, {Sev} capitalised, {where} lobe and side, {side} side phrase, {size} mm, {kind}.
+_SENTENCES = {
+    "Cardiomegaly": (["Heart size is within normal limits.", "The heart is of normal size."],
+                     ["The heart is enlarged ({sev} cardiomegaly).", "{Sev} cardiomegaly is present."]),
+    "Pericardial effusion": (["No pericardial effusion was detected.", "There is no pericardial effusion."],
+                             ["A {sev} pericardial effusion is seen.", "There is {sev} pericardial effusion."]),
+    "Arterial wall calcification": (["The thoracic aorta is of normal calibre without wall calcification.",
+                                     "No calcification is seen in the aortic wall."],
+                                    ["{Sev} atherosclerotic calcification is seen in the wall of the thoracic aorta.",
+                                     "There are {sev} calcified plaques in the aortic wall."]),
+    "Coronary artery wall calcification": (["No calcification is seen in the coronary arteries."],
+                                           ["{Sev} calcific plaques are present in the coronary arteries.",
+                                            "There is {sev} coronary artery wall calcification."]),
+    "Lymphadenopathy": (["No pathologically enlarged lymph nodes are seen in the mediastinum or hila.",
+                         "There is no mediastinal or hilar lymphadenopathy."],
+                        ["Enlarged lymph nodes up to {size} mm in short axis are seen in the mediastinum.",
+                         "Mediastinal lymphadenopathy is present, the largest node measuring {size} mm."]),
+    "Hiatal hernia": (["The esophagus is of normal calibre and there is no hiatal hernia."],
+                      ["A {sev} hiatal hernia is seen.", "There is a {sev} sliding hiatal hernia."]),
+    "Emphysema": (["No emphysema is seen.", "There are no emphysematous changes in the lungs."],
+                  ["{Sev} centrilobular emphysema is seen in the upper lobes of {side}.",
+                   "There are {sev} emphysematous changes in the upper lobes of {side}."]),
+    "Mosaic attenuation pattern": (["Lung parenchymal density is homogeneous."],
+                                   ["A mosaic attenuation pattern is seen in {side}.",
+                                    "There is mosaic attenuation in {side}."]),
+    "Lung opacity": (["No ground-glass opacity is seen.", "There are no ground-glass opacities in the lungs."],
+                     ["A ground-glass opacity of {size} mm is seen in {where}.",
+                      "There is a {size} mm area of ground-glass density in {where}."]),
+    "Consolidation": (["No consolidation is seen.", "There is no consolidation in the lungs."],
+                      ["Consolidation of {size} mm with air bronchograms is seen in {where}.",
+                       "There is a {size} mm consolidation containing air bronchograms in {where}."]),
+    "Interlobular septal thickening": (["No interlobular septal thickening is seen."],
+                                       ["{Sev} interlobular septal thickening is seen in the lower zones of {side}.",
+                                        "There is {sev} thickening of the interlobular septa in the lower zones of {side}."]),
+    "Pulmonary fibrotic sequela": (["No fibrotic changes are seen.", "There are no fibrotic sequelae in the lungs."],
+                                   ["{Sev} fibrotic bands are seen in the periphery of {where}.",
+                                    "There are {sev} peripheral fibrotic sequelae in {where}."]),
+    "Atelectasis": (["No atelectasis is seen.", "There is no atelectasis."],
+                    ["{Sev} atelectasis is seen in the posterior basal part of {where}.",
+                     "There is {sev} atelectasis with volume loss in {where}."]),
+    "Lung nodule": (["No nodule or mass is seen in either lung.", "There are no pulmonary nodules."],
+                    ["A {size} mm nodule is seen in {where}.", "There is a {size} mm solid nodule in {where}."]),
+    "Peribronchial thickening": (["The bronchial walls are of normal thickness."],
+                                 ["{Sev} peribronchial thickening is seen in {side}.",
+                                  "The bronchial walls are thickened in {side}."]),
+    "Bronchiectasis": (["There is no bronchiectasis."],
+                       ["Bronchiectasis is seen in {where}.", "Dilated bronchi with thick walls are seen in {where}."]),
+    "Pleural effusion": (["No pleural effusion or thickening is seen.", "There is no pleural effusion."],
+                         ["A {sev} pleural effusion is seen in {side_cavity}.",
+                          "There is {sev} pleural effusion in {side_cavity}."]),
+    "Medical material": (["No medical device is seen."], ["A {kind} is seen.", "There is a {kind} in place."]),
+}
+_FIXED = {0: ["Trachea and both main bronchi are open.", "The trachea and main bronchi are patent."],
+          "bones": ["No lytic or destructive lesion is seen in the bones.", "The bones are unremarkable."],
+          "abdomen": ["The visualised upper abdominal organs are unremarkable.",
+                      "No abnormality is seen in the upper abdomen within the field of view."]}
+# What each label's questions refer to ("lung" is replaced by the finding's side).
+_REGION = {"Medical material": "mediastinum", "Arterial wall calcification": "aorta", "Cardiomegaly": "heart",
+           "Pericardial effusion": "heart", "Coronary artery wall calcification": "heart",
+           "Hiatal hernia": "esophagus", "Lymphadenopathy": "mediastinum", "Pleural effusion": "pleura"}
+# Region name -> mask ids; "lungs" is both lungs (bilateral findings).
+REGION_IDS = {**{name: [i] for i, name in REGIONS.items()}, "lungs": [1, 2]}
+
+
+def _phrases(a: dict) -> dict:
+    side = {"right": "the right lung", "left": "the left lung", "bilateral": "both lungs"}[a.get("side", "bilateral")]
+    lobe = a.get("lobe", "lower")
+    where = f"the {lobe} lobe of {side}" if a.get("side") != "bilateral" else f"the {lobe} lobes of both lungs"
+    cav = {"right": "the right hemithorax", "left": "the left hemithorax", "bilateral": "both hemithoraces"}[a.get("side", "bilateral")]
+    sev = a.get("severity", "mild")
+    return dict(sev=sev, Sev=sev.capitalize(), side=side, where=where, side_cavity=cav, size=a.get("size", ""),
+                kind=a.get("kind", ""))
+
+
+def finding_region(p: dict, label: str) -> str:
+    if label in _REGION:
+        return _REGION[label]
+    return {"right": "right lung", "left": "left lung", "bilateral": "lungs"}[p["attributes"].get(label, {}).get("side", "bilateral")]
+
+
+def make_report(p: dict) -> str:
+    """The findings report: CT-RATE's section order, a normal sentence for each absent finding."""
+    g = _generator("report", p["seed"], p["split"], p["index"])
+    pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=g))]
+    out = [pick(_FIXED[0])]
+    for label, (normal, abnormal) in _SENTENCES.items():
+        a = p["attributes"].get(label)
+        out.append(pick(abnormal).format(**_phrases(a)) if a else pick(normal))
+        if label == "Lung nodule" and a and a["count"] > 1:
+            out.append(f"{a['count'] - 1} additional smaller nodule{'s' if a['count'] > 2 else ''} up to "
+                       f"{a['nodules'][1]['size']} mm {'are' if a['count'] > 2 else 'is'} seen.")
+    out[-1:-1] = [pick(_FIXED["bones"]), pick(_FIXED["abdomen"])]
+    return " ".join(s for s in out if s)
+
+
+def _finding_name(label: str) -> str:
+    return {"Medical material": "a medical device", "Hiatal hernia": "a hiatal hernia", "Lung nodule": "a lung nodule",
+            "Pleural effusion": "a pleural effusion", "Pericardial effusion": "a pericardial effusion",
+            "Mosaic attenuation pattern": "a mosaic attenuation pattern"}.get(label, label.lower())
+
+
+def make_questions(p: dict) -> list:
+    """Closed, multiple-choice (M3D form), open and region-grounded questions about patient p."""
+    g = _generator("questions", p["seed"], p["split"], p["index"])
+    perm = lambda seq: [seq[i] for i in torch.randperm(len(seq), generator=g).tolist()]
+    pos = [l for l, y in zip(LABELS, p["labels"]) if y]
+    neg = [l for l, y in zip(LABELS, p["labels"]) if not y]
+    q = []
+    for label in (perm(pos)[:1] + perm(neg)[:2]):
+        q.append(dict(question=f"Is there {_finding_name(label)} in this scan?", answer="Yes" if label in pos else "No",
+                      kind="closed", region=finding_region(p, label)))
+    options = perm(neg)[:3] + (perm(pos)[:1] or ["None of these"])
+    options = perm(options)
+    right = next(i for i, o in enumerate(options) if o in pos or o == "None of these")
+    q.append(dict(question="Which of the following findings is present in this scan? Choices: "
+                  + " ".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)),
+                  answer=f"{'ABCD'[right]}. {options[right]}", kind="choice",
+                  region=finding_region(p, options[right]) if options[right] in pos else "lungs"))
+    for label in perm(pos)[:2]:
+        a, ph = p["attributes"][label], _phrases(p["attributes"][label])
+        if label in ("Lung nodule", "Lymphadenopathy", "Lung opacity", "Consolidation"):
+            q.append(dict(question=f"What is the size of the largest {label.lower()}?" if label != "Lymphadenopathy"
+                          else "What is the short axis of the largest enlarged lymph node?",
+                          answer=f"{a['size']} mm", kind="open", region=finding_region(p, label)))
+        if label == "Medical material":
+            q.append(dict(question="What kind of medical device is seen?", answer=a["kind"].capitalize(), kind="open",
+                          region="mediastinum"))
+        elif "lung" in finding_region(p, label) and label != "Emphysema":
+            q.append(dict(question=f"Where is the {label.lower()}?", answer=ph["where"][0].upper() + ph["where"][1:],
+                          kind="open", region=finding_region(p, label)))
+        else:
+            q.append(dict(question=f"How severe is the {label.lower()}?", answer=ph["Sev"], kind="open",
+                          region=finding_region(p, label)))
+    for region in perm(["right lung", "left lung", "heart", "aorta", "mediastinum", "pleura", "esophagus"])[:2]:
+        hit = any(finding_region(p, l) in (region, "lungs" if "lung" in region else None) for l in pos)
+        q.append(dict(question=f"Is there an abnormality in the {region}?", answer="Yes" if hit else "No",
+                      kind="region", region=region))
+    return q
+
+
+class SyntheticCT(torch.utils.data.Dataset):
+    """The procedural chest CT (../shared/synthetic.md): item i of a split is one patient, rendered on the fly at
+    `shape` over the fixed FOV, identical for the same (seed, split, i, shape) on any machine. Splits never share a
+    patient (the split is part of every seed). `difficulty` in [0, 1] weakens findings and raises noise."""
+
+    def __init__(self, split, n, shape=(64, 128, 128), seed=0, *, window=(-1000, 200), norm="unit",
+                 difficulty=0.5, device=None):
+        if split not in _SPLIT_ID:
+            raise ValueError(f"split must be one of {list(_SPLIT_ID)}, got {split!r}")
+        self.split, self.n, self.shape, self.seed = split, n, tuple(shape), seed
+        self.window, self.norm, self.difficulty, self.device = window, norm, difficulty, device
+        self.spacing = tuple(f / s for f, s in zip(FOV, self.shape))
+
+    def __len__(self):
+        return self.n
+
+    def patient(self, i) -> dict:
+        return sample_patient(self.seed, self.split, i, self.difficulty)
+
+    def labels(self) -> torch.Tensor:
+        """All labels (n, 18) without rendering a voxel."""
+        return torch.tensor([self.patient(i)["labels"] for i in range(self.n)], dtype=torch.float32)
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.n:
+            raise IndexError(f"index {i} out of range for {self.n} synthetic volumes")
+        p = self.patient(i)
+        hu, masks = render_phantom(p, self.shape, self.device)
+        return dict(volume=normalize(hu, self.window, self.norm)[None], labels=torch.tensor(p["labels"], dtype=torch.float32),
+                    report=make_report(p), name=f"{self.split}_{i + 1}_a_1", masks=masks, questions=make_questions(p))
 
 # =============================================================================
 # Cache: preprocess CT-RATE once, then read int16 memmaps; picking a dataset
@@ -828,3 +1502,86 @@ class StopOnSigint:
 
     def __exit__(self, *_):
         signal.signal(signal.SIGINT, self._old)
+
+# =============================================================================
+# CLI: python data.py synthetic|prepare|montage|bench
+# =============================================================================
+
+def _rate(fn, n: int) -> float:  # calls per second of fn(0), ..., fn(n - 1)
+    t = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return n / (time.perf_counter() - t)
+
+
+def bench(n=8, shape=(120, 240, 240), sizes=((64, 128, 128), (240, 480, 480), (256, 512, 512)), reps=2):
+    """Phantom generation seconds/volume on one core; then n phantom volumes at shape written as CT-RATE and read
+    back three ways: load_nifti alone, CTRATE items (decompress + rescale + normalise), PreparedCT items."""
+    import tempfile
+    torch.set_num_threads(1)
+    for s in sizes:
+        ds = SyntheticCT("train", reps, shape=s)
+        print(f"phantom {'x'.join(map(str, s))}: {1 / _rate(lambda i: ds[i], reps):.2f} s/volume (1 thread)")
+    with tempfile.TemporaryDirectory() as tmp:
+        write_ctrate_layout(Path(tmp) / "ct", n, shape)
+        ct = CTRATE(Path(tmp) / "ct", "test", shape=shape, spacing=None)
+        spacing = load_nifti(ct.rows[0]["path"])[1]
+        prepare(Path(tmp) / "ct", Path(tmp) / "cache", shape, spacing, splits=("test",))
+        cache = PreparedCT(Path(tmp) / "cache", "test")
+        k = len(ct)
+        gz, item, mm = (_rate(f, k) for f in (lambda i: load_nifti(ct.rows[i]["path"]), lambda i: ct[i],
+                                              lambda i: cache[i]))
+        print(f"{k} volumes at {'x'.join(map(str, shape))}, volumes/s: load_nifti(.nii.gz) {gz:.2f} | CTRATE item "
+              f"{item:.2f} | PreparedCT item {mm:.1f} (page cache warm) | cache / CTRATE = {mm / item:.0f}x")
+
+
+def main(argv=None):
+    import argparse
+    ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
+    floats = lambda s: tuple(float(v) for v in s.split(","))  # noqa: E731
+    ap = argparse.ArgumentParser(prog="data.py", description="Synthetic CT-RATE, the CT-RATE cache, montages, bench")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("synthetic", help="write the phantom in CT-RATE's layout (.nii.gz + CSVs)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--shape", type=ints, default=(64, 128, 128))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--v2", action="store_true", help="v2 layout: *_fixed folders, volumes already in HU")
+    p = sub.add_parser("prepare", help="CT-RATE -> int16 memmaps + index.json")
+    p.add_argument("--root", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--shape", type=ints, default=(240, 480, 480))
+    p.add_argument("--spacing", type=floats, default=(1.5, 0.75, 0.75))
+    p.add_argument("--rescale", choices=RESCALES, default="auto")
+    p.add_argument("--splits", type=lambda s: tuple(s.split(",")), default=("train", "val", "test"))
+    p.add_argument("--val_fraction", type=float, default=0.1)
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--strict", action="store_true", help="stop at the first bad file instead of skipping it")
+    p = sub.add_parser("montage", help="PNG of axial/coronal/sagittal slices of one item")
+    p.add_argument("--data", default="synthetic")
+    p.add_argument("--split", default="train")
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--shape", type=ints, default=(64, 128, 128))
+    p.add_argument("--spacing", type=floats, default=(1.5, 0.75, 0.75))
+    p.add_argument("--out", default="montage.png")
+    p = sub.add_parser("bench", help="phantom speed; .nii.gz vs cache read speed")
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--shape", type=ints, default=(120, 240, 240))
+    p.add_argument("--sizes", type=lambda s: [ints(v) for v in s.split(";")],
+                   default=[(64, 128, 128), (240, 480, 480), (256, 512, 512)], help="phantom shapes, ';' between")
+    a = ap.parse_args(argv)
+    if a.cmd == "synthetic":
+        write_ctrate_layout(a.out, a.n, a.shape, seed=a.seed, v2=a.v2)
+    elif a.cmd == "prepare":
+        prepare(a.root, a.out, a.shape, a.spacing, splits=a.splits, rescale=a.rescale, strict=a.strict,
+                val_fraction=a.val_fraction, workers=a.workers)
+    elif a.cmd == "montage":
+        ds = get_dataset(a.data, a.split, n=a.index + 1, shape=a.shape, spacing=a.spacing)
+        render_montage(ds[a.index], a.out)
+        print(f"wrote {a.out}")
+    else:
+        bench(a.n, a.shape, a.sizes)
+
+
+if __name__ == "__main__":
+    main()
