@@ -283,3 +283,13 @@ def test_prepare_then_prepared_equals_ctrate(tmp_path, capsys):
     with pytest.raises(ValueError, match="prepared at shape"):
         data.get_dataset(str(tmp_path / "cache"), "train", shape=(8, 16, 16))
     assert isinstance(data.get_dataset(str(tmp_path / "ct"), "test", shape=shape), CTRATE)
+
+
+def test_cli_prepare(tmp_path, capsys):
+    write_layout(tmp_path / "ct", n_patients=3)
+    data.main(["prepare", "--root", str(tmp_path / "ct"), "--out", str(tmp_path / "cache"), "--shape", "6,10,10",
+               "--spacing", "2,2,2", "--splits", "test", "--workers", "0", "--strict"])
+    ds = PreparedCT(tmp_path / "cache", "test", norm="hu", window=None)
+    assert len(ds) == 3 and ds.volumes.shape == (3, 6, 10, 10) and ds.spacing == (2.0, 2.0, 2.0)
+    assert ds[0]["volume"].min() == -1000 and ds[0]["volume"].max() > 0
+    assert "prepare test: 3 volumes" in capsys.readouterr().out
