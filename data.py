@@ -234,7 +234,8 @@ class CTRATE(torch.utils.data.Dataset):
         if mode == "metadata" and meta is None:
             raise BadVolume(f"{self.meta_csv}: no row for {r['name']} (needed by rescale=metadata)")
         if mode == "auto":
-            air = {k: _air(raw[::4, ::4, ::4] * s + b) for k, (s, b) in (("header", header), ("metadata", meta)) if s is not None}
+            options = {"header": header, "metadata": meta} if meta else {"header": header}
+            air = {k: _air(raw[::4, ::4, ::4] * s + b) for k, (s, b) in options.items()}
             mode = max(air, key=air.get)
             if air[mode] < 0.01:
                 raise BadVolume(f"{r['path']}: rescale=auto found no air near -1000 HU with the header or the metadata "
@@ -1068,9 +1069,10 @@ def _pretokenizer() -> re.Pattern:
 
     tiktoken splits with the same pattern in Rust at encode time but exposes no "split only" call, and the `regex`
     module is not a dependency of this repo, so training splits with this translation. \\s is Unicode White_Space
-    (what Rust's regex uses; Python's own \\s would also match \\x1c-\\x1f). If Python's Unicode tables ever differ
-    from tiktoken's for some rare code point, only the training statistics move; encoding stays tiktoken's and
-    exact. tests/test_text.py holds this splitter to tiktoken's by comparing whole encodings.
+    (what Rust's regex uses; Python's own \\s would also match \\x1c-\\x1f). Code points assigned after Python's
+    Unicode version (14.0 in Python 3.11) count as unassigned here; that moves only training statistics, as
+    encoding is tiktoken's own. tests/test_text.py holds this splitter to the `regex` module (tiktoken's own
+    dependency) on every assigned code point, and to tiktoken by comparing whole encodings.
     """
     def spans(pred):  # "[a-zA-Z...]"-style ranges of every code point with pred(category)
         out, start = [], None
