@@ -522,25 +522,31 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
         mid = 24 + 16 * ((y - cy) / rcy).clamp(0, 1) - (x - cx).abs()  # mediastinal column, wider at the spine
         return torch.maximum(torch.maximum(cav, mid), torch.maximum(top, z - z_dia(y, x)))
 
-    # body: skin/fat, muscle, thoracic cavity (mediastinal fat) — z-invariant, so signed distances are 2-D
-    full = ([0, 0, 0], list(FOV))
-    cv.paint(*full, ellipse2d(rx, ry), -100, 0)
-    cv.paint(*full, lambda z, y, x: ellipse2d(rx, ry)(z, y, x) + p["fat"], 40, 0)
-    cv.paint(*full, lambda z, y, x: ellipse2d(rx, ry)(z, y, x) + wall, -90, 8)
-    cv.paint(*full, ellipse2d(50, 24, y_sp + 40), 45, 0)  # paraspinal muscles
+    # body: skin/fat, muscle, thoracic cavity (mediastinal fat), paraspinal muscles. They are z-invariant, so they
+    # are painted on the first slice and copied to all others (a quarter of the render time otherwise).
+    first = ([0, 0, 0], [cv.vox[0] / 2, FOV[1], FOV[2]])
+    cv.paint(*first, ellipse2d(rx, ry), -100, 0)
+    cv.paint(*first, lambda z, y, x: ellipse2d(rx, ry)(z, y, x) + p["fat"], 40, 0)
+    cv.paint(*first, lambda z, y, x: ellipse2d(rx, ry)(z, y, x) + wall, -90, 8)
+    cv.paint(*first, ellipse2d(50, 24, y_sp + 40), 45, 0)
+    cv.hu[1:], cv.mask[1:] = cv.hu[:1], cv.mask[:1]
     # upper abdomen below the diaphragm: liver (right), stomach with an anterior air cap (left)
-    cv.paint(*full, lambda z, y, x: torch.maximum(ellipse2d(rcx, rcy)(z, y, x), z_dia(y, x) - z), 55, 9)
+    cv.paint([min(dia.values()) - 5, 0, 0], FOV, lambda z, y, x: torch.maximum(ellipse2d(rcx, rcy)(z, y, x), z_dia(y, x) - z), 55, 9)
     st_c, st_r = (dia["left"] + 40, cy - 15, cx + 70), (40, 38, 42)
     cv.paint(*_ebox(st_c, st_r), _ellipsoid(st_c, st_r), 25, 9, only=[9])
     cv.paint(*_ebox(st_c, st_r), lambda z, y, x: torch.maximum(_ellipsoid(st_c, st_r)(z, y, x) + 3, y - (cy - 30)),
              -1000, 9, only=[9])
-    # lungs, with a 3 mm pleural rim
+    # lungs inside a 3 mm pleural rim (one signed distance for both)
     lo, hi = [p["apex"] - 5, cy - rcy, cx - rcx], [max(dia.values()) + 0.006 * 150 ** 2, cy + rcy, cx + rcx]
-    cv.paint(lo, hi, lambda z, y, x: lung_sdf(z, y, x) - 3, -90, 10)
     sl, (z, y, x) = cv.box(lo, hi)
-    w = lung_sdf(z, y, x).mul_(-1 / cv.ramp).add_(0.5).clamp_(0, 1)
-    cv.hu[sl].lerp_(torch.tensor(-850.0, device=device), w)
-    cv.mask[sl] = torch.where(w > 0.5, torch.where(x < cx, 1, 2).to(torch.uint8), cv.mask[sl])
+    d = lung_sdf(z, y, x).mul_(-1 / cv.ramp).add_(0.5)  # = the partial-volume weight before clamping
+    hu, mk = cv.hu[sl], cv.mask[sl]
+    hu.lerp_(torch.tensor(-90.0, device=device), (d + 3 / cv.ramp).clamp_(0, 1))
+    mk.masked_fill_(d > 0.5 - 3 / cv.ramp, 10)
+    hu.lerp_(torch.tensor(-850.0, device=device), d.clamp_(0, 1))
+    inside = d > 0.5
+    mk.masked_fill_(inside, 1)
+    mk.masked_fill_(inside & (x > cx), 2)
 
     # heart in its pericardial fat (fluid rim when effusion), great vessels, esophagus, airways
     h = p["heart"]
@@ -721,12 +727,15 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
         cv.paint(*_cbox(a, b, r), _capsule(a, b, r), -1000, 5 if r > 1.5 else None, only=only)
 
     # ---- texture and noise ---------------------------------------------------------------------------------
-    cv.hu += _field(g, (9, 9, 9), (0, 0, 0), FOV, cv.c).mul_(8)
-    gn = _generator("noise", p["seed"], p["split"], p["index"], tuple(shape))
-    f = 2 if cv.vox[1] < 1.0 else 1  # CT noise grain is about 1 mm: finer voxels get correlated 2x2 noise
+    # CT noise grain is about 1 mm: below that, noise (and the +-8 HU low-frequency texture) is drawn on a 2x2
+    # coarser in-plane grid and added through a broadcast view, which also halves the cost at 0.75 mm.
     Zs, Ys, Xs = shape
-    noise = torch.randn(Zs, -(-Ys // f), 1, -(-Xs // f), 1, generator=gn).mul_(10 + 20 * p["difficulty"])
-    cv.hu += noise.expand(-1, -1, f, -1, f).reshape(Zs, -(-Ys // f) * f, -(-Xs // f) * f)[:, :Ys, :Xs].to(cv.hu.device)
+    f = 2 if cv.vox[1] < 1.0 and Ys % 2 == 0 and Xs % 2 == 0 else 1
+    coarse = [cv.c[0], cv.c[1].view(-1, f).mean(1), cv.c[2].view(-1, f).mean(1)]
+    gn = _generator("noise", p["seed"], p["split"], p["index"], tuple(shape))
+    noise = torch.randn(Zs, Ys // f, Xs // f, generator=gn).to(device).mul_(10 + 20 * p["difficulty"])
+    noise += _field(g, (9, 9, 9), (0, 0, 0), FOV, coarse).mul_(8)
+    cv.hu.view(Zs, Ys // f, f, Xs // f, f).add_(noise[:, :, None, :, None])
     return cv.hu.clamp_(-1024, 3071), cv.mask
 
 

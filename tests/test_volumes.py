@@ -293,3 +293,11 @@ def test_cli_prepare(tmp_path, capsys):
     assert len(ds) == 3 and ds.volumes.shape == (3, 6, 10, 10) and ds.spacing == (2.0, 2.0, 2.0)
     assert ds[0]["volume"].min() == -1000 and ds[0]["volume"].max() > 0
     assert "prepare test: 3 volumes" in capsys.readouterr().out
+
+
+def test_without_metadata_csv(tmp_path):
+    write_layout(tmp_path, n_patients=1, v2=True)
+    (tmp_path / "dataset/metadata/train_metadata.csv").unlink()
+    np.testing.assert_array_equal(raw_ds(tmp_path)[0]["volume"][0].numpy(), truth_hu(0))  # auto: header only
+    with pytest.raises(FileNotFoundError, match="train_metadata.csv"):
+        raw_ds(tmp_path, rescale="metadata")
