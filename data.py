@@ -1228,6 +1228,35 @@ def load_llama3_tokenizer(path) -> tiktoken.Encoding:
     return tiktoken.Encoding(Path(path).name, pat_str=LLAMA3_PAT, mergeable_ranks=ranks,
                              special_tokens={tok: n + i for i, tok in enumerate(names)})
 
+
+def bench_bpe(n_chars=2_000_000, n_merges=4000):
+    """Time train_bpe on ~n_chars of (a) synthetic reports + questions, (b) Python's standard library sources
+    (varied English and code, the same on every machine with the same Python): the synthetic templates run out
+    of pairs long before 4k merges, so (b) is the one that measures n_merges."""
+    import time
+    def take(stream):
+        out, n = [], 0
+        for s in stream:
+            if n >= n_chars:
+                return out, n
+            out.append(s)
+            n += len(s)
+        return out, n
+    def synthetic():
+        for i in range(10 ** 9):
+            p = sample_patient(0, "train", i, 0.5)
+            yield make_report(p)
+            yield from (q["question"] + " " + q["answer"] for q in make_questions(p))
+    stdlib = (f.read_text(encoding="utf-8", errors="replace") for f in sorted(Path(os.__file__).parent.glob("*.py")))
+    for name, stream in (("synthetic reports+questions", synthetic()), ("python stdlib *.py", stdlib)):
+        texts, n = take(stream)
+        t = time.perf_counter()
+        enc = train_bpe(texts, 256 + n_merges + len(SPECIAL_TOKENS))
+        dt = time.perf_counter() - t
+        sample = "".join(texts[:50])
+        print(f"{name:28s} {n / 1e6:.2f} MB  merges {len(enc._mergeable_ranks) - 256:5d}  {dt:5.1f} s  "
+              f"{len(sample.encode()) / len(enc.encode(sample, disallowed_special=())):.2f} bytes/token")
+
 # =============================================================================
 # Metrics
 # =============================================================================
