@@ -949,6 +949,97 @@ class SyntheticCT(torch.utils.data.Dataset):
         return dict(volume=normalize(hu, self.window, self.norm)[None], labels=torch.tensor(p["labels"], dtype=torch.float32),
                     report=make_report(p), name=f"{self.split}_{i + 1}_a_1", masks=masks, questions=make_questions(p))
 
+
+def write_ctrate_layout(out_dir, n, shape=(64, 128, 128), seed=0, *, v2=False, n_valid=None):
+    """The phantom on disk exactly like CT-RATE (../shared/ctrate_format.md): n 'train' patients in dataset/train/,
+    n_valid 'test' patients in dataset/valid/ (every 4th patient with a second reconstruction _a_2), the labels,
+    reports and metadata CSVs. Volumes are int16 stored = HU + 1024 with header slope 1 / intercept 0 and the
+    rescale in the metadata CSV, like the original release; v2=True writes *_fixed folders already in HU (the
+    metadata CSV still says -1024: the trap the reader's rescale=auto must avoid). Arrays are stored in RAS order
+    with their affine, so a reader has to reorient to (I, P, L) to get them back."""
+    root = Path(out_dir) / "dataset"
+    spacing = [f / s for f, s in zip(FOV, shape)]
+    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+    affine[:3, 3] = [-FOV[2] / 2, -FOV[1] / 2, -FOV[0] / 2]
+    for folder, split, count, csv_split in (("train", "train", n, "train"),
+                                            ("valid", "test", max(1, n // 4) if n_valid is None else n_valid, "validation")):
+        ds = SyntheticCT(split, count, shape, seed, norm="hu", window=None)
+        labels, reports, meta = [], [], []
+        for i in range(count):
+            p = ds.patient(i)
+            hu, _ = render_phantom(p, shape)
+            stored = (hu if v2 else hu + 1024).round().to(torch.int16)
+            ras = stored.flip(0, 1, 2).permute(2, 1, 0).contiguous().numpy()  # (z,y,x)=(I,P,L) -> (x,y,z)=(R,A,S)
+            for recon in (1, 2) if i % 4 == 1 else (1,):
+                name = f"{folder}_{i + 1}_a_{recon}.nii.gz"
+                path = root / (folder + ("_fixed" if v2 else "")) / f"{folder}_{i + 1}" / f"{folder}_{i + 1}_a" / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                img = nib.Nifti1Image(ras, affine)
+                img.header.set_slope_inter(1, 0)
+                nib.save(img, path)
+                labels.append([name, *p["labels"]])
+                positives = [l for l, y in zip(LABELS, p["labels"]) if y]
+                reports.append([name, "Not given." if i % 3 else "Dyspnea.", "Non-contrast axial CT of the thorax.",
+                                make_report(p), ("; ".join(positives) or "No acute abnormality") + "."])
+                meta.append([name, "SYNTHETIC", "M" if i % 2 else "F", f"{p['age']:03d}Y", shape[1], shape[2],
+                             spacing[0], f"[{spacing[1]}, {spacing[2]}]", spacing[0], -1024, 1, 120])
+        for sub, header, rows in (
+                (f"multi_abnormality_labels/{folder}_predicted_labels.csv", ["VolumeName", *LABELS], labels),
+                (f"radiology_text_reports/{csv_split}_reports.csv", ["VolumeName", "ClinicalInformation_EN",
+                 "Technique_EN", "Findings_EN", "Impressions_EN"], reports),
+                (f"metadata/{csv_split}_metadata.csv", ["VolumeName", "Manufacturer", "PatientSex", "PatientAge",
+                 "Rows", "Columns", "SliceThickness", "XYSpacing", "ZSpacing", "RescaleIntercept", "RescaleSlope",
+                 "KVP"], meta)):
+            (root / sub).parent.mkdir(parents=True, exist_ok=True)
+            with open(root / sub, "w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows([header, *rows])
+    return root
+
+
+_PALETTE = [(0, 0, 0), (80, 160, 255), (40, 220, 220), (255, 60, 60), (255, 150, 0), (120, 255, 120),
+            (220, 120, 255), (255, 255, 120), (255, 120, 200), (160, 110, 60), (120, 120, 255)]
+
+
+def render_montage(item, path, slices=None, px=360):
+    """PNG: axial, coronal and sagittal slices (default: the middle ones, or slices=(z, y, x)) of item["volume"],
+    region masks outlined in colour when the item has them, the positive labels and the report written below."""
+    from PIL import Image, ImageDraw
+    v = item["volume"].detach().float().cpu()[0]
+    Z, Y, X = v.shape
+    z, y, x = slices or (Z // 2, Y // 2, X // 2)
+    v = (v - v.min()) / (v.max() - v.min() + 1e-6)
+    m = item.get("masks")
+    panels = []
+    for img, msk in ((v[z], m[z] if m is not None else None), (v[:, y], m[:, y] if m is not None else None),
+                     (v[:, :, x], m[:, :, x] if m is not None else None)):
+        gray = Image.fromarray((img.numpy() * 255).astype(np.uint8)).resize((px, px), Image.BILINEAR)
+        rgb = np.stack([np.asarray(gray)] * 3, -1)
+        if msk is not None:  # outline = a pixel whose region id differs from its right or lower neighbour
+            ids = np.asarray(Image.fromarray(msk.cpu().numpy()).resize((px, px), Image.NEAREST)).astype(int)
+            down, right = np.pad(ids[1:], ((0, 1), (0, 0)), mode="edge"), np.pad(ids[:, 1:], ((0, 0), (0, 1)), mode="edge")
+            edge = (ids != down) | (ids != right)  # coloured by the higher id, so outlines against air show too
+            rgb[edge] = np.array(_PALETTE)[np.maximum(ids, np.maximum(down, right))[edge] % len(_PALETTE)]
+        panels.append(rgb)
+    positives = [l for l, t in zip(LABELS, item["labels"].tolist()) if t > 0.5]
+    lines = [item.get("name", ""), "Findings: " + (", ".join(positives) or "none")]
+    words, line = item.get("report", "").split(), ""
+    for w in words:  # wrap the report to the montage width
+        if len(line) + len(w) > 3 * px // 6:
+            lines.append(line)
+            line = ""
+        line += w + " "
+    lines.append(line)
+    canvas = Image.new("RGB", (3 * px, px + 14 * len(lines) + 26), (0, 0, 0))
+    canvas.paste(Image.fromarray(np.concatenate(panels, 1)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, t in enumerate(lines):
+        draw.text((4, px + 4 + 14 * k), t, fill=(255, 255, 255))
+    for i in range(1, len(REGIONS)) if m is not None else ():  # legend of the outline colours
+        draw.text((4 + (i - 1) * 3 * px // 10, px + 8 + 14 * len(lines)), REGIONS[i], fill=_PALETTE[i])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
 # =============================================================================
 # Cache: preprocess CT-RATE once, then read int16 memmaps; picking a dataset
 # =============================================================================
