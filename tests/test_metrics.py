@@ -109,6 +109,22 @@ def test_bleu_two_sentences_by_hand():
     assert m["rougeL"] == approx((F(5 / 6, 1.0) + F(1.0, 2 / 3)) / 2)
 
 
+def test_bit_parallel_lcs_matches_dp():
+    def dp(a, b):  # the textbook table, row by row
+        prev = [0] * (len(b) + 1)
+        for x in a:
+            cur = [0]
+            for j, y in enumerate(b):
+                cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+            prev = cur
+        return prev[-1]
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        a, b = (list(rng.choice(list("abcd"), rng.integers(0, 15))) for _ in range(2))
+        assert data._lcs(a, b) == dp(a, b), (a, b)
+    assert data._lcs("the cat sat on the mat".split(), "the cat is on the mat".split()) == 5
+
+
 def test_meteor_chunk_penalty():
     # hyp "nodule in the left lung" vs ref "left lung nodule": matches nodule(0->2), left(3->0), lung(4->1)
     # chunks: [nodule] [left lung] = 2 of 3 matches; P = 3/5, R = 1; Fmean = PR / (0.9 P + 0.1 R)
