@@ -1396,7 +1396,8 @@ def classification_metrics(y_true, y_score, thresholds, labels=None) -> dict:
     """
     y, s = _np(y_true).astype(bool), _np(y_score).astype(np.float64)
     pred = s >= np.asarray(thresholds, dtype=np.float64)[None, :]
-    names = labels or (LABELS if y.shape[1] == len(LABELS) else [str(i) for i in range(y.shape[1])])
+    names = list(labels) if labels is not None else (LABELS if y.shape[1] == len(LABELS)
+                                                      else [str(i) for i in range(y.shape[1])])
     tp, fp, fn = (pred & y).sum(0), (pred & ~y).sum(0), (~pred & y).sum(0)
     support = y.sum(0)
     div = lambda a, b: np.where(b > 0, a / np.maximum(b, 1), np.nan)
@@ -1555,7 +1556,8 @@ def _vqa_norm(s: str) -> str:
 
 
 def vqa_closed_accuracy(preds, answers) -> float:
-    """Exact match after normalisation (lowercase, punctuation and the articles a/an/the removed)."""
+    """Exact match after normalisation (lowercase, punctuation and the articles a/an/the removed), for closed
+    (yes/no) questions; open answers are scored with report_metrics."""
     assert len(preds) == len(answers) > 0
     return float(np.mean([_vqa_norm(p) == _vqa_norm(a) for p, a in zip(preds, answers)]))
 
