@@ -1,0 +1,911 @@
+"""HILT: radiology report generation for 3D high-resolution CT, with 64 visual tokens at any input resolution.
+
+Paper: C. Liu, Z. Wan et al., "Benchmarking and Boosting Radiology Report Generation for 3D High-Resolution Medical
+Images" (arXiv 2406.07146, 2024); ../shared/papers/hilt.md. Eq. 1-4, Table 3 (ablations), Table 5 (training), A.5.
+
+What this file implements (X_HR one CT volume, E_V one ViT shared by both views):
+    Eq. 1-2   Z_HR = E_V(X_HR) in R^{N x C},  Z_LR = E_V(X_LR) in R^{N' x C},  X_LR = trilinear resize of X_HR.
+              E_V: 3D patches (16, 32, 32) in (z, y, x) (the paper's 32x32x16) -> linear -> + positional embedding
+              -> pre-norm ViT (ViT-Base at the paper preset) -> LayerNorm. The positional embedding is a (C, gz, gy, gx)
+              grid sized for HR and trilinearly interpolated to the LR grid.
+    Eq. 3     Z_HILT = F(Q + softmax(Q K^T / sqrt(C)) V),  Q = Z_LR, K = V = Z_HR, through kernels.cross_attention;
+              F = `proj_layers` Linear layers with GELU between (2 = LLaVA-1.5's projector; 1-3 in A.5).
+    Eq. 4     report = LLM(concat(Z_HILT, Z_T)): Z_HILT is a prefix of input embeddings (LLaVA), then
+              <|begin_of_text|> + an instruction, then the findings; the loss is on the findings and the end token.
+How Eq. 3 is read: the paper writes no scaling, no heads and no projections. Q, K, V are the encoder's own tokens, one
+head, no learned q/k/v maps: the learned parts are E_V (shared) and F, which is the simplest faithful reading. The one
+addition is the usual 1/sqrt(C): E_V ends in a LayerNorm, so q.k of two C = 768-d tokens has a spread of about sqrt(C)
+~ 28 and an unscaled softmax would be one-hot with vanishing gradients; every attention the paper builds on scales so,
+and so does kernels.cross_attention. "Q +" is the residual that keeps the LR token's global content (Sec. 3.2).
+
+Resolution on the command line is the paper's H x W x D: `--hr 512,512,256` means 512 x 512 in-plane and 256 slices;
+depth is the LAST number (likewise `--lr 128,128,64`). Tensors are (z, y, x) = (D, H, W): that volume is
+(256, 512, 512) -> 16 x 16 x 16 = 4096 HR tokens, and the LR view (64, 128, 128) -> 4 x 4 x 4 = 64 tokens, which is
+all the decoder sees at every HR size.
+
+Ablations (Table 3) as --mode: hilt | all_tokens (every HR token into the decoder, "+3D Vision Encoder") |
+random_queries (64 learned queries instead of Z_LR, BLIP-style) | slices2d (LLaVA-1.5 baseline: depth as channels,
+i.e. 2D patches of 16 x 16 spanning every slice, so 256 tokens at 256 x 256 and 1024 at 512 x 512 as in Table 3).
+
+The decoder (DESIGN §5, copied by samf.py and boundary_vqa.py) is Llama-3: RMSNorm, RoPE (Meta's interleaved pairs,
+Llama-3.1 scaling optional), SwiGLU, grouped-query attention, a KV cache for greedy / top-k generation, and LoRA.
+Its module names equal Meta's checkpoint keys, so `load_llama(path)` reads params.json + consolidated.00.pth +
+tokenizer.model with a strict load_state_dict; `--llm=path` freezes it and trains LoRA (r=128, alpha=64, dropout
+0.1 at the paper preset) on every attention and MLP projection. Without --llm it is trained from scratch, fully,
+with data.py's BPE (LoRA is for pretrained bases; the cpu preset trains everything).
+
+Training (Table 5): AdamW lr 1e-4, linear schedule with 3% warm-up, weight decay 0, bf16 autocast on CUDA (fp32 on
+CPU), total batch 4 = 2 micro-batches of 2 (gradient accumulation 2), max text length 512, grad clip 1.0.
+
+Deviations, on purpose:
+- The paper fine-tunes Llama3-8B-Instruct (--llm); the default decoder is small and trained from scratch, because
+  nothing is downloaded at run time. The prompt is a plain instruction, not Llama-3's chat template.
+- The `cpu` preset shrinks widths and depths (ViT 128-d x 4, decoder 192-d x 4), uses HR 192 x 192 x 96
+  (216 HR tokens), 150 steps at lr 2e-3; patch, LR size, batch 4 x accumulation 2 and the 64 visual tokens are
+  the paper's.
+- Synthetic volumes are generated once and kept in memory as float16.
+- Throughput is printed as volumes/s and ms/step; no MFU (there is no peak FLOP/s to divide by on a CPU).
+
+Commands:
+    python hilt.py --preset=cpu                              # CPU: trains, evaluates, prints reports vs references
+    python hilt.py --hr 512,512,256 --max_iters=1 --n_train=2 --n_val=2 --n_test=2   # one 4096-token HR step on CPU
+    python hilt.py --mode=all_tokens|random_queries|slices2d  # Table 3's rows
+    python hilt.py --llm=/path/to/Meta-Llama-3-8B-Instruct/original   # paper preset on CUDA: LoRA on Llama 3
+    torchrun --standalone --nproc_per_node=2 hilt.py         # DDP
+    python hilt.py --init_from=resume --predict=scan.nii.gz  # print the report of one NIfTI file
+    python hilt.py --bench=true                              # Figure 1's shape: step time / memory vs HR size
+"""
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from data import (StopOnSigint, append_jsonl, collate, get_bpe, get_dataset, load_bpe, load_checkpoint,
+                  load_llama3_tokenizer, load_nifti, preprocess, report_metrics, rng_state, save_checkpoint,
+                  set_rng_state, setup_ddp)
+from kernels import cross_attention
+
+# -----------------------------------------------------------------------------
+preset = "auto"  # auto (paper on CUDA, cpu otherwise) | paper | cpu
+device = "auto"  # auto | cpu | cuda | cuda:N
+dtype = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU) | bfloat16 | float32
+compile = False  # torch.compile the model
+seed = 1337  # model init, batch order and synthetic patients
+data = "synthetic"  # synthetic | a prepared cache folder | a CT-RATE root
+out_dir = "out/hilt"  # ckpt.pt, log.jsonl, metrics.json, samples.txt, the BPE tokenizer
+init_from = "scratch"  # scratch | resume (from out_dir/ckpt.pt)
+mode = "hilt"  # hilt | all_tokens | random_queries | slices2d (Table 3's rows)
+hr = (512, 512, 256)  # HR input H, W, D as the paper writes it: depth is LAST; the tensor is (D, H, W) = (z, y, x)
+lr = (128, 128, 64)  # LR view H, W, D (Sec. 5.1: 128 x 128 x 64 -> 64 queries)
+patch = (16, 32, 32)  # ViT patch in (z, y, x) (the paper's 32 x 32 x 16)
+spacing = (1.5, 0.75, 0.75)  # real CT is resampled to this (z, y, x) mm before crop/pad to hr (A.4); () = 360 mm / hr
+vit_dim = 768  # E_V width (ViT-Base)
+vit_depth = 12  # E_V layers
+vit_heads = 12  # E_V heads
+vit_checkpoint = True  # activation checkpointing of the ViT blocks (recompute in backward: 4096 HR tokens fit)
+proj_layers = 2  # layers of the projector F (A.5: 1-3, 2 is the paper's)
+llm = ""  # Meta-format Llama folder (params.json, consolidated.00.pth, tokenizer.model): frozen + LoRA
+dim = 1024  # decoder width (from scratch)
+n_layers = 12  # decoder layers (from scratch)
+n_heads = 16  # decoder query heads (from scratch)
+n_kv_heads = 4  # decoder key/value heads, grouped-query attention (from scratch)
+vocab_size = 4096  # BPE vocabulary trained on the training reports (from scratch)
+lora_r = 128  # LoRA rank (Table 5), used with --llm
+lora_alpha = 64  # LoRA alpha (Table 5)
+lora_dropout = 0.1  # LoRA dropout (Table 5)
+max_text_len = 512  # instruction + report tokens (Table 5: maximum sequence length 512)
+max_iters = 424975  # optimizer steps (100 epochs of CT-RATE's 70% split, 16,999 volumes, at batch 4)
+eval_interval = 2000  # steps between validation loss + checkpoint
+batch_size = 4  # total batch per optimizer step (split across DDP ranks, then into grad_accum micro-batches)
+grad_accum = 2  # micro-batches per optimizer step (Table 5)
+learning_rate = 1e-4  # AdamW (Table 5)
+warmup_ratio = 0.03  # linear warm-up share of max_iters, then linear decay to 0 (Table 5)
+weight_decay = 0.0  # AdamW (Table 5)
+grad_clip = 1.0  # clip the global gradient norm; 0 = off
+n_train = 2000  # synthetic volumes in the training split
+n_val = 100  # synthetic validation volumes
+n_test = 200  # synthetic test volumes
+max_new_tokens = 400  # generation cap per report
+top_k = 0  # 0 = greedy decoding; k > 0 samples from the k most likely tokens
+temperature = 1.0  # sampling temperature when top_k > 0
+n_samples = 3  # generated reports printed beside their references
+predict = ""  # path to a .nii.gz: print its report (with --init_from=resume)
+bench = False  # time and peak memory of one training step vs HR size for hilt and all_tokens (Figure 1), then exit
+strict = False  # a bad volume in a dataset is fatal instead of skipped
+# -----------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
+
+PRESETS = {
+    "paper": {},  # the defaults above are the paper's settings
+    "cpu": dict(hr=(192, 192, 96), spacing=(), vit_dim=128, vit_depth=4, vit_heads=2, vit_checkpoint=False, dim=192,
+                n_layers=4, n_heads=6, n_kv_heads=2, vocab_size=1024, max_iters=150, eval_interval=50,
+                learning_rate=2e-3, n_train=96, n_val=8, n_test=32, max_new_tokens=256),
+}
+MODEL_KEYS = ("mode", "hr", "lr", "patch", "spacing", "vit_dim", "vit_depth", "vit_heads", "proj_layers", "llm",
+              "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "lora_r", "lora_alpha", "lora_dropout",
+              "max_text_len")
+MODES = ("hilt", "all_tokens", "random_queries", "slices2d")
+INSTRUCTION = "Write the findings of this chest CT."
+
+
+# PARSE_CONFIG_PLACEHOLDER (temporary, replaced by the verbatim copy of ct_scroll.parse_config)
+def parse_config(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    kv, i = {}, 0
+    while i < len(argv):
+        a = argv[i][2:]
+        if "=" in a:
+            k, v = a.split("=", 1)
+        else:
+            k, v, i = a, argv[i + 1], i + 1
+        kv[k] = v
+        i += 1
+    cfg = dict(DEFAULTS)
+    p = kv.get("preset", "auto")
+    p = ("paper" if torch.cuda.is_available() else "cpu") if p == "auto" else p
+    cfg.update(PRESETS[p])
+    for k, v in kv.items():
+        if k not in DEFAULTS:
+            raise ValueError(f"unknown key {k}")
+        d = DEFAULTS[k]
+        if isinstance(d, bool):
+            v = v == "true"
+        elif isinstance(d, tuple):
+            v = tuple(type(d[0])(x) for x in v.split(",")) if v else ()
+        else:
+            v = type(d)(v)
+        cfg[k] = v
+    cfg["preset"] = p
+    if cfg["device"] == "auto":
+        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg["dtype"] == "auto":
+        cfg["dtype"] = "bfloat16" if "cuda" in cfg["device"] else "float32"
+    return cfg
+
+
+# =============================================================================
+# Decoder: Llama 3 (RMSNorm, RoPE, SwiGLU, grouped-query attention, KV cache) and LoRA. DESIGN §5: samf.py and
+# boundary_vqa.py copy these classes. Attribute names equal Meta's checkpoint keys (tok_embeddings, layers.N.attention.
+# wq, feed_forward.w1, attention_norm, ffn_norm, norm, output), so a Meta checkpoint loads with strict=True.
+# =============================================================================
+
+@dataclass
+class ModelArgs:
+    """The fields of Meta's params.json (same names), plus the longest sequence the RoPE table and cache cover."""
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None = n_heads (no grouping)
+    vocab_size: int = 1024
+    multiple_of: int = 64  # SwiGLU hidden size is rounded up to a multiple of this
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    use_scaled_rope: bool = False  # Llama 3.1+: stretch the low frequencies (rope_scaling below)
+    max_seq_len: int = 1024
+
+    def __post_init__(self):
+        self.n_kv_heads = self.n_kv_heads or self.n_heads
+        assert self.dim % self.n_heads == 0 and self.n_heads % self.n_kv_heads == 0, "dim / n_heads / n_kv_heads"
+        self.head_dim = self.dim // self.n_heads
+        hidden = int(2 * 4 * self.dim / 3)  # Meta's rule: SwiGLU with the parameter count of a 4*dim MLP
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+
+def rope_scaling(freqs: torch.Tensor, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, old_context=8192):
+    """Llama 3.1's RoPE scaling: wavelengths longer than old_context / low_freq_factor are slowed by `factor`, shorter
+    than old_context / high_freq_factor are kept, and the band between is blended linearly in old_context / wavelength."""
+    wavelen = 2 * math.pi / freqs
+    smooth = ((old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    return (1 - smooth) * freqs / factor + smooth * freqs  # smooth = 1: high frequency (kept), 0: low (divided)
+
+
+def precompute_rope(head_dim: int, seq_len: int, theta: float, scaled: bool) -> torch.Tensor:
+    """cos and sin of position * frequency: (seq_len, head_dim // 2, 2), the real form of Meta's complex freqs_cis."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim)
+    if scaled:
+        freqs = rope_scaling(freqs)
+    angles = torch.outer(torch.arange(seq_len).float(), freqs)  # (S, D/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[2i], x[2i+1]) by its angle, as Meta's complex multiply does. x (B, T, H, D), rope (T, D/2, 2)."""
+    xs = x.float().reshape(*x.shape[:-1], -1, 2)  # (B, T, H, D/2, 2)
+    rope = rope.view(1, xs.shape[1], 1, xs.shape[3], 2)
+    out = torch.stack([xs[..., 0] * rope[..., 0] - xs[..., 1] * rope[..., 1],
+                       xs[..., 0] * rope[..., 1] + xs[..., 1] * rope[..., 0]], dim=-1)
+    return out.flatten(3).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class KVCache(nn.Module):
+    """Keys and values of every position so far (non-persistent buffers: they never enter a state dict)."""
+
+    def __init__(self, batch: int, n_kv_heads: int, seq_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):  # input_pos (T,), k/v (B, Hkv, T, D)
+        self.k[:, :, input_pos] = k.to(self.k.dtype)
+        self.v[:, :, input_pos] = v.to(self.v.dtype)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.kv_cache = None
+
+    def forward(self, x, rope, mask=None, input_pos=None):
+        B, T, _ = x.shape
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), rope)  # (B, T, H, D)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), rope)  # (B, T, Hkv, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, Hkv, S, D), S = the cache length
+        rep = self.n_heads // self.n_kv_heads  # query head h reads key/value head h // rep (Meta's repeat_kv)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, H, T, D)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, rope, mask=None, input_pos=None):
+        h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Decoder(nn.Module):
+    """decoder(tokens) -> logits (B, T, vocab). `prefix` (B, P, dim) embeddings go before the tokens (visual tokens,
+    LLaVA-style). With a cache (setup_cache), `input_pos` gives the absolute positions of the new inputs."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.reset_rope()
+
+    def reset_rope(self, device=None):
+        rope = precompute_rope(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.args.use_scaled_rope)
+        self.register_buffer("rope", rope.to(device), persistent=False)  # (S, D/2, 2)
+
+    def setup_cache(self, batch: int, seq_len: int):
+        w = self.output.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch, self.args.n_kv_heads, seq_len, self.args.head_dim, w.dtype, w.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def forward(self, tokens=None, prefix=None, input_pos=None):
+        h = None if tokens is None else self.tok_embeddings(tokens)  # (B, T, dim)
+        if prefix is not None:
+            h = prefix if h is None else torch.cat([prefix.to(h.dtype), h], dim=1)  # (B, P + T, dim)
+        T = h.shape[1]
+        assert (T if input_pos is None else int(input_pos[-1]) + 1) <= self.args.max_seq_len, "sequence > max_seq_len"
+        if input_pos is None:  # the whole sequence at once, causal
+            rope, mask = self.rope[:T], None
+        else:  # new inputs at input_pos attend to every cached position up to their own
+            S = self.layers[0].attention.kv_cache.k.shape[2]
+            rope, mask = self.rope[input_pos], torch.arange(S, device=h.device)[None, :] <= input_pos[:, None]  # (T, S)
+        for layer in self.layers:
+            h = layer(h, rope, mask, input_pos)
+        return self.output(self.norm(h)).float()
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + (alpha / r) * B A dropout(x): W frozen (the base layer's own tensor), A random, B zero, so training
+    starts from the base model. State dict: `weight` (the base key, unchanged), `lora_A`, `lora_B`."""
+
+    def __init__(self, base: nn.Linear, *, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        self.scale, self.merged = alpha / r, False
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as in the LoRA paper's code
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)
+        if self.merged:
+            return y
+        return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+
+    @torch.no_grad()
+    def merge(self):
+        """Fold B A into W for inference: same outputs, no extra matmuls."""
+        if not self.merged:
+            self.weight += (self.scale * self.lora_B @ self.lora_A).to(self.weight.dtype)
+            self.merged = True
+
+
+def add_lora(model: nn.Module, *, r: int, alpha: float, dropout: float,
+             targets=("wq", "wk", "wv", "wo", "w1", "w2", "w3")) -> nn.Module:
+    """Freeze every parameter, then wrap each targeted nn.Linear in a LoRALinear (only lora_A/lora_B train)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, r=r, alpha=alpha, dropout=dropout))
+    return model
+
+
+def load_llama(path, max_seq_len: int = 8192):
+    """A Meta-format Llama 3 folder -> (Decoder, tiktoken.Encoding), with torch and tiktoken only."""
+    path = Path(path)
+    for f in ("params.json", "consolidated.00.pth", "tokenizer.model"):
+        if not (path / f).is_file():
+            raise FileNotFoundError(f"{path / f}: missing; --llm expects Meta's original/ folder "
+                                    "(params.json, consolidated.00.pth, tokenizer.model)")
+    params = json.loads((path / "params.json").read_text())
+    known = {f.name for f in fields(ModelArgs)}
+    args = ModelArgs(**{k: v for k, v in params.items() if k in known}, max_seq_len=max_seq_len)
+    with torch.device("meta"):
+        model = Decoder(args)
+    sd = torch.load(path / "consolidated.00.pth", map_location="cpu", weights_only=True, mmap=True)
+    if "output.weight" not in sd:  # tied embeddings (Llama 3.2 1B / 3B)
+        sd["output.weight"] = sd["tok_embeddings.weight"]
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.reset_rope()  # the RoPE table was built on the meta device
+    return model, load_llama3_tokenizer(path / "tokenizer.model")
+
+
+def sample(logits, temperature: float = 1.0, top_k: int = 0):
+    """logits (B, V) -> ids (B,): argmax when top_k == 0, else a draw from the top_k most likely at `temperature`."""
+    if top_k <= 0:
+        return logits.argmax(-1)
+    logits = logits / max(temperature, 1e-5)
+    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+    probs = logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
+    return torch.multinomial(probs, 1)[:, 0]
+
+
+@torch.no_grad()
+def generate(decoder: Decoder, prompt, prefix=None, *, max_new_tokens: int, eos_id: int, temperature: float = 1.0,
+             top_k: int = 0, use_cache: bool = True):
+    """Continue prompt ids (B, T0) after an optional prefix (B, P, dim); returns the new ids (B, <= max_new_tokens),
+    eos_id after a row's end. use_cache=False recomputes the whole sequence every step: the slow, obviously correct
+    twin of the KV-cache path (tests hold them equal)."""
+    B, T0 = prompt.shape[0], prompt.shape[1] + (0 if prefix is None else prefix.shape[1])
+    out = prompt.new_empty(B, 0)
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    if use_cache:
+        decoder.setup_cache(B, T0 + max_new_tokens)
+        logits = decoder(prompt, prefix, input_pos=torch.arange(T0, device=prompt.device))  # prefill
+    else:
+        logits = decoder(prompt, prefix)
+    try:
+        for i in range(max_new_tokens):
+            nxt = torch.where(done, eos_id, sample(logits[:, -1], temperature, top_k))  # (B,)
+            out = torch.cat([out, nxt[:, None]], dim=1)
+            done |= nxt == eos_id
+            if done.all() or i == max_new_tokens - 1:
+                break
+            if use_cache:
+                logits = decoder(nxt[:, None], input_pos=torch.tensor([T0 + i], device=prompt.device))
+            else:
+                logits = decoder(torch.cat([prompt, out], dim=1), prefix)
+    finally:
+        decoder.clear_cache()
+    return out
+
+
+# =============================================================================
+# Vision: E_V and HILT (Eq. 1-3)
+# =============================================================================
+
+def zyx(hwd) -> tuple:
+    """The paper's H x W x D (depth last, as typed on the command line) -> the tensor's (z, y, x) = (D, H, W)."""
+    h, w, d = hwd
+    return (d, h, w)
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm ViT layer: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, d)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+        return x + self.mlp(self.ln2(x))
+
+
+class ViT3D(nn.Module):
+    """E_V (Eq. 1): (B, 1, Z, Y, X) -> tokens (B, N, C). The positional embedding is a grid of the HR token layout,
+    trilinearly interpolated when a view has another grid (the LR view)."""
+
+    def __init__(self, *, grid, patch, dim: int, depth: int, heads: int, grad_checkpoint: bool = False):
+        super().__init__()
+        self.patch, self.grid, self.grad_checkpoint = tuple(patch), tuple(grid), grad_checkpoint
+        self.patch_embed = nn.Linear(math.prod(patch), dim)  # = Conv3d(1, dim, patch, stride=patch)
+        self.pos_embed = nn.Parameter(torch.randn(1, dim, *grid) * 0.02)  # (1, C, gz, gy, gx)
+        self.blocks = nn.ModuleList(ViTBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        B, _, Z, Y, X = x.shape
+        (pz, py, px) = self.patch
+        if Z % pz or Y % py or X % px:
+            raise ValueError(f"volume (z, y, x) = {(Z, Y, X)} is not a multiple of the patch {self.patch}")
+        g = (Z // pz, Y // py, X // px)
+        x = x.reshape(B, g[0], pz, g[1], py, g[2], px).permute(0, 1, 3, 5, 2, 4, 6)  # (B, gz, gy, gx, pz, py, px)
+        x = self.patch_embed(x.reshape(B, math.prod(g), pz * py * px))  # (B, N, C)
+        pos = self.pos_embed if g == self.grid else F.interpolate(self.pos_embed, size=g, mode="trilinear",
+                                                                  align_corners=False)  # Sec. 3.1
+        x = x + pos.flatten(2).transpose(1, 2)  # (B, N, C)
+        for blk in self.blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpoint and self.training else blk(x)
+        return self.norm(x)
+
+
+def hilt_attention(q, z_hr):
+    """Eq. (3) inside F: Q + softmax(Q K^T / sqrt(C)) V with K = V = Z_HR. One head, no projections. q (B, N', C)."""
+    return q + cross_attention(q[:, None], z_hr[:, None], z_hr[:, None])[:, 0]  # (B, 1, N', C) -> (B, N', C)
+
+
+def projector(c_in: int, c_out: int, layers: int) -> nn.Sequential:
+    """F: `layers` Linear layers with GELU between (LLaVA-1.5's mlp2x_gelu for layers=2)."""
+    mods = [nn.Linear(c_in, c_out)]
+    for _ in range(layers - 1):
+        mods += [nn.GELU(), nn.Linear(c_out, c_out)]
+    return nn.Sequential(*mods)
+
+
+def token_grids(cfg) -> tuple:
+    """(patch, HR grid, number of visual tokens the decoder sees) for cfg's mode, all in (z, y, x)."""
+    hr, lr_, patch = zyx(cfg["hr"]), zyx(cfg["lr"]), tuple(cfg["patch"])
+    if cfg["mode"] == "slices2d":  # depth as channels: one 2D patch of 16 x 16 spans every slice (Table 3's baseline)
+        patch = (hr[0], patch[1] // 2, patch[2] // 2)
+    if any(s % p for s, p in zip(hr, patch)):
+        raise ValueError(f"--hr {cfg['hr']}: (z, y, x) {hr} is not a multiple of the patch (z, y, x) {patch}")
+    if cfg["mode"] in ("hilt", "random_queries") and any(s % p for s, p in zip(lr_, patch)):
+        raise ValueError(f"--lr {cfg['lr']}: (z, y, x) {lr_} is not a multiple of the patch (z, y, x) {patch}")
+    grid = tuple(s // p for s, p in zip(hr, patch))
+    lr_grid = tuple(s // p for s, p in zip(lr_, patch))
+    n_visual = math.prod(lr_grid) if cfg["mode"] in ("hilt", "random_queries") else math.prod(grid)
+    return patch, grid, n_visual
+
+
+class HILT(nn.Module):
+    """volume (B, 1, Z, Y, X) at HR -> visual tokens (B, n_visual, dim) -> decoder. forward(volume, inputs, targets)
+    returns the mean cross-entropy of the report tokens."""
+
+    def __init__(self, cfg: dict, decoder: Decoder):
+        super().__init__()
+        assert cfg["mode"] in MODES, f"--mode={cfg['mode']!r}: expected one of {MODES}"
+        self.mode, self.lr_shape = cfg["mode"], zyx(cfg["lr"])
+        patch, grid, self.n_visual = token_grids(cfg)
+        self.encoder = ViT3D(grid=grid, patch=patch, dim=cfg["vit_dim"], depth=cfg["vit_depth"],
+                             heads=cfg["vit_heads"], grad_checkpoint=cfg["vit_checkpoint"])
+        if self.mode == "random_queries":  # BLIP-style learned queries, as many as the LR tokens
+            self.queries = nn.Parameter(torch.randn(1, self.n_visual, cfg["vit_dim"]) * 0.02)
+        self.projector = projector(cfg["vit_dim"], decoder.args.dim, cfg["proj_layers"])  # F
+        self.decoder = decoder
+
+    def visual_tokens(self, volume):
+        z_hr = self.encoder(volume)  # Eq. (1): (B, N, C)
+        if self.mode == "hilt":
+            x_lr = F.interpolate(volume, size=self.lr_shape, mode="trilinear", align_corners=False)  # the LR view
+            z = hilt_attention(self.encoder(x_lr), z_hr)  # Eq. (1) then (3): (B, N', C)
+        elif self.mode == "random_queries":
+            z = hilt_attention(self.queries.expand(volume.shape[0], -1, -1), z_hr)  # (B, N', C)
+        else:  # all_tokens, slices2d: every token goes to the decoder
+            z = z_hr
+        return self.projector(z)  # Eq. (3): F(.) -> (B, n_visual, dim)
+
+    def forward(self, volume, inputs, targets):
+        vis = self.visual_tokens(volume)
+        logits = self.decoder(inputs, vis)[:, vis.shape[1]:]  # Eq. (4), the text positions: (B, T, vocab)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+
+def build_model(cfg: dict) -> nn.Module:
+    """HILT around a from-scratch decoder, or around a frozen Meta Llama with LoRA when cfg['llm'] is set."""
+    _, _, n_visual = token_grids(cfg)
+    seq = n_visual + cfg["max_text_len"]
+    if cfg["llm"]:
+        decoder, _ = load_llama(cfg["llm"], max_seq_len=seq)
+        if "cuda" not in str(cfg["device"]):
+            decoder.float()  # Meta ships bf16; bf16 matmul is very slow on CPU
+        add_lora(decoder, r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"])
+    else:
+        decoder = Decoder(ModelArgs(dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
+                                    n_kv_heads=cfg["n_kv_heads"], vocab_size=cfg["vocab_size"], max_seq_len=seq))
+    return HILT(cfg, decoder)
+
+
+# =============================================================================
+# Data: volumes at HR, reports as BOS + instruction + findings + EOS
+# =============================================================================
+
+def target_spacing(cfg) -> tuple:
+    """mm per voxel real scans are resampled to: cfg['spacing'], or the phantom's 360 mm field of view over hr."""
+    return tuple(cfg["spacing"]) or tuple(360.0 / s for s in zyx(cfg["hr"]))
+
+
+def get_split(cfg, split: str):
+    n = {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_test"]}[split]
+    ds = get_dataset(cfg["data"], split, n=n, shape=zyx(cfg["hr"]), spacing=target_spacing(cfg),
+                     window=(-1000, 200), norm="unit", seed=cfg["seed"], strict=cfg["strict"])  # A.4: [-1000, 200] -> [0, 1]
+    if cfg["data"] == "synthetic":  # generate the phantoms once, keep them in memory (float16 halves it)
+        ds = [{"volume": it["volume"].half(), "report": it["report"], "name": it["name"]}
+              for it in tqdm(ds, desc=f"synthetic {split} {zyx(cfg['hr'])}", leave=False)]
+    return ds
+
+
+def reports_of(ds) -> list:
+    return [it["report"] for it in ds] if isinstance(ds, list) else list(getattr(ds, "reports", None) or
+                                                                         (it["report"] for it in ds))
+
+
+def get_tokenizer(cfg, train_reports=None):
+    """Llama's tokenizer with --llm; else data.py's BPE, trained on the training reports (scratch) or loaded."""
+    if cfg["llm"]:
+        return load_llama3_tokenizer(Path(cfg["llm"]) / "tokenizer.model")
+    path = Path(cfg["out_dir"]) / "bpe.tiktoken"
+    if train_reports is None:
+        return load_bpe(path)
+    return get_bpe(train_reports + [INSTRUCTION], cfg["vocab_size"], path)
+
+
+def prompt_ids(enc) -> list:
+    return [enc.encode_single_token("<|begin_of_text|>")] + enc.encode(INSTRUCTION)
+
+
+def tokenize(reports, enc, max_text_len: int):
+    """inputs, targets (B, T): BOS + instruction + report + EOS shifted by one; targets -1 (no loss) on the prompt
+    and the padding. Padding goes after the end, where causal attention never looks back at it."""
+    prompt, eos = prompt_ids(enc), enc.encode_single_token("<|end_of_text|>")
+    seqs = [(prompt + enc.encode(r, disallowed_special=()) + [eos])[: max_text_len + 1] for r in reports]
+    T = max(map(len, seqs)) - 1
+    inputs, targets = torch.full((len(seqs), T), eos), torch.full((len(seqs), T), -1)
+    for i, s in enumerate(seqs):
+        inputs[i, : len(s) - 1] = torch.tensor(s[:-1])
+        targets[i, len(prompt) - 1: len(s) - 1] = torch.tensor(s[len(prompt):])
+    return inputs, targets
+
+
+def get_batch(ds, idx, enc, cfg, dev):
+    b = collate([ds[i] for i in idx])
+    inputs, targets = tokenize(b["report"], enc, cfg["max_text_len"])
+    return b["volume"].to(dev).float(), inputs.to(dev), targets.to(dev)
+
+
+@lru_cache(maxsize=4)
+def _epoch_perm(n: int, seed: int, epoch: int) -> list:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def stream(n: int, start: int, count: int, seed: int) -> list:
+    """Items start .. start + count of an endless stream of shuffled epochs: a function of (seed, position) alone, so
+    a resumed run draws exactly the batches it would have drawn."""
+    return [_epoch_perm(n, seed, s // n)[s % n] for s in range(start, start + count)]
+
+
+# =============================================================================
+# Train / eval
+# =============================================================================
+
+def get_lr(it: int, cfg) -> float:
+    """Table 5: linear warm-up over 3% of the steps, then linear decay to 0."""
+    warm = max(1, round(cfg["warmup_ratio"] * cfg["max_iters"]))
+    if it < warm:
+        return cfg["learning_rate"] * (it + 1) / warm
+    return cfg["learning_rate"] * max(0.0, (cfg["max_iters"] - it) / max(1, cfg["max_iters"] - warm))
+
+
+def model_state(model, cfg) -> dict:
+    """Everything that trains: the whole model from scratch; with --llm, all but the frozen Llama weights."""
+    return {k: v for k, v in model.state_dict().items()
+            if not cfg["llm"] or not k.startswith("decoder.") or ".lora_" in k}
+
+
+@torch.no_grad()
+def evaluate_loss(model, ds, enc, cfg, dev, ctx, micro: int) -> float:
+    model.eval()
+    total = 0.0
+    for i in range(0, len(ds), micro):
+        idx = list(range(i, min(i + micro, len(ds))))
+        with ctx:
+            total += model(*get_batch(ds, idx, enc, cfg, dev)).item() * len(idx)
+    model.train()
+    return total / len(ds)
+
+
+@torch.no_grad()
+def generate_reports(model, volumes, enc, cfg, ctx) -> list:
+    """volumes (B, 1, Z, Y, X) -> B report strings (greedy, or top-k with --top_k)."""
+    model.eval()
+    eos = enc.encode_single_token("<|end_of_text|>")
+    prompt = torch.tensor([prompt_ids(enc)] * volumes.shape[0], device=volumes.device)
+    room = model.decoder.args.max_seq_len - model.n_visual - prompt.shape[1]
+    with ctx:
+        ids = generate(model.decoder, prompt, model.visual_tokens(volumes), max_new_tokens=min(cfg["max_new_tokens"], room),
+                       eos_id=eos, temperature=cfg["temperature"], top_k=cfg["top_k"])
+    return [enc.decode(row[: row.index(eos)] if eos in row else row) for row in ids.tolist()]
+
+
+def train(cfg, model, enc, train_ds, dev, ddp, rank, world, master, ckpt=None):
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" and "cuda" in dev else nullcontext()
+    raw = model
+    params = [p for p in raw.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"], fused="cuda" in dev)
+    val_ds = get_split(cfg, "val")
+    assert cfg["batch_size"] % (world * cfg["grad_accum"]) == 0, "batch_size must divide by world size * grad_accum"
+    micro = cfg["batch_size"] // world // cfg["grad_accum"]
+    iter_num, best_val = 0, float("inf")
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        set_rng_state(ckpt["rng"])
+    if cfg["compile"]:
+        model = torch.compile(model)
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[int(dev.split(":")[1])] if "cuda" in dev else None)
+    if master:
+        n_train = sum(p.numel() for p in params)
+        print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
+              f"mode={cfg['mode']}, HR (z, y, x) {zyx(cfg['hr'])}, {raw.n_visual} visual tokens to the decoder, "
+              f"{len(train_ds)} train / {len(val_ds)} val volumes, {cfg['max_iters']} steps")
+
+    def save():
+        if master:
+            save_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt", {
+                "model": model_state(raw, cfg), "optimizer": opt.state_dict(), "iter_num": iter_num,
+                "best_val_loss": best_val, "config": cfg, "rng": rng_state()})
+
+    bad_steps, t0, seen, loss_sum = 0, time.time(), 0, 0.0
+    pbar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master, desc=cfg["mode"])
+    with StopOnSigint() as sig:
+        while iter_num < cfg["max_iters"] and not sig.stop:
+            for g in opt.param_groups:
+                g["lr"] = get_lr(iter_num, cfg)
+            losses = []
+            for j in range(cfg["grad_accum"]):
+                idx = stream(len(train_ds), ((iter_num * cfg["grad_accum"] + j) * world + rank) * micro, micro, cfg["seed"])
+                sync = nullcontext() if not ddp or j == cfg["grad_accum"] - 1 else model.no_sync()
+                with ctx, sync:
+                    loss = model(*get_batch(train_ds, idx, enc, cfg, dev))
+                    (loss / cfg["grad_accum"]).backward()
+                losses.append(loss.item())
+            norm = nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
+            if torch.isfinite(norm):  # grads are all-reduced, so every rank takes the same decision
+                opt.step()
+                bad_steps = 0
+            else:
+                bad_steps += 1
+                tqdm.write(f"warning: step {iter_num}: non-finite loss/gradient ({losses}), step skipped")
+                if bad_steps >= 5:
+                    raise RuntimeError("5 non-finite steps in a row: stopping (lower --learning_rate?)")
+            opt.zero_grad(set_to_none=True)
+            iter_num += 1
+            seen += cfg["batch_size"]
+            loss_sum += sum(losses) / len(losses)
+            pbar.update(1)
+            if master:
+                pbar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
+            if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]:
+                dt = time.time() - t0
+                val_loss = evaluate_loss(raw, val_ds, enc, cfg, dev, ctx, micro)
+                best_val = min(best_val, val_loss)
+                steps = seen / cfg["batch_size"]
+                rec = {"iter": iter_num, "train_loss": loss_sum / steps, "val_loss": val_loss,
+                       "lr": opt.param_groups[0]["lr"], "volumes_per_s": seen / dt, "ms_per_step": 1000 * dt / steps}
+                if master:
+                    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+                    append_jsonl(Path(cfg["out_dir"]) / "log.jsonl", rec)
+                save()
+                t0, seen, loss_sum = time.time(), 0, 0.0
+    pbar.close()
+    if sig.stop:
+        save()
+    return raw, ctx, sig.stop
+
+
+def final_eval(cfg, model, enc, dev, ctx, train_reports):
+    """The nine metrics of Sec. 4.2 and their mean on the test split, beside the trivial baseline (the most frequent
+    training report for every volume); metrics.json and samples.txt in out_dir."""
+    test_ds = get_split(cfg, "test")
+    refs, preds = [[r] for r in reports_of(test_ds)], []
+    gen_batch = max(1, cfg["batch_size"] // cfg["grad_accum"])
+    for i in tqdm(range(0, len(test_ds), gen_batch), desc="generate", leave=False):
+        volumes = collate([test_ds[j] for j in range(i, min(i + gen_batch, len(test_ds)))])["volume"]
+        preds += generate_reports(model, volumes.to(dev).float(), enc, cfg, ctx)
+    trivial = Counter(train_reports).most_common(1)[0][0]
+    res = {"mode": cfg["mode"], "hr": cfg["hr"], "n_visual": model.n_visual, "model": report_metrics(preds, refs),
+           "trivial": report_metrics([trivial] * len(refs), refs)}
+    print(f"\ntest ({len(refs)} volumes), mode={cfg['mode']}: nine metrics of Sec. 4.2 (x100)")
+    print(f"{'metric':<8}{'model':>8}{'trivial':>9}")
+    for k in res["model"]:
+        print(f"{k:<8}{100 * res['model'][k]:>8.2f}{100 * res['trivial'][k]:>9.2f}")
+    out = Path(cfg["out_dir"])
+    (out / "metrics.json").write_text(json.dumps(res, indent=2))
+    lines = [f"--- {test_ds[i]['name']}\nGENERATED: {p}\nREFERENCE: {r[0]}\n" for i, (p, r) in enumerate(zip(preds, refs))]
+    (out / "samples.txt").write_text("\n".join(lines))
+    print("\n" + "\n".join(lines[: cfg["n_samples"]]) + f"(all in {out / 'samples.txt'})")
+    return res
+
+
+@torch.no_grad()
+def predict_file(cfg, model, enc, dev, path) -> str:
+    vol, sp = load_nifti(path)
+    x = preprocess(vol, sp, target_spacing=target_spacing(cfg), shape=zyx(cfg["hr"]), window=(-1000, 200), norm="unit")
+    report = generate_reports(model, x[None, None].to(dev).float(), enc, cfg, nullcontext())[0]
+    print(f"{path}: (z, y, x) {tuple(vol.shape)} at {tuple(round(s, 2) for s in sp)} mm -> {tuple(x.shape)}\n{report}")
+    return report
+
+
+# =============================================================================
+# Benchmark (Figure 1's shape): one training step vs HR size, each case in a fresh process for an honest peak memory
+# =============================================================================
+
+BENCH_SIZES = ((128, 128, 64), (256, 256, 128), (384, 384, 192), (512, 512, 256))  # H, W, D
+
+
+def bench_case(argv: list) -> dict:
+    """One case: median time of a training step (batch 1, a 128-token report, AdamW) and of the decoder's forward +
+    backward alone, plus peak memory (ru_maxrss on CPU, max allocated on CUDA)."""
+    cfg = parse_config(argv)
+    dev = cfg["device"]
+    torch.manual_seed(0)
+    model = build_model(cfg).to(dev)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    x = torch.rand(1, 1, *zyx(cfg["hr"]), device=dev)
+    ids = torch.randint(0, model.decoder.args.vocab_size, (1, 129), device=dev)
+    vis = torch.randn(1, model.n_visual, model.decoder.args.dim, device=dev, requires_grad=True)
+    sync = torch.cuda.synchronize if "cuda" in dev else (lambda: None)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if "cuda" in dev else nullcontext()
+
+    def step():
+        with ctx:
+            model(x, ids[:, :-1], ids[:, 1:]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def decoder_only():
+        with ctx:
+            logits = model.decoder(ids[:, :-1], vis)[:, model.n_visual:]
+            F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+
+    def timed(fn, n=2):
+        fn()  # warm-up
+        ts = []
+        for _ in range(n):
+            sync(), (t := time.perf_counter()), fn(), sync()
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[len(ts) // 2]
+
+    res = {"mode": cfg["mode"], "hr": cfg["hr"], "hr_tokens": math.prod(model.encoder.grid),
+           "visual_tokens": model.n_visual, "step_s": timed(step), "decoder_s": timed(decoder_only)}
+    res["peak_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if "cuda" in dev
+                      else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(res))
+    return res
+
+
+def bench(cfg):
+    rows = []
+    for mode in ("hilt", "all_tokens"):
+        for size in BENCH_SIZES:
+            argv = [f"--preset={cfg['preset']}", f"--device={cfg['device']}", f"--mode={mode}",
+                    "--hr=" + ",".join(map(str, size))]
+            r = subprocess.run([sys.executable, "-c", f"import hilt; hilt.bench_case({argv!r})"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent)
+            if r.returncode:
+                print(f"{mode} {size}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})")
+                continue
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+            b = rows[-1]
+            print(f"{mode:<11} HR {'x'.join(map(str, size)):<12} HR tokens {b['hr_tokens']:>5}  decoder visual tokens "
+                  f"{b['visual_tokens']:>5}  step {b['step_s']:7.2f} s  decoder fwd+bwd {b['decoder_s']:6.3f} s  "
+                  f"peak {b['peak_mb']:8.0f} MB", flush=True)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = parse_config(argv)
+    if cfg["bench"]:
+        return bench(cfg)
+    ddp, rank, world, dev, master = setup_ddp(cfg["device"])
+    ckpt = None
+    if cfg["init_from"] == "resume":
+        ckpt = load_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
+        changed = {k: (cfg[k], ckpt["config"][k]) for k in MODEL_KEYS if cfg[k] != ckpt["config"][k]}
+        if changed and master:
+            print(f"resume: model keys come from the checkpoint, ignoring {changed}")
+        cfg.update({k: ckpt["config"][k] for k in MODEL_KEYS})
+    elif cfg["init_from"] != "scratch":
+        raise ValueError(f"--init_from={cfg['init_from']!r}: expected scratch or resume")
+    torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
+    train_ds = None if cfg["predict"] else get_split(cfg, "train")
+    train_reports = None if train_ds is None or ckpt is not None else reports_of(train_ds)
+    enc = get_tokenizer(cfg, train_reports)
+    assert enc.n_vocab <= cfg["vocab_size"] or cfg["llm"], f"tokenizer has {enc.n_vocab} ids > vocab_size"
+    model = build_model(cfg).to(dev)
+    if ckpt is not None:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=not cfg["llm"])
+        assert not unexpected and all(k.startswith("decoder.") and ".lora_" not in k for k in missing), (missing, unexpected)
+    if cfg["predict"]:
+        return predict_file(cfg, model, enc, dev, cfg["predict"])
+    Path(cfg["out_dir"]).mkdir(parents=True, exist_ok=True)
+    model, ctx, stopped = train(cfg, model, enc, train_ds, dev, ddp, rank, world, master, ckpt)
+    res = None
+    if master and not stopped:
+        res = final_eval(cfg, model, enc, dev, ctx, train_reports or reports_of(train_ds))
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return res
+
+
+if __name__ == "__main__":
+    main()
