@@ -34,8 +34,10 @@ walks the query blocks whose band reaches it (rows [n0 - right, n0 + BLOCK_N - 1
 another owns a block of queries and walks its key band for dQ. Both skip blocks outside the band.
 
 The same kernels serve kernels.cross_attention (an unbounded band with Nq != Nk, a key-padding mask, and the keys
-split into chunks; see there). The PyTorch path (CPU, no Triton) cuts queries into blocks and gives each block its key
-span through an overlapping `unfold` view: N x (block + left + right) work and memory, autograd through torch ops.
+split into chunks; see there). The PyTorch path (CPU, no Triton) is the same algorithm in torch ops: query blocks of
+bq rows, each gathering its key span of bq + left + right keys (a few thousand blocks batched per matmul, in chunks
+that bound the temporaries), saving only O and LSE and recomputing P in its backward: N x (bq + left + right) work
+and memory, never N x N. Global and causal windows, which have nothing to skip, go to SDPA there.
 """
 import math
 import os
@@ -251,32 +253,77 @@ def _resolve(window, n):
     return (n - 1 if left is None else min(left, n - 1)), (n - 1 if right is None else min(right, n - 1))
 
 
-def sliding_window_torch(q, k, v, window, block=None):
-    """The PyTorch path: queries in blocks of `block`; block b sees the key span
-    [b*block - left, (b+1)*block - 1 + right], taken as an overlapping `unfold` view, so the work and memory
-    are N x (block + left + right), never N x N. Autograd goes through plain torch ops."""
-    B, H, N, D = q.shape
-    left, right = _resolve(window, N)
-    if left == N - 1 and right == N - 1:  # global: nothing to skip, SDPA is exact and memory-efficient
-        return F.scaled_dot_product_attention(q, k, v)
-    if left == N - 1 and right == 0:  # causal
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    bq = min(block or min(128, max(16, 1 << (left + right).bit_length())), N)
-    nb = -(-N // bq)
-    span = bq + left + right  # keys one query block can see
-    pad = (0, 0, left, nb * bq + right - N)  # key length nb*bq + left + right: exactly nb windows of `span`
-    kb = F.pad(k, pad).unfold(2, span, bq)  # (B, H, nb, D, span), an overlapping view, no copy
-    vb = F.pad(v, pad).unfold(2, span, bq)  # (B, H, nb, D, span)
-    qb = F.pad(q, (0, 0, 0, nb * bq - N)).view(B, H, nb, bq, D)  # (B, H, nb, bq, D)
-    s = (qb @ kb) * D ** -0.5  # (B, H, nb, bq, span)
+def _chunks(q, k, v, left, right, bq, chunk):
+    """The PyTorch path's blocking: query blocks of bq rows, block b seeing the key span [b*bq - left, b*bq + bq - 1
+    + right]. Yields, per chunk of n blocks: the (padded) query rows [r0, r1), the span's key indices idx (n * span,)
+    (clipped into [0, N), the clipped ones masked), the gathered spans kb, vb (B, H, n, span, D) and drop
+    (n, bq, span), True outside the band or the sequence."""
+    N = k.shape[2]
+    span = bq + left + right
+    nb = -(-q.shape[2] // bq)
+    n = max(1, chunk // (q.shape[0] * q.shape[1] * span * q.shape[3]))  # blocks per chunk: bounded temporaries
     r = torch.arange(bq, device=q.device)[:, None]
     c = torch.arange(span, device=q.device)[None, :]
-    j = torch.arange(nb, device=q.device)[:, None] * bq - left + c  # (nb, span) key index of each column
-    keep = ((c - r >= 0) & (c - r <= left + right))[None] & ((j >= 0) & (j < N))[:, None, :]  # (nb, bq, span)
-    # a finite fill: padded query rows past N may see no key; they must not turn into NaN (they are cut off)
-    p = s.masked_fill(~keep, torch.finfo(s.dtype).min).softmax(-1)
-    o = p @ vb.transpose(-1, -2)  # (B, H, nb, bq, D)
-    return o.reshape(B, H, nb * bq, D)[:, :, :N]
+    band = (c - r >= 0) & (c - r <= left + right)  # (bq, span): j - i = c - left - r in [-left, right]
+    for b0 in range(0, nb, n):
+        j = torch.arange(b0, min(nb, b0 + n), device=q.device)[:, None] * bq - left + c  # (n, span) key index
+        idx = j.clamp(0, N - 1).flatten()
+        kb, vb = (t.index_select(2, idx).unflatten(2, (-1, span)) for t in (k, v))  # (B, H, n, span, D)
+        yield b0 * bq, (b0 + j.shape[0]) * bq, idx, kb, vb, ~(band & ((j >= 0) & (j < N))[:, None, :])
+
+
+def _probs(qb, kb, drop):
+    """P = softmax(c qb kb^T) inside the band, (B, H, n, bq, span). The fill is finite so that a padded query row
+    past N, which may see no key, gives no NaN (its dO is zero, so it never contributes)."""
+    s = (qb @ kb.transpose(-1, -2)).mul_(qb.shape[-1] ** -0.5)
+    return s.masked_fill_(drop, torch.finfo(s.dtype).min).softmax(-1)
+
+
+class _SlidingWindowTorch(torch.autograd.Function):
+    """The kernels' algorithm in torch ops: per chunk of query blocks, gather each block's key span and softmax
+    inside the band; save only q, k, v and O, and recompute P in the backward. Work and memory N x (bq + left + right)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, left, right, bq, chunk):
+        N = q.shape[2]
+        qp = F.pad(q, (0, 0, 0, -N % bq)) if N % bq else q  # (B, H, nb*bq, D): a ragged tail padded to a block
+        o = torch.empty_like(qp)
+        for r0, r1, _, kb, vb, drop in _chunks(q, k, v, left, right, bq, chunk):
+            p = _probs(qp[:, :, r0:r1].unflatten(2, (-1, bq)), kb, drop)  # (B, H, n, bq, span)
+            o[:, :, r0:r1] = (p @ vb).flatten(2, 3)
+        ctx.save_for_backward(q, k, v, o)
+        ctx.args = (left, right, bq, chunk)
+        return o[:, :, :N]
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o = ctx.saved_tensors
+        left, right, bq, chunk = ctx.args
+        pad = o.shape[2] - q.shape[2]
+        qp, dop = (F.pad(t, (0, 0, 0, pad)) if pad else t for t in (q, do))  # zero dO: padded rows add nothing
+        dq, dk, dv = torch.empty_like(qp), torch.zeros_like(k), torch.zeros_like(v)
+        for r0, r1, idx, kb, vb, drop in _chunks(q, k, v, left, right, bq, chunk):
+            qb, dob, ob = (t[:, :, r0:r1].unflatten(2, (-1, bq)) for t in (qp, dop, o))  # (B, H, n, bq, D)
+            p = _probs(qb, kb, drop)  # recomputed
+            dv.index_add_(2, idx, (p.transpose(-1, -2) @ dob).flatten(2, 3))  # dV = P^T dO
+            ds = (dob @ vb.transpose(-1, -2)).sub_((dob * ob).sum(-1, keepdim=True)).mul_(p)  # P * (dP - rowsum(dO*O))
+            ds.mul_(q.shape[-1] ** -0.5)
+            dq[:, :, r0:r1] = (ds @ kb).flatten(2, 3)  # dQ = c dS K
+            dk.index_add_(2, idx, (ds.transpose(-1, -2) @ qb).flatten(2, 3))  # dK = c dS^T Q
+        return dq[:, :, :q.shape[2]], dk, dv, None, None, None, None
+
+
+def sliding_window_torch(q, k, v, window, block=None, chunk=1 << 20):
+    """The PyTorch path (CPU, or no Triton). Global and causal windows go to SDPA, which has nothing to skip; other
+    bands to _SlidingWindowTorch with query blocks of `block` rows and about `chunk` elements of temporaries."""
+    N = q.shape[2]
+    left, right = _resolve(window, N)
+    if left == N - 1 and right == N - 1:
+        return F.scaled_dot_product_attention(q, k, v)
+    if left == N - 1 and right == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    bq = min(block or min(128, max(32, 1 << (left + right).bit_length())), N)
+    return _SlidingWindowTorch.apply(q, k, v, left, right, bq, chunk)
 
 
 def sliding_window_attention(q, k, v, window=(None, None), backend=None):

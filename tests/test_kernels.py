@@ -8,7 +8,7 @@ import torch
 
 from kernels import cross_attention, sliding_window_attention
 from kernels.cross_attention import merge_splits
-from kernels.sliding_window import attention_reference, band_mask
+from kernels.sliding_window import attention_reference, band_mask, sliding_window_torch
 
 BACKENDS = ["triton", "torch"]
 
@@ -49,6 +49,13 @@ def test_sliding_window_shapes(backend, N, D, window):
     _check(lambda *a: sliding_window_attention(*a, window=window, backend=backend), q, k, v, band_mask(N, N, window))
 
 
+@pytest.mark.parametrize("window", [(2, 0), (0, 19), (7, 3)])
+def test_sliding_window_torch_chunks(window):
+    """The PyTorch path with one 16-row query block per chunk (many chunks, spans crossing both ends)."""
+    q, k, v = _inputs(2, 2, 53, 53, 16, seed=7)
+    _check(lambda *a: sliding_window_torch(*a, window, block=16, chunk=1), q, k, v, band_mask(53, 53, window))
+
+
 def test_sliding_window_fp16_triton():
     q, k, v = _inputs(1, 2, 40, 40, 32, dtype=torch.float16)
     _check(lambda *a: sliding_window_attention(*a, window=(4, 1), backend="triton"), q, k, v,
@@ -64,21 +71,21 @@ def test_sliding_window_non_contiguous_inputs():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sliding_window_skips_blocks_outside_the_band(backend):
-    """NaN keys/values past position 32 must not reach rows < 32 with window (2, 0): a kernel that visited key
-    blocks outside the band (or a dense N x N product) would spread the NaN, since 0 * NaN = NaN."""
-    q, k, v = (t.detach() for t in _inputs(1, 2, 70, 70, 16))
-    k[:, :, 32:], v[:, :, 32:] = float("nan"), float("nan")
+    """NaN keys/values from position 64 on must not reach rows < 64 with window (2, 0) (blocks are 16 or 32 rows):
+    a kernel that visited key blocks outside the band, or a dense N x N product, would spread the NaN (0 * NaN)."""
+    q, k, v = (t.detach() for t in _inputs(1, 2, 100, 100, 16))
+    k[:, :, 64:], v[:, :, 64:] = float("nan"), float("nan")
     out = sliding_window_attention(q, k, v, (2, 0), backend=backend)
-    assert out[:, :, :32].isfinite().all() and out[:, :, 34:].isnan().all()
-    # backward: NaN queries and output gradients past 48 must not reach dK, dV of keys < 32 (their band ends at 33)
-    q, k, v = _inputs(1, 2, 70, 70, 16)
+    assert out[:, :, :64].isfinite().all() and out[:, :, 66:].isnan().all()
+    # backward: NaN queries and output gradients from 64 on must not reach dK, dV of keys < 32 nor dQ of rows < 64
+    q, k, v = _inputs(1, 2, 100, 100, 16)
     with torch.no_grad():
-        q[:, :, 48:] = float("nan")
+        q[:, :, 64:] = float("nan")
     out = sliding_window_attention(q, k, v, (2, 0), backend=backend)
     grad = torch.ones_like(out)
-    grad[:, :, 48:] = float("nan")
+    grad[:, :, 64:] = float("nan")
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
-    assert dk[:, :, :32].isfinite().all() and dv[:, :, :32].isfinite().all() and dq[:, :, :48].isfinite().all()
+    assert dk[:, :, :32].isfinite().all() and dv[:, :, :32].isfinite().all() and dq[:, :, :64].isfinite().all()
 
 
 def test_figure3_masks():
