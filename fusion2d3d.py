@@ -41,6 +41,7 @@ Commands:
     python fusion2d3d.py --init_from=resume --predict=scan.nii.gz   # 18 probabilities + calls + Grad-CAM PNG
 """
 import json
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial

@@ -47,7 +47,7 @@ def cfg_of(*extra):
     return parse(TINY + list(extra))
 
 
-def test_cli_types_and_errors():
+def test_cli_types_and_errors(monkeypatch):
     cfg = parse(["--preset=cpu", "--mode", "vit", "--alpha=0.3", "--shape=8,32,32", "--compile=false",
                            "--learning_rate=1e-3"])
     assert cfg["mode"] == "vit" and cfg["alpha"] == "0.3" and cfg["shape"] == (8, 32, 32)
@@ -57,6 +57,8 @@ def test_cli_types_and_errors():
         parse(["--no_such_key=1"])
     with pytest.raises((ValueError, SystemExit)):
         parse(["--batch_size=eight"])
+    monkeypatch.setattr("sys.argv", ["fusion2d3d.py", "--mode", "resnet", "--preset=cpu"])  # as typed in a shell
+    assert fz.parse_config(None, fz.DEFAULTS, fz.PRESETS)["mode"] == "resnet"
     with pytest.raises(ValueError, match="learned"):
         fz.main(TINY + ["--alpha=big"])
 
@@ -180,3 +182,18 @@ def test_learning_fusion_fits_a_tiny_training_set():
         probs = torch.sigmoid(model(batch["volume"]))
     assert losses[-1] < 0.5 * losses[0]
     assert data.classification_metrics(batch["labels"], probs, np.full(18, 0.5))["accuracy"] > 0.9
+
+
+def test_ddp_two_ranks_under_torchrun(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo on CPU): each rank takes half of every global batch, rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", fz.__file__,
+           *TINY, "--max_iters=2", f"--out_dir={tmp_path}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log] == [2]  # one writer, not two
+    assert json.loads((tmp_path / "metrics.json").read_text())["mode"] == "fusion"
