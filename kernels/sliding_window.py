@@ -39,7 +39,6 @@ bq rows, each gathering its key span of bq + left + right keys (a few thousand b
 that bound the temporaries), saving only O and LSE and recomputing P in its backward: N x (bq + left + right) work
 and memory, never N x N. Global and causal windows, which have nothing to skip, go to SDPA there.
 """
-import math
 import os
 
 import torch
@@ -155,7 +154,7 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(), key=_KEY)
     @triton.jit
-    def _bwd_dq_kernel(Q, K, V, KM, DO, LSE, DELTA, DQ,  # dq (S, BH, Nq, D) fp32: one partial sum per split
+    def _bwd_dq_kernel(Q, K, V, KM, DO, LSE, DELTA, DQ,  # dq (S, BH, Nq, D): a partial sum per split (fp32 if S > 1)
                        H, Nq, Nk, D, left, right, split, qk_scale, sm_scale,
                        HAS_MASK: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -185,10 +184,22 @@ if triton is not None:
             ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)  # dQ = c dS K
         row = (sid * tl.num_programs(1) + bh) * Nq + offs_m
-        tl.store(DQ + row[:, None] * D + offs_d[None, :], dq * sm_scale, mask=q_mask)
+        tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+    @triton.jit
+    def _bwd_delta_kernel(O, DO, DELTA, Nq, D, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+        """delta = rowsum(dO * O), the softmax Jacobian's correction term, (BH, Nq) fp32."""
+        pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        off = bh * Nq * D + offs_m[:, None] * D + offs_d[None, :]
+        mask = (offs_m[:, None] < Nq) & (offs_d[None, :] < D)
+        o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DELTA + bh * Nq + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
 
 
-def _launch_args(q, k, key_mask, num_splits):
+def _launch_args(q, k, v, key_mask, num_splits):
     """Shared launch arguments; split-KV chunks are multiples of 128 so every BLOCK_N tiles them exactly."""
     if triton is None:
         raise RuntimeError("backend='triton' needs the triton package (pip install triton); use backend='torch'")
@@ -196,8 +207,9 @@ def _launch_args(q, k, key_mask, num_splits):
         raise RuntimeError("Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before triton is imported")
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
-    if D > 128:
-        raise ValueError(f"head dim {D} > 128 is not supported by the Triton kernels; use backend='torch'")
+    if D > 128 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or {k.dtype, v.dtype} != {q.dtype}:
+        raise ValueError(f"the Triton kernels take head dims <= 128 and one dtype among fp16/bf16/fp32, got D={D}, "
+                         f"q {q.dtype}, k {k.dtype}, v {v.dtype}; use backend='torch'")
     split = triton.cdiv(triton.cdiv(Nk, num_splits), 128) * 128
     km = q if key_mask is None else key_mask.contiguous().view(torch.uint8)  # any pointer when unused
     meta = dict(HAS_MASK=key_mask is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",
@@ -208,7 +220,7 @@ def _launch_args(q, k, key_mask, num_splits):
 def attention_forward(q, k, v, left, right, key_mask=None, num_splits=1):
     """Launch the forward on contiguous q (B, H, Nq, D), k/v (B, H, Nk, D); band (left, right) as ints.
     Returns o (S, B, H, Nq, D) (q's dtype when S == 1, else fp32 partials) and lse (S, B, H, Nq) in log2 units."""
-    B, H, Nq, Nk, D, split, S, km, meta = _launch_args(q, k, key_mask, num_splits)
+    B, H, Nq, Nk, D, split, S, km, meta = _launch_args(q, k, v, key_mask, num_splits)
     o = torch.empty((S, B, H, Nq, D), device=q.device, dtype=q.dtype if S == 1 else torch.float32)
     lse = torch.empty((S, B, H, Nq), device=q.device, dtype=torch.float32)
     grid = lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * H, S)  # noqa: E731
@@ -218,17 +230,19 @@ def attention_forward(q, k, v, left, right, key_mask=None, num_splits=1):
 
 def attention_backward(do, q, k, v, o, lse, left, right, key_mask=None, num_splits=1):
     """dQ, dK, dV for the forward above (o, lse merged over splits)."""
-    B, H, Nq, Nk, D, split, S, km, meta = _launch_args(q, k, key_mask, num_splits)
+    B, H, Nq, Nk, D, split, S, km, meta = _launch_args(q, k, v, key_mask, num_splits)
     do = do.contiguous()
-    delta = (do.float() * o.float()).sum(-1)  # rowsum(dO * O), (B, H, Nq)
+    delta = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    _bwd_delta_kernel[(triton.cdiv(Nq, 16 if INTERPRET else 64), B * H)](
+        o, do, delta, Nq, D, BLOCK_D=meta["BLOCK_D"], BLOCK_M=16 if INTERPRET else 64)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
-    dq = torch.empty((S, B, H, Nq, D), device=q.device, dtype=torch.float32)
+    dq = torch.empty((S, B, H, Nq, D), device=q.device, dtype=q.dtype if S == 1 else torch.float32)
     c = D ** -0.5
     _bwd_dkdv_kernel[lambda m: (triton.cdiv(Nk, m["BLOCK_N"]), B * H)](
         q, k, v, km, do, lse, delta, dk, dv, H, Nq, Nk, D, left, right, c * LOG2E, c, **meta)
     _bwd_dq_kernel[lambda m: (triton.cdiv(Nq, m["BLOCK_M"]), B * H, S)](
         q, k, v, km, do, lse, delta, dq, H, Nq, Nk, D, left, right, split, c * LOG2E, c, **meta)
-    return dq.sum(0).to(q.dtype), dk, dv
+    return (dq[0] if S == 1 else dq.sum(0).to(q.dtype)), dk, dv
 
 
 class _SlidingWindowAttention(torch.autograd.Function):

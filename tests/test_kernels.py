@@ -3,6 +3,10 @@
 The Triton kernels run under TRITON_INTERPRET=1 (set in conftest.py) with 16 x 16 blocks, so the shapes below are
 small but awkward: N not a multiple of 16, B, H > 1, windows wider than N, padding that empties a whole row.
 """
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +15,7 @@ from kernels.cross_attention import merge_splits
 from kernels.sliding_window import attention_reference, band_mask, sliding_window_torch
 
 BACKENDS = ["triton", "torch"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _inputs(B, H, Nq, Nk, D, seed=0, dtype=torch.float32):
@@ -145,3 +150,14 @@ def test_dispatch_and_errors():
         sliding_window_attention(q, k[:, :, :5], v, (1, 1))
     with pytest.raises(ValueError, match="key_padding_mask"):
         cross_attention(q, k, v, key_padding_mask=torch.ones(1, 20))
+    with pytest.raises(ValueError, match="dtype"):
+        sliding_window_attention(q, k.double(), v, (1, 1), backend="triton")
+
+
+def test_works_without_triton():
+    """Without the triton package the PyTorch path still imports and runs (and "triton" says what is missing)."""
+    code = ("import sys; sys.modules['triton'] = None; import torch; from kernels import sliding_window_attention as f\n"
+            "q = torch.randn(1, 1, 9, 16); print(f(q, q, q, (1, 0)).shape)\n"
+            "try: f(q, q, q, (1, 0), backend='triton')\nexcept RuntimeError as e: print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert "torch.Size([1, 1, 9, 16])" in out and "needs the triton package" in out
