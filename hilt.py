@@ -1,7 +1,8 @@
 """HILT: radiology report generation for 3D high-resolution CT, with 64 visual tokens at any input resolution.
 
-Paper: C. Liu, Z. Wan et al., "Benchmarking and Boosting Radiology Report Generation for 3D High-Resolution Medical
-Images" (arXiv 2406.07146, 2024); ../shared/papers/hilt.md. Eq. 1-4, Table 3 (ablations), Table 5 (training), A.5.
+Paper: C. Liu, Z. Wan et al. (Imperial College London, Ohio State University), "Benchmarking and Boosting Radiology
+Report Generation for 3D High-Resolution Medical Images", preprint 2024; ../shared/papers/hilt.md. Eq. 1-4, Table 3
+(ablations), Table 5 (training), A.5 (projector layers).
 
 What this file implements (X_HR one CT volume, E_V one ViT shared by both views):
     Eq. 1-2   Z_HR = E_V(X_HR) in R^{N x C},  Z_LR = E_V(X_LR) in R^{N' x C},  X_LR = trilinear resize of X_HR.
@@ -43,8 +44,8 @@ Deviations, on purpose:
 - The `cpu` preset shrinks widths and depths (ViT 128-d x 4, decoder 192-d x 4), uses HR 192 x 192 x 96
   (216 HR tokens), 150 steps at lr 2e-3; patch, LR size, batch 4 x accumulation 2 and the 64 visual tokens are
   the paper's.
-- Synthetic volumes are generated once and kept in memory as float16.
-- Throughput is printed as volumes/s and ms/step; no MFU (there is no peak FLOP/s to divide by on a CPU).
+- Synthetic volumes are generated once and kept in memory as float16. Throughput is printed as volumes/s and
+  ms/step, without MFU.
 
 Commands:
     python hilt.py --preset=cpu                              # CPU: trains, evaluates, prints reports vs references
@@ -73,9 +74,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import (StopOnSigint, append_jsonl, collate, get_bpe, get_dataset, load_bpe, load_checkpoint,
-                  load_llama3_tokenizer, load_nifti, preprocess, report_metrics, rng_state, save_checkpoint,
-                  set_rng_state, setup_ddp)
+from data import (FOV, StopOnSigint, append_jsonl, collate, get_dataset, load_bpe, load_checkpoint,
+                  load_llama3_tokenizer, load_nifti, preprocess, report_metrics, rng_state, save_bpe, save_checkpoint,
+                  set_rng_state, setup_ddp, train_bpe)
 from kernels import cross_attention
 
 # -----------------------------------------------------------------------------
@@ -121,7 +122,6 @@ n_test = 200  # synthetic test volumes
 max_new_tokens = 400  # generation cap per report
 top_k = 0  # 0 = greedy decoding; k > 0 samples from the k most likely tokens
 temperature = 1.0  # sampling temperature when top_k > 0
-n_samples = 3  # generated reports printed beside their references
 predict = ""  # path to a .nii.gz: print its report (with --init_from=resume)
 bench = False  # time and peak memory of one training step vs HR size for hilt and all_tokens (Figure 1), then exit
 strict = False  # a bad volume in a dataset is fatal instead of skipped
@@ -587,8 +587,8 @@ def build_model(cfg: dict) -> nn.Module:
 # =============================================================================
 
 def target_spacing(cfg) -> tuple:
-    """mm per voxel real scans are resampled to: cfg['spacing'], or the phantom's 360 mm field of view over hr."""
-    return tuple(cfg["spacing"]) or tuple(360.0 / s for s in zyx(cfg["hr"]))
+    """mm per voxel real scans are resampled to: cfg['spacing'], or the phantom's field of view (FOV) over hr."""
+    return tuple(cfg["spacing"]) or tuple(f / s for f, s in zip(FOV, zyx(cfg["hr"])))
 
 
 def get_split(cfg, split: str):
@@ -602,18 +602,23 @@ def get_split(cfg, split: str):
 
 
 def reports_of(ds) -> list:
-    return [it["report"] for it in ds] if isinstance(ds, list) else list(getattr(ds, "reports", None) or
-                                                                         (it["report"] for it in ds))
+    """Every report of a split without reading volumes where the dataset allows it (cached list, PreparedCT, CTRATE)."""
+    if isinstance(ds, list):
+        return [it["report"] for it in ds]
+    return list(ds.reports) if hasattr(ds, "reports") else [r["report"] for r in ds.rows]
 
 
-def get_tokenizer(cfg, train_reports=None):
+def get_tokenizer(cfg, train_reports=None, save=True):
     """Llama's tokenizer with --llm; else data.py's BPE, trained on the training reports (scratch) or loaded."""
     if cfg["llm"]:
         return load_llama3_tokenizer(Path(cfg["llm"]) / "tokenizer.model")
     path = Path(cfg["out_dir"]) / "bpe.tiktoken"
     if train_reports is None:
         return load_bpe(path)
-    return get_bpe(train_reports + [INSTRUCTION], cfg["vocab_size"], path)
+    enc = train_bpe(train_reports + [INSTRUCTION], cfg["vocab_size"])  # a fresh run never reuses a stale file
+    if save:  # DDP: every rank trains the same BPE, rank 0 writes it
+        save_bpe(enc, path)
+    return enc
 
 
 def prompt_ids(enc) -> list:
@@ -790,7 +795,7 @@ def final_eval(cfg, model, enc, dev, ctx, train_reports):
     (out / "metrics.json").write_text(json.dumps(res, indent=2))
     lines = [f"--- {test_ds[i]['name']}\nGENERATED: {p}\nREFERENCE: {r[0]}\n" for i, (p, r) in enumerate(zip(preds, refs))]
     (out / "samples.txt").write_text("\n".join(lines))
-    print("\n" + "\n".join(lines[: cfg["n_samples"]]) + f"(all in {out / 'samples.txt'})")
+    print("\n" + "\n".join(lines[:3]) + f"(all in {out / 'samples.txt'})")
     return res
 
 
@@ -811,7 +816,7 @@ BENCH_SIZES = ((128, 128, 64), (256, 256, 128), (384, 384, 192), (512, 512, 256)
 
 
 def bench_case(argv: list) -> dict:
-    """One case: median time of a training step (batch 1, a 128-token report, AdamW) and of the decoder's forward +
+    """One case: the best time of a training step (batch 1, a 128-token report, AdamW) and of the decoder's forward +
     backward alone, plus peak memory (ru_maxrss on CPU, max allocated on CUDA)."""
     cfg = parse_config(argv)
     dev = cfg["device"]
@@ -835,13 +840,16 @@ def bench_case(argv: list) -> dict:
             logits = model.decoder(ids[:, :-1], vis)[:, model.n_visual:]
             F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
 
-    def timed(fn, n=2):
-        fn()  # warm-up
+    def timed(fn, n=2):  # the best of n after one warm-up
+        fn()
         ts = []
         for _ in range(n):
-            sync(), (t := time.perf_counter()), fn(), sync()
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
             ts.append(time.perf_counter() - t)
-        return sorted(ts)[len(ts) // 2]
+        return min(ts)
 
     res = {"mode": cfg["mode"], "hr": cfg["hr"], "hr_tokens": math.prod(model.encoder.grid),
            "visual_tokens": model.n_visual, "step_s": timed(step), "decoder_s": timed(decoder_only)}
@@ -877,6 +885,9 @@ def main(argv=None):
     if cfg["bench"]:
         return bench(cfg)
     ddp, rank, world, dev, master = setup_ddp(cfg["device"])
+    if master:
+        print(f"preset {cfg['preset']}, device {dev}, mode {cfg['mode']}, HR {cfg['hr']} (H, W, D) = (z, y, x) "
+              f"{zyx(cfg['hr'])}" + ("" if world == 1 else f", DDP world {world}"))
     ckpt = None
     if cfg["init_from"] == "resume":
         ckpt = load_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
@@ -886,11 +897,14 @@ def main(argv=None):
         cfg.update({k: ckpt["config"][k] for k in MODEL_KEYS})
     elif cfg["init_from"] != "scratch":
         raise ValueError(f"--init_from={cfg['init_from']!r}: expected scratch or resume")
+    if cfg["predict"] and ckpt is None:
+        raise ValueError("--predict needs a trained run: add --init_from=resume (and its --out_dir)")
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     train_ds = None if cfg["predict"] else get_split(cfg, "train")
     train_reports = None if train_ds is None or ckpt is not None else reports_of(train_ds)
-    enc = get_tokenizer(cfg, train_reports)
-    assert enc.n_vocab <= cfg["vocab_size"] or cfg["llm"], f"tokenizer has {enc.n_vocab} ids > vocab_size"
+    enc = get_tokenizer(cfg, train_reports, save=master)
+    if not cfg["llm"]:
+        cfg["vocab_size"] = enc.n_vocab  # a small corpus can run out of merges before the requested size
     model = build_model(cfg).to(dev)
     if ckpt is not None:
         missing, unexpected = model.load_state_dict(ckpt["model"], strict=not cfg["llm"])

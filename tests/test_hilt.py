@@ -16,7 +16,7 @@ import hilt
 TINY = ["--preset=cpu", "--device=cpu", "--hr=64,64,32", "--lr=32,32,16", "--patch=8,16,16", "--vit_dim=32",
         "--vit_depth=1", "--vit_heads=2", "--dim=32", "--n_layers=1", "--n_heads=2", "--n_kv_heads=1",
         "--vocab_size=320", "--n_train=6", "--n_val=2", "--n_test=2", "--max_new_tokens=6", "--batch_size=2",
-        "--grad_accum=2", "--n_samples=1"]
+        "--grad_accum=2"]
 
 
 # ----------------------------------------------------------------------------- CLI and token counts
