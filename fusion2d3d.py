@@ -52,7 +52,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from data import (LABELS, StopOnSigint, append_jsonl, auroc, best_f1_thresholds, classification_metrics, get_dataset,
@@ -548,11 +548,11 @@ def attention_png(model, vol, label: int, path, title: str):
         panels.append(Image.fromarray(blend.numpy()).resize((size, size), Image.BILINEAR))
     names = ["slice"] + [{"maps2d": "ResNet Grad-CAM", "tokens3d": "ViT Grad-CAM"}[k] for k in cams]
     canvas = Image.new("RGB", (size * len(panels), size + 36), "white")
-    draw = ImageDraw.Draw(canvas)
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=13)
     for j, (p, n) in enumerate(zip(panels, names)):
         canvas.paste(p, (j * size, 36))
-        draw.text((j * size + 4, 20), f"{n} (slice {s})", fill="black")
-    draw.text((4, 4), title, fill="black")
+        draw.text((j * size + 4, 20), f"{n} (slice {s})", fill="black", font=font)
+    draw.text((4, 4), title, fill="black", font=font)
     canvas.save(path)
 
 
@@ -566,7 +566,7 @@ def embedding_png(z, counts, path, title: str):
     pix = (xy - lo) / (hi - lo + 1e-8) * (size - 2 * m) + m
     cmax = max(float(counts.max()), 1.0)
     canvas = Image.new("RGB", (size + 120, size), "white")
-    draw = ImageDraw.Draw(canvas)
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=13)
     draw.rectangle([m - 5, m - 5, size - m + 5, size - m + 5], outline="gray")
     for (px, py), c in zip(pix.tolist(), counts.tolist()):
         col = tuple(_jet(torch.tensor(c / cmax)).tolist())
@@ -574,10 +574,10 @@ def embedding_png(z, counts, path, title: str):
     for j, c in enumerate(sorted(set(int(c) for c in counts.tolist()))):
         col = tuple(_jet(torch.tensor(c / cmax)).tolist())
         draw.ellipse([size + 10, m + 16 * j, size + 20, m + 16 * j + 10], fill=col, outline="black")
-        draw.text((size + 26, m + 16 * j), f"{c} findings", fill="black")
-    draw.text((m, 8), title, fill="black")
-    draw.text((size // 2 - 10, size - m + 12), "PC1", fill="black")
-    draw.text((6, size // 2), "PC2", fill="black")
+        draw.text((size + 26, m + 16 * j), f"{c} findings", fill="black", font=font)
+    draw.text((m, 8), title, fill="black", font=font)
+    draw.text((size // 2 - 10, size - m + 12), "PC1", fill="black", font=font)
+    draw.text((6, size // 2), "PC2", fill="black", font=font)
     canvas.save(path)
 
 
@@ -587,6 +587,8 @@ def embedding_png(z, counts, path, title: str):
 @torch.no_grad()
 def predict_file(cfg, model, ckpt, dev, path):
     vol, sp = load_nifti(path)
+    if vol.min() > -200:  # no air below -200: not HU (CT-RATE v1 keeps the -1024 rescale in its metadata CSV)
+        print(f"warning: {path} has no voxel below {vol.min():.0f}; expected HU with air near -1000")
     x = preprocess(vol, sp, target_spacing=cfg["spacing"], shape=cfg["shape"], window=cfg["window"],
                         norm=cfg["norm"])
     x = centre_slices(x, cfg["n_slices"])[None, None].to(dev)  # (1, 1, S, Y, X)
