@@ -6,50 +6,46 @@ Report Generation for 3D High-Resolution Medical Images", preprint 2024; ../shar
 
 What this file implements (X_HR one CT volume, E_V one ViT shared by both views):
     Eq. 1-2   Z_HR = E_V(X_HR) in R^{N x C},  Z_LR = E_V(X_LR) in R^{N' x C},  X_LR = trilinear resize of X_HR.
-              E_V: 3D patches (16, 32, 32) in (z, y, x) (the paper's 32x32x16) -> linear -> + positional embedding
-              -> pre-norm ViT (ViT-Base at the paper preset) -> LayerNorm. The positional embedding is a (C, gz, gy, gx)
-              grid sized for HR and trilinearly interpolated to the LR grid.
+              E_V: (16, 32, 32) (z, y, x) patches -> linear + positional embedding (a grid sized for HR, trilinearly
+              interpolated to the LR grid) -> pre-norm ViT (ViT-Base at the paper preset) -> LayerNorm.
     Eq. 3     Z_HILT = F(Q + softmax(Q K^T / sqrt(C)) V),  Q = Z_LR, K = V = Z_HR, through kernels.cross_attention;
               F = `proj_layers` Linear layers with GELU between (2 = LLaVA-1.5's projector; 1-3 in A.5).
     Eq. 4     report = LLM(concat(Z_HILT, Z_T)): Z_HILT is a prefix of input embeddings (LLaVA), then
               <|begin_of_text|> + an instruction, then the findings; the loss is on the findings and the end token.
-How Eq. 3 is read: the paper writes no scaling, no heads and no projections. Q, K, V are the encoder's own tokens, one
-head, no learned q/k/v maps: the learned parts are E_V (shared) and F, which is the simplest faithful reading. The one
-addition is the usual 1/sqrt(C): E_V ends in a LayerNorm, so q.k of two C = 768-d tokens has a spread of about sqrt(C)
-~ 28 and an unscaled softmax would be one-hot with vanishing gradients; every attention the paper builds on scales so,
-and so does kernels.cross_attention. "Q +" is the residual that keeps the LR token's global content (Sec. 3.2).
+How Eq. 3 is read: the paper writes no scaling, heads or projections, so Q, K, V are the encoder's own tokens, one
+head, no learned q/k/v maps (the learned parts are E_V and F): the simplest faithful reading. The one addition is the
+usual 1/sqrt(C): after E_V's LayerNorm, q.k of two 768-d tokens spreads by ~sqrt(C) = 28 and an unscaled softmax would
+be one-hot with vanishing gradients; kernels.cross_attention scales so. "Q +" keeps the LR token's global content.
 
-Resolution on the command line is the paper's H x W x D: `--hr 512,512,256` means 512 x 512 in-plane and 256 slices;
-depth is the LAST number (likewise `--lr 128,128,64`). Tensors are (z, y, x) = (D, H, W): that volume is
-(256, 512, 512) -> 16 x 16 x 16 = 4096 HR tokens, and the LR view (64, 128, 128) -> 4 x 4 x 4 = 64 tokens, which is
-all the decoder sees at every HR size.
+Resolution on the command line is the paper's H x W x D, depth LAST: `--hr 512,512,256` is 512 x 512 in-plane and
+256 slices, a (z, y, x) = (256, 512, 512) tensor -> 16 x 16 x 16 = 4096 HR tokens; the LR view `--lr 128,128,64` is
+(64, 128, 128) -> 4 x 4 x 4 = 64 tokens, all the decoder sees at every HR size.
 
 Ablations (Table 3) as --mode: hilt | all_tokens (every HR token into the decoder, "+3D Vision Encoder") |
 random_queries (64 learned queries instead of Z_LR, BLIP-style) | slices2d (LLaVA-1.5 baseline: depth as channels,
-i.e. 2D patches of 16 x 16 spanning every slice, so 256 tokens at 256 x 256 and 1024 at 512 x 512 as in Table 3).
+i.e. 2D 16 x 16 patches spanning every slice: 256 tokens at 256 x 256, 1024 at 512 x 512, as in Table 3).
 
-The decoder (DESIGN §5, copied by samf.py and boundary_vqa.py) is Llama-3: RMSNorm, RoPE (Meta's interleaved pairs,
-Llama-3.1 scaling optional), SwiGLU, grouped-query attention, a KV cache for greedy / top-k generation, and LoRA.
-Its module names equal Meta's checkpoint keys, so `load_llama(path)` reads params.json + consolidated.00.pth +
-tokenizer.model with a strict load_state_dict; `--llm=path` freezes it and trains LoRA (r=128, alpha=64, dropout
-0.1 at the paper preset) on every attention and MLP projection. Without --llm it is trained from scratch, fully,
-with data.py's BPE (LoRA is for pretrained bases; the cpu preset trains everything).
+The decoder (DESIGN §5, copied by samf.py and boundary_vqa.py) is Llama 3: RMSNorm, RoPE (Meta's interleaved pairs,
+optional Llama-3.1 scaling), SwiGLU, grouped-query attention, KV-cache generation (greedy / top-k), LoRA. Module
+names equal Meta's checkpoint keys, so `load_llama(path)` reads params.json + consolidated.00.pth + tokenizer.model
+with a strict load_state_dict; `--llm=path` freezes it and trains LoRA (r 128, alpha 64, dropout 0.1: Table 5) on
+every attention and MLP projection. Without --llm the decoder is small, trained from scratch and fully (no LoRA: that
+is for pretrained bases), with data.py's BPE trained on the training reports.
 
 Training (Table 5): AdamW lr 1e-4, linear schedule with 3% warm-up, weight decay 0, bf16 autocast on CUDA (fp32 on
-CPU), total batch 4 = 2 micro-batches of 2 (gradient accumulation 2), max text length 512, grad clip 1.0.
+CPU), total batch 4 = 2 micro-batches x gradient accumulation 2, max text length 512; plus grad clip 1.0.
 
 Deviations, on purpose:
-- The paper fine-tunes Llama3-8B-Instruct (--llm); the default decoder is small and trained from scratch, because
-  nothing is downloaded at run time. The prompt is a plain instruction, not Llama-3's chat template.
-- The `cpu` preset shrinks widths and depths (ViT 128-d x 4, decoder 192-d x 4), uses HR 192 x 192 x 96
-  (216 HR tokens), 150 steps at lr 2e-3; patch, LR size, batch 4 x accumulation 2 and the 64 visual tokens are
-  the paper's.
-- Synthetic volumes are generated once and kept in memory as float16. Throughput is printed as volumes/s and
-  ms/step, without MFU.
+- The paper fine-tunes Llama3-8B-Instruct (--llm); nothing is downloaded at run time, so the default decoder is
+  trained from scratch. The prompt is a plain instruction, not Llama 3's chat template.
+- `cpu` preset: ViT 128-d x 4, decoder 192-d x 4, HR 192 x 192 x 96 (216 HR tokens), 150 steps at lr 2e-3; patch,
+  LR view, batch 4 x accumulation 2 and the 64 visual tokens are the paper's. It beats the trivial baseline (71.9 vs
+  64.5, mean of nine metrics) by writing the modal report: at that budget it does not yet read the image (README).
+- Synthetic volumes are generated once and kept in memory as float16. Throughput: volumes/s and ms/step, no MFU.
 
 Commands:
     python hilt.py --preset=cpu                              # CPU: trains, evaluates, prints reports vs references
-    python hilt.py --hr 512,512,256 --max_iters=1 --n_train=2 --n_val=2 --n_test=2   # one 4096-token HR step on CPU
+    python hilt.py --hr 512,512,256 --max_iters=1 --n_train=2 --n_val=2 --n_test=2   # 4096 HR tokens, 2.9 GB RSS
     python hilt.py --mode=all_tokens|random_queries|slices2d  # Table 3's rows
     python hilt.py --llm=/path/to/Meta-Llama-3-8B-Instruct/original   # paper preset on CUDA: LoRA on Llama 3
     torchrun --standalone --nproc_per_node=2 hilt.py         # DDP
@@ -80,9 +76,9 @@ from data import (FOV, StopOnSigint, append_jsonl, collate, get_dataset, load_bp
 from kernels import cross_attention
 
 # -----------------------------------------------------------------------------
-preset = "auto"  # auto (paper on CUDA, cpu otherwise) | paper | cpu
-device = "auto"  # auto | cpu | cuda | cuda:N
-dtype = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU) | bfloat16 | float32
+preset = ""  # cpu | paper; empty: paper on CUDA, cpu otherwise
+device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu, cuda, cuda:1, ...
+dtype = "bfloat16"  # autocast dtype on CUDA (bfloat16 | float32); CPU always runs float32
 compile = False  # torch.compile the model
 seed = 1337  # model init, batch order and synthetic patients
 data = "synthetic"  # synthetic | a prepared cache folder | a CT-RATE root
@@ -121,7 +117,6 @@ n_val = 100  # synthetic validation volumes
 n_test = 200  # synthetic test volumes
 max_new_tokens = 400  # generation cap per report
 top_k = 0  # 0 = greedy decoding; k > 0 samples from the k most likely tokens
-temperature = 1.0  # sampling temperature when top_k > 0
 predict = ""  # path to a .nii.gz: print its report (with --init_from=resume)
 bench = False  # time and peak memory of one training step vs HR size for hilt and all_tokens (Figure 1), then exit
 strict = False  # a bad volume in a dataset is fatal instead of skipped
@@ -141,46 +136,50 @@ MODES = ("hilt", "all_tokens", "random_queries", "slices2d")
 INSTRUCTION = "Write the findings of this chest CT."
 
 
-# PARSE_CONFIG_PLACEHOLDER (temporary, replaced by the verbatim copy of ct_scroll.parse_config)
-def parse_config(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    kv, i = {}, 0
-    while i < len(argv):
-        a = argv[i][2:]
-        if "=" in a:
-            k, v = a.split("=", 1)
-        else:
-            k, v, i = a, argv[i + 1], i + 1
-        kv[k] = v
-        i += 1
-    cfg = dict(DEFAULTS)
-    p = kv.get("preset", "auto")
-    p = ("paper" if torch.cuda.is_available() else "cpu") if p == "auto" else p
-    cfg.update(PRESETS[p])
-    for k, v in kv.items():
-        if k not in DEFAULTS:
-            raise ValueError(f"unknown key {k}")
-        d = DEFAULTS[k]
-        if isinstance(d, bool):
-            v = v == "true"
-        elif isinstance(d, tuple):
-            v = tuple(type(d[0])(x) for x in v.split(",")) if v else ()
-        else:
-            v = type(d)(v)
-        cfg[k] = v
-    cfg["preset"] = p
-    if cfg["device"] == "auto":
-        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg["dtype"] == "auto":
-        cfg["dtype"] = "bfloat16" if "cuda" in cfg["device"] else "float32"
+# Copied from ct_scroll._cast
+def _cast(key, value: str, default):
+    """TEMPORARY stand-in until the shared parser lands."""
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false"):
+            raise ValueError(f"--{key} expects true or false, got {value!r}")
+        return value.lower() == "true"
+    if isinstance(default, tuple):
+        return tuple(int(v) if v.lstrip("-").isdigit() else float(v) for v in value.split(","))
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return value
+
+
+# Copied from ct_scroll.parse_config
+def parse_config(argv, defaults, presets):
+    """TEMPORARY stand-in until the shared parser lands."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pairs = []
+    while argv:
+        a = argv.pop(0)
+        if not a.startswith("--"):
+            raise ValueError(f"unexpected argument {a!r}; valid keys: {', '.join(defaults)}")
+        k, eq, v = a[2:].partition("=")
+        if not eq:
+            v = argv.pop(0)
+        if k not in defaults:
+            raise ValueError(f"unknown key --{k}; valid keys: {', '.join(defaults)}")
+        pairs.append((k, v))
+    cfg = dict(defaults)
+    given = dict(pairs)
+    name = given.get("preset") or ("paper" if torch.cuda.is_available() else "cpu")
+    cfg.update(presets[name])
+    cfg["preset"] = name
+    for k, v in pairs:
+        cfg[k] = _cast(k, v, defaults[k])
     return cfg
 
 
-# =============================================================================
-# Decoder: Llama 3 (RMSNorm, RoPE, SwiGLU, grouped-query attention, KV cache) and LoRA. DESIGN §5: samf.py and
-# boundary_vqa.py copy these classes. Attribute names equal Meta's checkpoint keys (tok_embeddings, layers.N.attention.
-# wq, feed_forward.w1, attention_norm, ffn_norm, norm, output), so a Meta checkpoint loads with strict=True.
-# =============================================================================
+# -----------------------------------------------------------------------------
+# Decoder: Llama 3 (RMSNorm, RoPE, SwiGLU, GQA, KV cache) and LoRA; samf.py and boundary_vqa.py copy it (DESIGN §5).
+# Attribute names equal Meta's checkpoint keys (tok_embeddings, layers.N.attention.wq, feed_forward.w1, norm, ...).
 
 @dataclass
 class ModelArgs:
@@ -246,7 +245,6 @@ class RMSNorm(nn.Module):
 
 class KVCache(nn.Module):
     """Keys and values of every position so far (non-persistent buffers: they never enter a state dict)."""
-
     def __init__(self, batch: int, n_kv_heads: int, seq_len: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, n_kv_heads, seq_len, head_dim)
@@ -285,7 +283,6 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
@@ -312,7 +309,6 @@ class Block(nn.Module):
 class Decoder(nn.Module):
     """decoder(tokens) -> logits (B, T, vocab). `prefix` (B, P, dim) embeddings go before the tokens (visual tokens,
     LLaVA-style). With a cache (setup_cache), `input_pos` gives the absolute positions of the new inputs."""
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -322,9 +318,9 @@ class Decoder(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.reset_rope()
 
-    def reset_rope(self, device=None):
-        rope = precompute_rope(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta, self.args.use_scaled_rope)
-        self.register_buffer("rope", rope.to(device), persistent=False)  # (S, D/2, 2)
+    def reset_rope(self):  # (S, D/2, 2), not in the state dict
+        a = self.args
+        self.register_buffer("rope", precompute_rope(a.head_dim, a.max_seq_len, a.rope_theta, a.use_scaled_rope), False)
 
     def setup_cache(self, batch: int, seq_len: int):
         w = self.output.weight
@@ -354,7 +350,6 @@ class Decoder(nn.Module):
 class LoRALinear(nn.Module):
     """y = x W^T + (alpha / r) * B A dropout(x): W frozen (the base layer's own tensor), A random, B zero, so training
     starts from the base model. State dict: `weight` (the base key, unchanged), `lora_A`, `lora_B`."""
-
     def __init__(self, base: nn.Linear, *, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.weight = base.weight
@@ -367,9 +362,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = F.linear(x, self.weight)
-        if self.merged:
-            return y
-        return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        return y if self.merged else y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)),
+                                                               self.lora_B.to(x.dtype))
 
     @torch.no_grad()
     def merge(self):
@@ -451,19 +445,16 @@ def generate(decoder: Decoder, prompt, prefix=None, *, max_new_tokens: int, eos_
     return out
 
 
-# =============================================================================
+# -----------------------------------------------------------------------------
 # Vision: E_V and HILT (Eq. 1-3)
-# =============================================================================
 
 def zyx(hwd) -> tuple:
     """The paper's H x W x D (depth last, as typed on the command line) -> the tensor's (z, y, x) = (D, H, W)."""
-    h, w, d = hwd
-    return (d, h, w)
+    return (hwd[2], hwd[0], hwd[1])
 
 
 class ViTBlock(nn.Module):
     """Pre-norm ViT layer: x + MHSA(LN(x)), then x + MLP(LN(x))."""
-
     def __init__(self, dim: int, heads: int):
         super().__init__()
         self.heads = heads
@@ -481,7 +472,6 @@ class ViTBlock(nn.Module):
 class ViT3D(nn.Module):
     """E_V (Eq. 1): (B, 1, Z, Y, X) -> tokens (B, N, C). The positional embedding is a grid of the HR token layout,
     trilinearly interpolated when a view has another grid (the LR view)."""
-
     def __init__(self, *, grid, patch, dim: int, depth: int, heads: int, grad_checkpoint: bool = False):
         super().__init__()
         self.patch, self.grid, self.grad_checkpoint = tuple(patch), tuple(grid), grad_checkpoint
@@ -493,8 +483,6 @@ class ViT3D(nn.Module):
     def forward(self, x):
         B, _, Z, Y, X = x.shape
         (pz, py, px) = self.patch
-        if Z % pz or Y % py or X % px:
-            raise ValueError(f"volume (z, y, x) = {(Z, Y, X)} is not a multiple of the patch {self.patch}")
         g = (Z // pz, Y // py, X // px)
         x = x.reshape(B, g[0], pz, g[1], py, g[2], px).permute(0, 1, 3, 5, 2, 4, 6)  # (B, gz, gy, gx, pz, py, px)
         x = self.patch_embed(x.reshape(B, math.prod(g), pz * py * px))  # (B, N, C)
@@ -537,7 +525,6 @@ def token_grids(cfg) -> tuple:
 class HILT(nn.Module):
     """volume (B, 1, Z, Y, X) at HR -> visual tokens (B, n_visual, dim) -> decoder. forward(volume, inputs, targets)
     returns the mean cross-entropy of the report tokens."""
-
     def __init__(self, cfg: dict, decoder: Decoder):
         super().__init__()
         assert cfg["mode"] in MODES, f"--mode={cfg['mode']!r}: expected one of {MODES}"
@@ -582,9 +569,8 @@ def build_model(cfg: dict) -> nn.Module:
     return HILT(cfg, decoder)
 
 
-# =============================================================================
+# -----------------------------------------------------------------------------
 # Data: volumes at HR, reports as BOS + instruction + findings + EOS
-# =============================================================================
 
 def target_spacing(cfg) -> tuple:
     """mm per voxel real scans are resampled to: cfg['spacing'], or the phantom's field of view (FOV) over hr."""
@@ -655,9 +641,8 @@ def stream(n: int, start: int, count: int, seed: int) -> list:
     return [_epoch_perm(n, seed, s // n)[s % n] for s in range(start, start + count)]
 
 
-# =============================================================================
+# -----------------------------------------------------------------------------
 # Train / eval
-# =============================================================================
 
 def get_lr(it: int, cfg) -> float:
     """Table 5: linear warm-up over 3% of the steps, then linear decay to 0."""
@@ -665,12 +650,6 @@ def get_lr(it: int, cfg) -> float:
     if it < warm:
         return cfg["learning_rate"] * (it + 1) / warm
     return cfg["learning_rate"] * max(0.0, (cfg["max_iters"] - it) / max(1, cfg["max_iters"] - warm))
-
-
-def model_state(model, cfg) -> dict:
-    """Everything that trains: the whole model from scratch; with --llm, all but the frozen Llama weights."""
-    return {k: v for k, v in model.state_dict().items()
-            if not cfg["llm"] or not k.startswith("decoder.") or ".lora_" in k}
 
 
 @torch.no_grad()
@@ -694,7 +673,7 @@ def generate_reports(model, volumes, enc, cfg, ctx) -> list:
     room = model.decoder.args.max_seq_len - model.n_visual - prompt.shape[1]
     with ctx:
         ids = generate(model.decoder, prompt, model.visual_tokens(volumes), max_new_tokens=min(cfg["max_new_tokens"], room),
-                       eos_id=eos, temperature=cfg["temperature"], top_k=cfg["top_k"])
+                       eos_id=eos, top_k=cfg["top_k"])
     return [enc.decode(row[: row.index(eos)] if eos in row else row) for row in ids.tolist()]
 
 
@@ -716,15 +695,16 @@ def train(cfg, model, enc, train_ds, dev, ddp, rank, world, master, ckpt=None):
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[int(dev.split(":")[1])] if "cuda" in dev else None)
     if master:
-        n_train = sum(p.numel() for p in params)
-        print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
+        print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters "
+              f"({sum(p.numel() for p in params) / 1e6:.2f}M trained), "
               f"mode={cfg['mode']}, HR (z, y, x) {zyx(cfg['hr'])}, {raw.n_visual} visual tokens to the decoder, "
               f"{len(train_ds)} train / {len(val_ds)} val volumes, {cfg['max_iters']} steps")
 
     def save():
         if master:
             save_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt", {
-                "model": model_state(raw, cfg), "optimizer": opt.state_dict(), "iter_num": iter_num,
+                "model": {k: v for k, v in raw.state_dict().items()  # with --llm, all but the frozen Llama weights
+                          if not cfg["llm"] or not k.startswith("decoder.") or ".lora_" in k}, "optimizer": opt.state_dict(), "iter_num": iter_num,
                 "best_val_loss": best_val, "config": cfg, "rng": rng_state()})
 
     bad_steps, t0, seen, loss_sum = 0, time.time(), 0, 0.0
@@ -787,8 +767,8 @@ def final_eval(cfg, model, enc, dev, ctx, train_reports):
     trivial = Counter(train_reports).most_common(1)[0][0]
     res = {"mode": cfg["mode"], "hr": cfg["hr"], "n_visual": model.n_visual, "model": report_metrics(preds, refs),
            "trivial": report_metrics([trivial] * len(refs), refs)}
-    print(f"\ntest ({len(refs)} volumes), mode={cfg['mode']}: nine metrics of Sec. 4.2 (x100)")
-    print(f"{'metric':<8}{'model':>8}{'trivial':>9}")
+    print(f"\ntest ({len(refs)} volumes), mode={cfg['mode']}: nine metrics of Sec. 4.2 (x100)\n"
+          f"{'metric':<8}{'model':>8}{'trivial':>9}")
     for k in res["model"]:
         print(f"{k:<8}{100 * res['model'][k]:>8.2f}{100 * res['trivial'][k]:>9.2f}")
     out = Path(cfg["out_dir"])
@@ -808,17 +788,12 @@ def predict_file(cfg, model, enc, dev, path) -> str:
     return report
 
 
-# =============================================================================
+# -----------------------------------------------------------------------------
 # Benchmark (Figure 1's shape): one training step vs HR size, each case in a fresh process for an honest peak memory
-# =============================================================================
-
-BENCH_SIZES = ((128, 128, 64), (256, 256, 128), (384, 384, 192), (512, 512, 256))  # H, W, D
-
 
 def bench_case(argv: list) -> dict:
-    """One case: the best time of a training step (batch 1, a 128-token report, AdamW) and of the decoder's forward +
-    backward alone, plus peak memory (ru_maxrss on CPU, max allocated on CUDA)."""
-    cfg = parse_config(argv)
+    """Best time of a training step (batch 1, 128-token report) and of the decoder's fwd + bwd alone; peak memory."""
+    cfg = parse_config(argv, DEFAULTS, PRESETS)
     dev = cfg["device"]
     torch.manual_seed(0)
     model = build_model(cfg).to(dev)
@@ -840,16 +815,15 @@ def bench_case(argv: list) -> dict:
             logits = model.decoder(ids[:, :-1], vis)[:, model.n_visual:]
             F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
 
-    def timed(fn, n=2):  # the best of n after one warm-up
-        fn()
+    def timed(fn):  # the best of two after one warm-up
         ts = []
-        for _ in range(n):
+        for _ in range(3):
             sync()
             t = time.perf_counter()
             fn()
             sync()
             ts.append(time.perf_counter() - t)
-        return min(ts)
+        return min(ts[1:])
 
     res = {"mode": cfg["mode"], "hr": cfg["hr"], "hr_tokens": math.prod(model.encoder.grid),
            "visual_tokens": model.n_visual, "step_s": timed(step), "decoder_s": timed(decoder_only)}
@@ -862,32 +836,30 @@ def bench_case(argv: list) -> dict:
 def bench(cfg):
     rows = []
     for mode in ("hilt", "all_tokens"):
-        for size in BENCH_SIZES:
+        for size in ((128, 128, 64), (256, 256, 128), (384, 384, 192), (512, 512, 256)):  # H, W, D
             argv = [f"--preset={cfg['preset']}", f"--device={cfg['device']}", f"--mode={mode}",
                     "--hr=" + ",".join(map(str, size))]
             r = subprocess.run([sys.executable, "-c", f"import hilt; hilt.bench_case({argv!r})"], capture_output=True,
                                text=True, cwd=Path(__file__).resolve().parent)
             if r.returncode:
-                print(f"{mode} {size}: failed ({r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode})")
+                print(f"{mode} {size}: failed\n{r.stderr[-2000:]}")
                 continue
-            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
-            b = rows[-1]
+            rows.append(b := json.loads(r.stdout.strip().splitlines()[-1]))
             print(f"{mode:<11} HR {'x'.join(map(str, size)):<12} HR tokens {b['hr_tokens']:>5}  decoder visual tokens "
-                  f"{b['visual_tokens']:>5}  step {b['step_s']:7.2f} s  decoder fwd+bwd {b['decoder_s']:6.3f} s  "
-                  f"peak {b['peak_mb']:8.0f} MB", flush=True)
+                  f"{b['visual_tokens']:>5}  step {b['step_s']:7.2f} s  decoder fwd+bwd {b['decoder_s']:6.3f} s  peak "
+                  f"{b['peak_mb']:8.0f} MB", flush=True)
     return rows
 
 
 # -----------------------------------------------------------------------------
 
 def main(argv=None):
-    cfg = parse_config(argv)
+    cfg = parse_config(argv, DEFAULTS, PRESETS)
     if cfg["bench"]:
         return bench(cfg)
     ddp, rank, world, dev, master = setup_ddp(cfg["device"])
     if master:
-        print(f"preset {cfg['preset']}, device {dev}, mode {cfg['mode']}, HR {cfg['hr']} (H, W, D) = (z, y, x) "
-              f"{zyx(cfg['hr'])}" + ("" if world == 1 else f", DDP world {world}"))
+        print(f"preset {cfg['preset']}, device {dev}" + ("" if world == 1 else f", DDP world {world}"))
     ckpt = None
     if cfg["init_from"] == "resume":
         ckpt = load_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
@@ -913,9 +885,7 @@ def main(argv=None):
         return predict_file(cfg, model, enc, dev, cfg["predict"])
     Path(cfg["out_dir"]).mkdir(parents=True, exist_ok=True)
     model, ctx, stopped = train(cfg, model, enc, train_ds, dev, ddp, rank, world, master, ckpt)
-    res = None
-    if master and not stopped:
-        res = final_eval(cfg, model, enc, dev, ctx, train_reports or reports_of(train_ds))
+    res = final_eval(cfg, model, enc, dev, ctx, train_reports or reports_of(train_ds)) if master and not stopped else None
     if ddp:
         torch.distributed.destroy_process_group()
     return res

@@ -21,24 +21,28 @@ TINY = ["--preset=cpu", "--device=cpu", "--hr=64,64,32", "--lr=32,32,16", "--pat
 
 # ----------------------------------------------------------------------------- CLI and token counts
 
+def cfg_of(argv):
+    return hilt.parse_config(argv, hilt.DEFAULTS, hilt.PRESETS)
+
+
 def test_cli_hr_is_h_w_d_with_depth_last():
     for argv in (["--hr", "512,512,256"], ["--hr=512,512,256"]):
-        cfg = hilt.parse_config(argv + ["--device=cpu"])
+        cfg = cfg_of(argv + ["--device=cpu"])
         assert cfg["hr"] == (512, 512, 256)
         assert hilt.zyx(cfg["hr"]) == (256, 512, 512)  # the volume tensor is (z, y, x) = (D, H, W)
         patch, grid, n_visual = hilt.token_grids(cfg)
         assert patch == (16, 32, 32) and grid == (16, 16, 16) and n_visual == 64
     with pytest.raises(Exception):
-        hilt.parse_config(["--no_such_key=1"])
+        cfg_of(["--no_such_key=1"])
     with pytest.raises(ValueError, match="multiple of the patch"):
-        hilt.token_grids(hilt.parse_config(["--hr=500,512,256", "--device=cpu"]))
+        hilt.token_grids(cfg_of(["--hr=500,512,256", "--device=cpu"]))
 
 
 @pytest.mark.parametrize("hr", [(128, 128, 128), (128, 128, 64), (256, 256, 128), (384, 384, 192), (512, 512, 256)])
 def test_decoder_sees_64_visual_tokens_at_every_hr(hr):
     """The paper-size model on the meta device (no memory): HILT and random queries give 64 tokens, all_tokens grows."""
     for mode in ("hilt", "random_queries", "all_tokens"):
-        cfg = hilt.parse_config(["--preset=paper", "--device=cpu", f"--mode={mode}", "--hr=" + ",".join(map(str, hr))])
+        cfg = cfg_of(["--preset=paper", "--device=cpu", f"--mode={mode}", "--hr=" + ",".join(map(str, hr))])
         with torch.device("meta"):
             model = hilt.build_model(cfg)
             vis = model.visual_tokens(torch.empty(2, 1, *hilt.zyx(hr)))
@@ -54,7 +58,7 @@ def test_eq3_is_q_plus_scaled_softmax_attention():
 
 @pytest.mark.parametrize("mode", hilt.MODES)
 def test_modes_train_their_encoder(mode):
-    cfg = hilt.parse_config(TINY + [f"--mode={mode}"])
+    cfg = cfg_of(TINY + [f"--mode={mode}"])
     model = hilt.build_model(cfg)
     x, ids = torch.rand(2, 1, *hilt.zyx(cfg["hr"])), torch.randint(0, 300, (2, 10))
     loss = model(x, ids, ids)
