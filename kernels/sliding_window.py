@@ -36,8 +36,8 @@ another owns a block of queries and walks its key band for dQ. Both skip blocks 
 The same kernels serve kernels.cross_attention (an unbounded band with Nq != Nk, a key-padding mask, and the keys
 split into chunks; see there). The PyTorch path (CPU, no Triton) is the same algorithm in torch ops: query blocks of
 bq rows, each gathering its key span of bq + left + right keys (a few thousand blocks batched per matmul, in chunks
-that bound the temporaries), saving only O and LSE and recomputing P in its backward: N x (bq + left + right) work
-and memory, never N x N. Global and causal windows, which have nothing to skip, go to SDPA there.
+that bound the temporaries), saving only O and recomputing P in its backward: N x (bq + left + right) work and
+memory, never N x N. Global and causal windows, which have nothing to skip, go to SDPA there.
 """
 import os
 
@@ -327,7 +327,7 @@ class _SlidingWindowTorch(torch.autograd.Function):
         return dq[:, :, :q.shape[2]], dk, dv, None, None, None, None
 
 
-def sliding_window_torch(q, k, v, window, block=None, chunk=1 << 20):
+def sliding_window_torch(q, k, v, window, block=None, chunk=1 << 21):
     """The PyTorch path (CPU, or no Triton). Global and causal windows go to SDPA, which has nothing to skip; other
     bands to _SlidingWindowTorch with query blocks of `block` rows and about `chunk` elements of temporaries."""
     N = q.shape[2]
