@@ -23,6 +23,7 @@ that output is the constant 0 whatever q, k, v are, its gradients are zero too. 
 on this (the kernels store L = -inf for such a row and treat its P as 0 in the backward).
 """
 import torch
+import torch.nn.functional as F
 
 from kernels.sliding_window import attention_backward, attention_forward, triton
 
@@ -67,10 +68,11 @@ class _CrossAttention(torch.autograd.Function):
 
 
 def cross_attention_torch(q, k, v, key_padding_mask=None):
-    """The PyTorch path: Nq is small, so the (Nq, Nk) scores are small. Rows with no real key output zeros."""
-    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Nq, Nk)
+    """The PyTorch path. Without a mask it is SDPA; with one, Nq is small, so the (Nq, Nk) scores are small and
+    written out, to give rows with no real key their defined zeros (SDPA leaves such rows NaN or undefined)."""
     if key_padding_mask is None:
-        return s.softmax(-1) @ v
+        return F.scaled_dot_product_attention(q, k, v)
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Nq, Nk)
     s = s.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
     m = s.amax(-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, 0.0)  # an empty row: exp(-inf - 0) = 0 everywhere
@@ -81,7 +83,7 @@ def cross_attention_torch(q, k, v, key_padding_mask=None):
 
 def cross_attention(q, k, v, key_padding_mask=None, backend=None, splits=None):
     """softmax(q k^T / sqrt(D)) v for q (B, H, Nq, D) and k/v (B, H, Nk, D); key_padding_mask (B, Nk) bool,
-    True = a real key. backend: None (Triton for CUDA tensors, torch otherwise), "triton" or "torch".
+    True = a real key. backend: None (Triton for CUDA tensors with D <= 128, torch otherwise), "triton" or "torch".
     splits: number of split-KV chunks for the Triton path (default: enough to fill the GPU)."""
     if q.dim() != 4 or k.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}")
@@ -91,7 +93,7 @@ def cross_attention(q, k, v, key_padding_mask=None, backend=None, splits=None):
     if key_padding_mask is not None and (key_padding_mask.shape != (B, k.shape[2]) or key_padding_mask.dtype != torch.bool):
         raise ValueError(f"key_padding_mask must be bool (B, Nk) = {(B, k.shape[2])}, "
                          f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
-    backend = backend or ("triton" if q.is_cuda and triton is not None else "torch")
+    backend = backend or ("triton" if q.is_cuda and triton is not None and q.shape[-1] <= 128 else "torch")
     if backend == "torch":
         return cross_attention_torch(q, k, v, key_padding_mask)
     if backend == "triton":

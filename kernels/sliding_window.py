@@ -342,10 +342,10 @@ def sliding_window_torch(q, k, v, window, block=None, chunk=1 << 21):
 
 def sliding_window_attention(q, k, v, window=(None, None), backend=None):
     """softmax(q k^T / sqrt(D) + band) v for (B, H, N, D) tensors: query i attends keys i-left..i+right
-    (inclusive; None = unbounded). backend: None (Triton for CUDA tensors, torch otherwise), "triton" or "torch"."""
+    (inclusive; None = unbounded). backend: None (Triton for CUDA tensors with D <= 128, torch otherwise), "triton" or "torch"."""
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"q, k, v must share one (B, H, N, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    backend = backend or ("triton" if q.is_cuda and triton is not None else "torch")
+    backend = backend or ("triton" if q.is_cuda and triton is not None and q.shape[-1] <= 128 else "torch")
     if backend == "torch":
         return sliding_window_torch(q, k, v, window)
     if backend == "triton":
