@@ -4,7 +4,8 @@ CUDA (bf16, B = 4, H = 16, D = 64, N = 1k-16k, windows (15, 0) and (255, 255)): 
 scaled_dot_product_attention with a dense (N, N) bool mask and FlexAttention (torch.compile'd) with a BlockMask,
 forward and forward + backward. Time from triton.testing.do_bench (median, ms); memory = peak allocated during one
 call minus what was allocated before it (inputs and the masks, built once outside, are not counted; the dense
-mask's own size is its own column). "forward" runs under torch.no_grad(), "fwd+bwd" is forward + .backward(). TFLOP/s counts only the band's useful work, the same for every provider:
+mask's own size is its own column). "forward" runs under torch.no_grad(), "fwd+bwd" is forward + .backward().
+TFLOP/s counts only the band's useful work, the same for every provider:
 
     pairs = #{(i, j): 0 <= i, j < N, i - left <= j <= i + right}
     FLOPs(forward) = 4 B H D pairs            (two matmuls, QK^T and PV, 2 FLOPs per multiply-add)
@@ -106,7 +107,9 @@ def bench_cpu(sizes, threads):
                 for impl in ("ours", "sdpa"):
                     path = os.path.join(tmp, f"{impl}.pt")
                     cmd = [sys.executable, "-m", "kernels.bench", "--case", f"{impl},{N},{int(backward)},{path},{threads or 0}"]
-                    line = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                    line = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                    line = line.stdout.strip().splitlines()[-1]
                     res[impl], saved[impl] = json.loads(line), torch.load(path)
                     print("  ", line, flush=True)
                 diff = ", ".join(f"{(a - b).abs().max().item():.1e}" for a, b in zip(saved["ours"], saved["sdpa"]))

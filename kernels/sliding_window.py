@@ -20,7 +20,8 @@ BLOCK_N columns that intersect the band: for rows [m0, m0 + BLOCK_M) that is key
 so a row costs (left + right + BLOCK_M + BLOCK_N) work, not N: blocks outside the band are never loaded. It keeps a
 running max m, a running sum l and an unnormalised accumulator acc (online softmax):
 
-    m' = max(m, rowmax(S_blk)),  P_blk = exp(S_blk - m'),  l = l e^{m - m'} + rowsum(P_blk),  acc = acc e^{m - m'} + P_blk V_blk
+    m' = max(m, rowmax(S_blk)),   P_blk = exp(S_blk - m'),
+    l = l e^{m - m'} + rowsum(P_blk),   acc = acc e^{m - m'} + P_blk V_blk
 
 and at the end O = acc / l, LSE = m + log l (saved for the backward; the kernels work in base 2, exp2 and log2,
 with c log2(e) folded into the scores). Nothing N x N is ever stored.
@@ -77,7 +78,8 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(), key=_KEY)
     @triton.jit
-    def _fwd_kernel(Q, K, V, KM, O, LSE,  # q (BH, Nq, D), k/v (BH, Nk, D), key mask (B, Nk) u8, o (S, BH, Nq, D), lse (S, BH, Nq)
+    def _fwd_kernel(Q, K, V, KM, O, LSE,  # q (BH, Nq, D), k/v (BH, Nk, D), key mask (B, Nk) u8,
+                    #                       o (S, BH, Nq, D) and lse (S, BH, Nq): one slice per split-KV chunk
                     H, Nq, Nk, D, left, right,  # heads, lengths, head dim, band (ints, "unbounded" = Nq + Nk)
                     split, qk_scale,  # keys per split-KV chunk (a multiple of 128), c * log2(e)
                     HAS_MASK: tl.constexpr, PREC: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -86,7 +88,8 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d[None, :] < D
-        q = tl.load(Q + bh * Nq * D + offs_m[:, None] * D + offs_d[None, :], mask=(offs_m[:, None] < Nq) & dmask, other=0.0)
+        q_mask = (offs_m[:, None] < Nq) & dmask
+        q = tl.load(Q + bh * Nq * D + offs_m[:, None] * D + offs_d[None, :], mask=q_mask, other=0.0)
         KM += (bh // H) * Nk
         # the key blocks this program needs: the band of its rows, cut to its split-KV chunk
         lo = tl.maximum(tl.maximum(pid_m * BLOCK_M - left, 0), sid * split) // BLOCK_N * BLOCK_N
@@ -111,7 +114,7 @@ if triton is not None:
         l_i = tl.where(has_key, l_i, 1.0)
         o = acc / l_i[:, None]
         row = (sid * tl.num_programs(1) + bh) * Nq + offs_m
-        tl.store(O + row[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=(offs_m[:, None] < Nq) & dmask)
+        tl.store(O + row[:, None] * D + offs_d[None, :], o.to(O.dtype.element_ty), mask=q_mask)
         tl.store(LSE + row, tl.where(has_key, m_i + tl.math.log2(l_i), float("-inf")), mask=offs_m < Nq)
 
     @triton.autotune(configs=_configs(), key=_KEY)
