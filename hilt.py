@@ -41,7 +41,8 @@ Deviations, on purpose:
 - `cpu` preset: ViT 128-d x 4, decoder 192-d x 4, HR 192 x 192 x 96 (216 HR tokens), 150 steps at lr 2e-3; patch,
   LR view, batch 4 x accumulation 2 and the 64 visual tokens are the paper's. It beats the trivial baseline (71.9 vs
   64.5, mean of nine metrics) by writing the modal report: at that budget it does not yet read the image (README).
-- Synthetic volumes are generated once and kept in memory as float16. Throughput: volumes/s and ms/step, no MFU.
+- Synthetic splits up to CACHE_BYTES are rendered once and kept as float16 (larger ones, e.g. the cpu preset at
+  --hr 512,512,256: rendered on every access, ~3 s a volume). Throughput: volumes/s and ms/step, no MFU.
 
 Commands:
     python hilt.py --preset=cpu                              # CPU: trains, evaluates, prints reports vs references
@@ -70,9 +71,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import (FOV, StopOnSigint, append_jsonl, collate, get_dataset, load_bpe, load_checkpoint,
-                  load_llama3_tokenizer, load_nifti, preprocess, report_metrics, rng_state, save_bpe, save_checkpoint,
-                  set_rng_state, setup_ddp, train_bpe)
+from data import (FOV, StopOnSigint, SyntheticCT, append_jsonl, collate, get_dataset, load_bpe, load_checkpoint,
+                  load_llama3_tokenizer, load_nifti, make_report, preprocess, report_metrics, rng_state, save_bpe,
+                  save_checkpoint, set_rng_state, setup_ddp, train_bpe)
 from kernels import cross_attention
 
 # -----------------------------------------------------------------------------
@@ -134,6 +135,7 @@ MODEL_KEYS = ("mode", "hr", "lr", "patch", "spacing", "vit_dim", "vit_depth", "v
               "max_text_len")
 MODES = ("hilt", "all_tokens", "random_queries", "slices2d")
 INSTRUCTION = "Write the findings of this chest CT."
+CACHE_BYTES = 2 * 2**30  # synthetic splits up to this size (float16) are rendered once; larger ones on every access
 
 
 # Copied from ct_scroll._cast
@@ -581,7 +583,7 @@ def get_split(cfg, split: str):
     n = {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_test"]}[split]
     ds = get_dataset(cfg["data"], split, n=n, shape=zyx(cfg["hr"]), spacing=target_spacing(cfg),
                      window=(-1000, 200), norm="unit", seed=cfg["seed"], strict=cfg["strict"])  # A.4: [-1000, 200] -> [0, 1]
-    if cfg["data"] == "synthetic":  # generate the phantoms once, keep them in memory (float16 halves it)
+    if cfg["data"] == "synthetic" and n * math.prod(zyx(cfg["hr"])) * 2 <= CACHE_BYTES:  # render once, keep as fp16
         ds = [{"volume": it["volume"].half(), "report": it["report"], "name": it["name"]}
               for it in tqdm(ds, desc=f"synthetic {split} {zyx(cfg['hr'])}", leave=False)]
     return ds
@@ -591,6 +593,8 @@ def reports_of(ds) -> list:
     """Every report of a split without reading volumes where the dataset allows it (cached list, PreparedCT, CTRATE)."""
     if isinstance(ds, list):
         return [it["report"] for it in ds]
+    if isinstance(ds, SyntheticCT):
+        return [make_report(ds.patient(i)) for i in range(len(ds))]
     return list(ds.reports) if hasattr(ds, "reports") else [r["report"] for r in ds.rows]
 
 

@@ -217,6 +217,14 @@ def test_one_step_end_to_end(trained):
     assert ckpt["iter_num"] == 1 and (out / "bpe.tiktoken").is_file() and (out / "samples.txt").is_file()
 
 
+def test_large_synthetic_splits_render_on_access(tmp_path, monkeypatch):
+    monkeypatch.setattr(hilt, "CACHE_BYTES", 0)  # what `--hr 512,512,256` with hundreds of volumes does
+    res = hilt.main(TINY + ["--max_iters=1", "--max_new_tokens=2", f"--out_dir={tmp_path}"])
+    assert set(res["trivial"]) == set(res["model"]) and (tmp_path / "ckpt.pt").is_file()
+    assert hilt.reports_of(hilt.get_split(hilt.parse_config(TINY, hilt.DEFAULTS, hilt.PRESETS), "val")) == \
+        [hilt.get_dataset("synthetic", "val", n=2, shape=(32, 64, 64), seed=1337)[i]["report"] for i in range(2)]
+
+
 def test_predict_on_a_written_nifti(trained, tmp_path, capsys):
     out, _ = trained
     hu = np.full((40, 40, 24), -1000, np.int16)  # x, y, z on disk (RAS), 9 mm voxels: a body-sized box of tissue
