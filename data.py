@@ -311,8 +311,9 @@ def _latent_bias() -> list:
 _BIAS = []
 
 
-def sample_patient(seed: int, split: str, index: int, difficulty: float = 0.5) -> dict:
-    """Latent factors, anatomy, the 18 labels and their attributes of one patient; no voxels, ~1 ms."""
+def sample_patient(seed: int, split: str, index: int, difficulty: float = 0.5, force=None) -> dict:
+    """Latent factors, anatomy, the 18 labels and their attributes of one patient; no voxels, ~1 ms.
+    force: {label: 0 or 1} overrides drawn labels (the same anatomy with a finding on or off, for tests)."""
     if split not in _SPLIT_ID:
         raise ValueError(f"split must be one of {list(_SPLIT_ID)}, got {split!r}")
     if not _BIAS:
@@ -324,6 +325,8 @@ def sample_patient(seed: int, split: str, index: int, difficulty: float = 0.5) -
     hf, inf = u() < _p_hf(age), u() < _P_INFECTION
     labels = [int(u() < 1 / (1 + math.exp(-(b + wa * age + wh * hf + wi * inf))))
               for b, (wa, wh, wi) in zip(_BIAS, _LATENT_W)]
+    for name, value in (force or {}).items():
+        labels[LABELS.index(name)] = int(value)
     strength = 1.25 - 0.5 * difficulty  # how far a finding departs from normal anatomy (difficulty in [0, 1])
     p = dict(seed=seed, split=split, index=index, age=round(55 + 15 * age), heart_failure=hf, infection=inf,
              labels=labels, difficulty=difficulty, strength=strength,
@@ -356,6 +359,8 @@ def sample_patient(seed: int, split: str, index: int, difficulty: float = 0.5) -
             A[name]["lobe"] = "lower"
     if "Emphysema" in A:
         A["Emphysema"]["lobe"] = "upper"
+    if "Mosaic attenuation pattern" in A:  # diffuse
+        A["Mosaic attenuation pattern"]["side"] = "bilateral"
     for name in ("Lung opacity", "Consolidation"):
         if name in A:
             A[name]["size"] = round(20 + 40 * sev(name) * A[name]["u"][7])
@@ -371,19 +376,22 @@ def sample_patient(seed: int, split: str, index: int, difficulty: float = 0.5) -
 class _Canvas:
     """HU and mask volumes over the FOV, and painting of signed-distance shapes inside bounding boxes."""
 
-    def __init__(self, shape, device=None):
-        self.shape, self.device = tuple(shape), device
-        self.vox = [f / n for f, n in zip(FOV, self.shape)]
+    def __init__(self, shape, device=None, roi=None):
+        """The grid `shape` over FOV, or only its block roi = ((z0, y0, x0), (z1, y1, x1)) (voxel indices)."""
+        self.vox = [f / n for f, n in zip(FOV, shape)]
+        self.start, stop = roi or ((0, 0, 0), shape)
+        self.shape, self.device = tuple(b - a for a, b in zip(self.start, stop)), device
         self.ramp = math.prod(self.vox) ** (1 / 3)  # partial-volume edge width: one (geometric mean) voxel
-        self.c = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) * v for n, v in zip(self.shape, self.vox)]
+        self.c = [(torch.arange(a, b, device=device, dtype=torch.float32) + 0.5) * v
+                  for a, b, v in zip(self.start, stop, self.vox)]
         self.hu = torch.full(self.shape, -1000.0, device=device)
         self.mask = torch.zeros(self.shape, dtype=torch.uint8, device=device)
 
     def box(self, lo, hi):
         """Slices of the voxels whose centres lie in [lo, hi] mm per axis, and their broadcastable coordinates."""
         sl = []
-        for l, h, n, v in zip(lo, hi, self.shape, self.vox):
-            i0, i1 = max(0, math.ceil(l / v - 0.5)), min(n, math.floor(h / v - 0.5) + 1)
+        for l, h, n, v, s in zip(lo, hi, self.shape, self.vox, self.start):
+            i0, i1 = max(0, math.ceil(l / v - 0.5) - s), min(n, math.floor(h / v - 0.5) + 1 - s)
             sl.append(slice(i0, max(i0, i1)))
         z, y, x = (c[s] for c, s in zip(self.c, sl))
         return tuple(sl), (z.view(-1, 1, 1), y.view(1, -1, 1), x.view(1, 1, -1))
@@ -484,16 +492,17 @@ def _branches(g, start, direction, length, r, depth):
     d = [v / n for v in direction]
     end = [s + length * v for s, v in zip(start, d)]
     out = [(tuple(start), tuple(end), r, depth)]
-    if depth < 4:
+    if depth < 5:
         for _ in range(2):
             j = torch.randn(3, generator=g).tolist()
-            out += _branches(g, end, [di + 0.6 * ji for di, ji in zip(d, j)], length * 0.85, r * 0.72, depth + 1)
+            out += _branches(g, end, [di + 0.6 * ji for di, ji in zip(d, j)], length * 0.82, r * 0.72, depth + 1)
     return out
 
 
-def render_phantom(p: dict, shape=(64, 128, 128), device=None):
-    """HU volume (float32, (Z, Y, X)) and region masks (uint8) of patient `p` sampled at `shape` over FOV."""
-    cv = _Canvas(shape, device)
+def render_phantom(p: dict, shape=(64, 128, 128), device=None, roi=None):
+    """HU volume (float32, (Z, Y, X)) and region masks (uint8) of patient `p` sampled at `shape` over FOV;
+    roi = ((z0, y0, x0), (z1, y1, x1)) renders only that block of the grid (a high-resolution crop)."""
+    cv = _Canvas(shape, device, roi)
     g = _generator("render", p["seed"], p["split"], p["index"])  # anatomy randomness: shape-independent
     A, st = p["attributes"], p["strength"]
     sev = lambda name: {"mild": 0.6, "moderate": 0.8, "severe": 1.0}[A[name]["severity"]] * st
@@ -508,8 +517,11 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
     dia = {"right": p["diaph"] - lift("right"), "left": p["diaph"] + 12 - lift("left")}
     Z = FOV[0]
 
-    def ellipse2d(r_x, r_y, yc=cy):  # signed distance (mm, approximate) to an axis-aligned ellipse in-plane
-        return lambda z, y, x: (((x - cx) / r_x) ** 2 + ((y - yc) / r_y) ** 2).sqrt_().sub_(1).mul_(min(r_x, r_y))
+    def ellipse2d(r_x, r_y, yc=cy, n=2.0):  # signed distance (mm, approximate) to an in-plane superellipse
+        return lambda z, y, x: (((x - cx).abs() / r_x) ** n + ((y - yc).abs() / r_y) ** n).pow_(1 / n).sub_(1).mul_(min(r_x, r_y))
+
+    body = ellipse2d(rx, ry, n=2.5)  # a chest is boxier than an ellipse
+    cavity = lambda z, y, x: body(z, y, x) + wall
 
     def z_dia(y, x):  # diaphragm surface: two domes, deeper at the periphery and posteriorly (recesses)
         right = dia["right"] + 0.006 * ((x - cx + 70) ** 2 + (y - cy) ** 2)
@@ -517,21 +529,23 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
         return torch.where(x < cx, right, left) + 0.25 * (y - cy).clamp(min=0)
 
     def lung_sdf(z, y, x):  # inside the cavity, below the apical domes, above the diaphragm, off the midline
-        cav = ellipse2d(rcx, rcy)(z, y, x) + 2
-        top = p["apex"] + 0.01 * ((x - cx).abs() - 0.55 * rcx) ** 2 + 0.004 * (y - cy) ** 2 - z
+        cav = cavity(z, y, x) + 2
+        top = p["apex"] + 0.016 * ((x - cx).abs() - 0.55 * rcx) ** 2 + 0.006 * (y - cy) ** 2 - z
         mid = 24 + 16 * ((y - cy) / rcy).clamp(0, 1) - (x - cx).abs()  # mediastinal column, wider at the spine
         return torch.maximum(torch.maximum(cav, mid), torch.maximum(top, z - z_dia(y, x)))
 
     # body: skin/fat, muscle, thoracic cavity (mediastinal fat), paraspinal muscles. They are z-invariant, so they
     # are painted on the first slice and copied to all others (a quarter of the render time otherwise).
-    first = ([0, 0, 0], [cv.vox[0] / 2, FOV[1], FOV[2]])
-    cv.paint(*first, ellipse2d(rx, ry), -100, 0)
-    cv.paint(*first, lambda z, y, x: ellipse2d(rx, ry)(z, y, x) + p["fat"], 40, 0)
-    cv.paint(*first, lambda z, y, x: ellipse2d(rx, ry)(z, y, x) + wall, -90, 8)
+    first = ([float(cv.c[0][0]), 0, 0], [float(cv.c[0][0]), FOV[1], FOV[2]])
+    cv.paint(*first, body, -100, 0)
+    cv.paint(*first, lambda z, y, x: body(z, y, x) + p["fat"], 40, 0)
+    cv.paint(*first, cavity, -90, 8)
     cv.paint(*first, ellipse2d(50, 24, y_sp + 40), 45, 0)
     cv.hu[1:], cv.mask[1:] = cv.hu[:1], cv.mask[:1]
+    cv.paint([0, cy - rcy, cx - rcx], [p["apex"] + 20, cy + rcy, cx + rcx],  # the neck above the apices: soft tissue
+             lambda z, y, x: torch.maximum(cavity(z, y, x), z - p["apex"] - 10), 35, 0, only=[8])
     # upper abdomen below the diaphragm: liver (right), stomach with an anterior air cap (left)
-    cv.paint([min(dia.values()) - 5, 0, 0], FOV, lambda z, y, x: torch.maximum(ellipse2d(rcx, rcy)(z, y, x), z_dia(y, x) - z), 55, 9)
+    cv.paint([min(dia.values()) - 5, 0, 0], FOV, lambda z, y, x: torch.maximum(cavity(z, y, x), z_dia(y, x) - z), 55, 9)
     st_c, st_r = (dia["left"] + 40, cy - 15, cx + 70), (40, 38, 42)
     cv.paint(*_ebox(st_c, st_r), _ellipsoid(st_c, st_r), 25, 9, only=[9])
     cv.paint(*_ebox(st_c, st_r), lambda z, y, x: torch.maximum(_ellipsoid(st_c, st_r)(z, y, x) + 3, y - (cy - 30)),
@@ -550,8 +564,8 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
 
     # heart in its pericardial fat (fluid rim when effusion), great vessels, esophagus, airways
     h = p["heart"]
-    hc, hr = (dia["right"] - 42 * h, cy - 12, cx + 16 + 18 * (h - 1)), (46 * h, 44 * h, 58 * h)
-    heart = lambda z, y, x: torch.maximum(_ellipsoid(hc, hr)(z, y, x), ellipse2d(rcx, rcy)(z, y, x) + 1)
+    hc, hr = (dia["right"] - 42 * h, cy - 22, cx + 16 + 18 * (h - 1)), (46 * h, 40 * h, 58 * h)
+    heart = lambda z, y, x: torch.maximum(_ellipsoid(hc, hr)(z, y, x), cavity(z, y, x) + 1)
     eff = 4 + (12 * sev("Pericardial effusion") if "Pericardial effusion" in A else 0)
     cv.paint(*_ebox(hc, hr, eff + 4), lambda z, y, x: heart(z, y, x) - eff - 3, -90, 8)
     cv.paint(*_ebox(hc, hr, eff + 4), lambda z, y, x: heart(z, y, x) - eff + 4, 12 if eff > 4 else 40, 3)
@@ -572,7 +586,7 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
     _tube(cv, [(0, y_tr, cx), (carina, y_tr, cx)], 10.5, 40, 5)
     _tube(cv, [(0, y_tr, cx), (carina, y_tr, cx)], 8.5, -1000, 5)
     # bones: vertebral bodies (discs every 28 mm), posterior arches, sternum, ribs; cortex brighter than marrow
-    cortex = lambda d: 260 + 600 * (1 + d / 2).clamp(0, 1)
+    cortex = lambda d: 400 + 500 * (1 + d / 2).clamp(0, 1)
     disc = lambda z: ((z - p["apex"]) % 28 - 14).abs_() - 11.5
     col = ([0, y_sp - 20, cx - 20], [Z, y_sp + 65, cx + 20])
     cv.paint(*col, lambda z, y, x: torch.maximum(ellipse2d(19, 16, y_sp)(z, y, x), disc(z)), cortex, 7)
@@ -581,7 +595,7 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
     ys = cy - ry + p["fat"] + p["muscle"] + 4
     cv.paint([p["apex"] + 15, ys - 8, cx - 17], [dia["right"] - 25, ys + 8, cx + 17], ellipse2d(15, 6, ys), cortex, 7)
     cv.paint(*_ebox((0, y_sp + 27, cx), (Z, 8, 8)), lambda z, y, x: ellipse2d(8, 8, y_sp + 27)(z, y, x), 20, 0)
-    _ribs(cv, p, cx, cy, rx, ry, p["fat"] + p["muscle"] + 5, dia)
+    _ribs(cv, p, body, cx, cy, ry, p["fat"] + p["muscle"] + 5, dia)
 
     # ---- findings (before the airway tree, so lumens cut air bronchograms through consolidation) -------------
     G = dict(apex=p["apex"], carina=carina, dia=dia, cy=cy, cx=cx, rcx=rcx, rcy=rcy, lung=lung_sdf,
@@ -589,6 +603,8 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
     sides = lambda f: ("right", "left") if A[f]["side"] == "bilateral" else (A[f]["side"],)
     lungs = [1, 2]
     tree = _airway_tree(_generator("tree", p["tree"]), carina, y_tr, cx)
+    # each finding draws from its own generator: switching one on or off leaves everything else in place
+    gf = lambda name: _generator("render", name, p["seed"], p["split"], p["index"])
     f = "Medical material"
     if f in A:
         kind, top = A[f]["kind"], (p["apex"] - 10, cy - 40, cx - 55)
@@ -604,6 +620,7 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
                 cv.paint(*_ebox(top, (18, 5, 22)), _ellipsoid(top, (18, 5, 22)), 3000, 0)
             _tube(cv, [top, (p["apex"] + 5, cy - 30, cx - 32), (carina, cy - 26, cx - 30), end], 1.3, 2500, 8)
     f = "Arterial wall calcification"
+    g = gf(f)
     if f in A:  # plaques on the wall of the arch and descending aorta
         for k in range(int(3 + 12 * sev(f))):
             u = torch.rand(4, generator=g).tolist()
@@ -615,6 +632,7 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
             r = (1.2 + 1.5 * u[3],) * 3
             cv.paint(*_ebox(c, r), _ellipsoid(c, r), 700 + 300 * u[3], 4)
     f = "Coronary artery wall calcification"
+    g = gf(f)
     if f in A:  # spots along the atrioventricular groove on the heart surface
         for k in range(int(2 + 8 * sev(f))):
             u = torch.rand(3, generator=g).tolist()
@@ -631,6 +649,7 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
         cv.paint(*_ebox(c, r), lambda z, y, x: torch.maximum(inner(z, y, x), y - c[1] + 0.3 * r[1]), -1000, 6)
     nodes = [(carina - 22, y_tr - 2, cx - 20), (carina + 18, y_tr + 14, cx + 2), (carina - 8, y_tr - 14, cx + 24),
              (carina + 22, y_tr + 8, cx - 40), (carina + 14, y_tr + 12, cx + 44)]
+    g = gf("nodes")
     for k in range(2):  # normal-sized nodes everybody has
         c = nodes[int(torch.rand(1, generator=g).item() * 5)]
         cv.paint(*_ebox(c, (4, 4, 4)), _ellipsoid(c, (3.5, 3.0, 4.0)), 40, 8)
@@ -645,7 +664,7 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
         T = 10 + 45 * sev(f)
         for sd in sides(f):
             def crescent(z, y, x, sd=sd):
-                depth = -ellipse2d(rcx, rcy)(z, y, x)
+                depth = -cavity(z, y, x)
                 t = T * ((y - cy + 0.3 * rcy) / (1.3 * rcy)).clamp(0, 1)
                 half = (cx - x) if sd == "left" else (x - cx)
                 return torch.maximum(torch.maximum(depth - t, half), torch.maximum(carina + 20 - z, z - z_dia(y, x)))
@@ -654,23 +673,26 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
     if f in A:  # a dense plate along the posterior base (its volume loss raised the diaphragm above)
         for sd in sides(f):
             s = -1 if sd == "right" else 1
-            c = (dia[sd] + 5, cy + 0.75 * rcy, cx + s * 0.5 * rcx)
-            r = (14 + 14 * sev(f), 10 + 8 * sev(f), 30 + 10 * sev(f))
+            c = (dia[sd] - 5, cy + 0.7 * rcy, cx + s * 0.5 * rcx)
+            r = (18 + 14 * sev(f), 14 + 10 * sev(f), 30 + 10 * sev(f))
             cv.paint(*_ebox(c, r), _ellipsoid(c, r), 25, None, only=lungs)
     f = "Emphysema"
+    g = gf(f)
     if f in A:  # clusters of -980 HU in the upper lungs, thresholded from a smooth random field
         lo, hi = [p["apex"], cy - rcy, cx - rcx], [carina + 40, cy + rcy, cx + rcx]
         fld = _smooth_field_fn(g, lo, hi, 7.0)
-        thr = 2.0 - 1.2 * sev(f)
+        thr = 1.5 - 1.0 * sev(f)
         mask_side = lambda x: 1.0 if A[f]["side"] == "bilateral" else ((x < cx) == (A[f]["side"] == "right")).float()
         cv.paint(lo, hi, None, -985, None, only=lungs, weight=lambda z, y, x: ((fld(z, y, x) - thr) * 2).clamp_(0, 1) * mask_side(x))
     f = "Mosaic attenuation pattern"
+    g = gf(f)
     if f in A:  # lobular patchwork: air-trapping lobules darker, the others denser
         lo, hi = [p["apex"], cy - rcy, cx - rcx], [max(dia.values()) + 90, cy + rcy, cx + rcx]
         fld = _smooth_field_fn(g, lo, hi, 16.0)
         cv.paint(lo, hi, None, -960, None, only=lungs, weight=lambda z, y, x: (fld(z, y, x) * 3).clamp_(0, 1) * sev(f))
         cv.paint(lo, hi, None, -700, None, only=lungs, weight=lambda z, y, x: (fld(z, y, x) * -3).clamp_(0, 1) * sev(f))
     f = "Interlobular septal thickening"
+    g = gf(f)
     if f in A:  # fine polygonal lines: the zero set of a smooth field is a sheet, a line in any slice
         lo, hi = [carina, cy - rcy, cx - rcx], [max(dia.values()) + 90, cy + rcy, cx + rcx]
         fld = _smooth_field_fn(g, lo, hi, 8.0)
@@ -679,6 +701,7 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
         cv.paint(lo, hi, None, -150, None, only=lungs,
                  weight=lambda z, y, x: (1 - fld(z, y, x).abs_() / width).clamp_(0, 1) * (0.6 * sev(f) + 0.4) * mask_side(x))
     f = "Pulmonary fibrotic sequela"
+    g = gf(f)
     if f in A:  # reticular bands tangent to the pleura, in the periphery
         for sd in sides(f):
             s = -1 if sd == "right" else 1
@@ -690,13 +713,36 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
                 a, b = (c[0] - t, c[1] - 12 * math.cos(ang), c[2] + 12 * math.sin(ang)), (c[0] + t, c[1] + 12 * math.cos(ang), c[2] - 12 * math.sin(ang))
                 cv.paint(*_cbox(a, b, 2), _capsule(a, b, 1.2 + 0.8 * sev(f)), -60, None, only=lungs)
     for f, value in (("Lung opacity", -520), ("Consolidation", 30)):
+        g = gf(f)
         if f in A:  # ground glass: soft-edged patch; consolidation: dense, around an airway (air bronchograms)
             for sd in sides(f):
                 seg = [sg for sg in tree if sg[4] == sd and sg[5] == A[f]["lobe"] and sg[3] >= 2 and _in_lung(G, sg[1], 8)]
                 c = seg[int(torch.rand(1, generator=g).item() * len(seg))][1] if seg else _lung_point(p, G, g, sd, A[f]["lobe"], 5)
                 r = (A[f]["size"] / 2 * 0.8, A[f]["size"] / 2, A[f]["size"] / 2 * 1.1)
                 cv.paint(*_ebox(c, r, 8), _ellipsoid(c, r), value, None, only=lungs, ramp=6.0)
-    f = "Lung nodule"
+    # ---- airway tree with its accompanying arteries ---------------------------------------------------------
+    pbt, bx = A.get("Peribronchial thickening"), A.get("Bronchiectasis")
+    for a, b, r, depth, sd, lobe in tree:
+        wall = 0.12 * r + 0.45
+        rv = 1.1 * (r + wall)  # the artery beside each bronchus is about as wide as the bronchus
+        if pbt and pbt["side"] in (sd, "bilateral") and depth >= 1:
+            wall *= 1 + 2.5 * sev("Peribronchial thickening")
+        if bx and bx["side"] in (sd, "bilateral") and lobe == "lower" and depth >= 2:  # signet ring: bronchus > artery
+            r, wall = r * (1.4 + 1.2 * sev("Bronchiectasis")), wall * 1.5
+        d = [bi - ai for ai, bi in zip(a, b)]
+        n = [d[1], -d[0], 0.0] if abs(d[2]) > 0.5 * math.sqrt(sum(v * v for v in d)) else [0.0, d[2], -d[1]]
+        k = (r + wall + rv + 0.5) / math.sqrt(sum(v * v for v in n) + 1e-9)
+        va, vb = [ai + k * ni for ai, ni in zip(a, n)], [bi + k * ni for bi, ni in zip(b, n)]
+        if depth >= 1:
+            cv.paint(*_cbox(va, vb, rv), _capsule(va, vb, rv), 40, None, only=lungs)
+        if depth < 5:  # the last generation is vessels only: such airways are invisible on CT
+            only = None if depth <= 1 else lungs + [5]
+            cv.paint(*_cbox(a, b, r + wall), _capsule(a, b, r + wall), 40, 5 if r > 1.5 else None, only=only)
+            cv.paint(*_cbox(a, b, r), _capsule(a, b, r), -1000, 5 if r > 1.5 else None, only=only)
+    for a, b, r, *_ in _veins(_generator("veins", p["tree"]), carina, y_tr, cx):  # pulmonary veins to the atrium
+        cv.paint(*_cbox(a, b, r), _capsule(a, b, r), 40, None, only=lungs)
+    f = "Lung nodule"  # after the vessels, so that none paints over a nodule
+    g = gf(f)
     if f in A:
         for nd in A[f]["nodules"]:
             c, r = _lung_point(p, G, g, nd["side"], nd["lobe"], nd["size"] / 2 + 4), nd["size"] / 2
@@ -705,36 +751,19 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None):
             else:  # small nodules: a volume-preserving blob, the sphere averaged over a voxel (partial volume)
                 sig = [math.sqrt(r * r / 5 + v * v / 12) for v in cv.vox]
                 amp = min(1.0, 4 / 3 * math.pi * r ** 3 / ((2 * math.pi) ** 1.5 * math.prod(sig)))
-                blob = lambda z, y, x: amp * torch.exp(-0.5 * (((z - c[0]) / sig[0]) ** 2 + ((y - c[1]) / sig[1]) ** 2 + ((x - c[2]) / sig[2]) ** 2))
+                blob = lambda z, y, x: amp * torch.exp(-0.5 * (((z - c[0]) / sig[0]) ** 2 + ((y - c[1]) / sig[1]) ** 2
+                                                            + ((x - c[2]) / sig[2]) ** 2))
                 cv.paint(*_ebox(c, [3 * s_ for s_ in sig], 1), None, 30, None, only=lungs, weight=blob)
-
-    # ---- airway tree with its accompanying arteries ---------------------------------------------------------
-    pbt, bx = A.get("Peribronchial thickening"), A.get("Bronchiectasis")
-    for a, b, r, depth, sd, lobe in tree:
-        wall = 0.12 * r + 0.45
-        if pbt and pbt["side"] in (sd, "bilateral") and depth >= 1:
-            wall *= 1 + 2.5 * sev("Peribronchial thickening")
-        if bx and bx["side"] in (sd, "bilateral") and lobe == "lower" and depth >= 2:
-            r, wall = r * (1.4 + 1.2 * sev("Bronchiectasis")), wall * 1.5
-        only = None if depth <= 1 else lungs + [5]
-        d = [bi - ai for ai, bi in zip(a, b)]
-        n = [d[1], -d[0], 0.0] if abs(d[2]) > 0.5 * math.sqrt(sum(v * v for v in d)) else [0.0, d[2], -d[1]]
-        k = (r + wall + 1.1 * (r + wall) + 0.5) / math.sqrt(sum(v * v for v in n) + 1e-9)
-        va, vb = [ai + k * ni for ai, ni in zip(a, n)], [bi + k * ni for bi, ni in zip(b, n)]
-        if depth >= 1:
-            cv.paint(*_cbox(va, vb, 1.1 * (r + wall)), _capsule(va, vb, 1.1 * (r + wall)), 40, None, only=lungs)
-        cv.paint(*_cbox(a, b, r + wall), _capsule(a, b, r + wall), 40, 5 if r > 1.5 else None, only=only)
-        cv.paint(*_cbox(a, b, r), _capsule(a, b, r), -1000, 5 if r > 1.5 else None, only=only)
 
     # ---- texture and noise ---------------------------------------------------------------------------------
     # CT noise grain is about 1 mm: below that, noise (and the +-8 HU low-frequency texture) is drawn on a 2x2
     # coarser in-plane grid and added through a broadcast view, which also halves the cost at 0.75 mm.
-    Zs, Ys, Xs = shape
+    Zs, Ys, Xs = cv.shape
     f = 2 if cv.vox[1] < 1.0 and Ys % 2 == 0 and Xs % 2 == 0 else 1
     coarse = [cv.c[0], cv.c[1].view(-1, f).mean(1), cv.c[2].view(-1, f).mean(1)]
-    gn = _generator("noise", p["seed"], p["split"], p["index"], tuple(shape))
+    gn = _generator("noise", p["seed"], p["split"], p["index"], tuple(shape), roi)
     noise = torch.randn(Zs, Ys // f, Xs // f, generator=gn).to(device).mul_(10 + 20 * p["difficulty"])
-    noise += _field(g, (9, 9, 9), (0, 0, 0), FOV, coarse).mul_(8)
+    noise += _field(gf("texture"), (9, 9, 9), (0, 0, 0), FOV, coarse).mul_(8)
     cv.hu.view(Zs, Ys // f, f, Xs // f, f).add_(noise[:, :, None, :, None])
     return cv.hu.clamp_(-1024, 3071), cv.mask
 
@@ -747,22 +776,31 @@ def _smooth_field_fn(g, lo, hi, scale):
 
 
 def _airway_tree(g, carina, y_tr, cx):
-    """Main, lobar and four generations of segmental bronchi: [(a, b, radius, depth, side, lobe)]."""
+    """Main and lobar bronchi, then five generations of random binary branching: [(a, b, r, depth, side, lobe)]."""
     R, L = (carina + 20, y_tr + 6, cx - 28), (carina + 32, y_tr + 10, cx + 40)
     out = [((carina, y_tr, cx), R, 6.5, 0, "right", "upper"), ((carina, y_tr, cx), L, 6.0, 0, "left", "upper")]
     for sd, lobe, start, d, length, r in (
-            ("right", "upper", R, (-0.8, 0.1, -0.6), 22, 4.5), ("right", "middle", R, (0.5, -0.7, -0.5), 24, 4.0),
-            ("right", "lower", R, (0.8, 0.35, -0.35), 26, 5.0), ("left", "upper", L, (-0.75, -0.1, 0.6), 22, 4.5),
-            ("left", "upper", L, (0.4, -0.75, 0.5), 22, 3.8), ("left", "lower", L, (0.8, 0.35, 0.35), 26, 5.0)):
+            ("right", "upper", R, (-0.8, 0.1, -0.6), 30, 4.5), ("right", "middle", R, (0.5, -0.7, -0.5), 30, 4.0),
+            ("right", "lower", R, (0.8, 0.35, -0.35), 34, 5.0), ("left", "upper", L, (-0.75, -0.1, 0.6), 30, 4.5),
+            ("left", "upper", L, (0.4, -0.75, 0.5), 30, 3.8), ("left", "lower", L, (0.8, 0.35, 0.35), 34, 5.0)):
         out += [seg + (sd, lobe) for seg in _branches(g, start, d, length, r, 1)]
     return out
 
 
-def _ribs(cv, p, cx, cy, rx, ry, depth, dia):
+def _veins(g, carina, y_tr, cx):
+    """Superior and inferior pulmonary veins of each lung, branching out from the left atrium."""
+    out = []
+    for s in (-1, 1):
+        for dz in (-0.4, 0.7):
+            out += _branches(g, (carina + 50, y_tr + 4, cx + 30 * s), (dz, 0.3, s), 32, 5.0, 1)
+    return out
+
+
+def _ribs(cv, p, body, cx, cy, ry, depth, dia):
     """Ribs: cross-sections around the thoracic cage every 26 mm, sloping down anteriorly. Evaluated only on the
     in-plane ring where ribs can be (a few % of the voxels), through flat indices."""
     y, x = cv.c[1].view(-1, 1), cv.c[2].view(1, -1)
-    e = (((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2).sqrt().sub(1).mul(min(rx, ry)) + depth  # 0 on the rib line
+    e = body(None, y, x) + depth  # 0 on the rib line
     ring = ((e.abs() < 8) & ((x - cx).abs() > 22)).flatten().nonzero().squeeze(1)
     e, shift = e.flatten()[ring], (40 * (cy - y) / ry + 0 * x).flatten()[ring]  # anterior ends lower
     sl, (z, _, _) = cv.box([p["apex"] - 20, 0, 0], [max(dia.values()) + 60, FOV[1], FOV[2]])
@@ -770,7 +808,7 @@ def _ribs(cv, p, cx, cy, rx, ry, depth, dia):
     d = ((e / 4) ** 2 + (dz / 5.5) ** 2).sqrt_().sub_(1).mul_(4)
     w = d.mul(-1 / cv.ramp).add_(0.5).clamp_(0, 1)
     hu = cv.hu[sl].reshape(len(z), -1)
-    hu[:, ring] = hu[:, ring].lerp(260 + 600 * (1 + d / 1.5).clamp(0, 1), w)
+    hu[:, ring] = hu[:, ring].lerp(400 + 500 * (1 + d / 1.5).clamp(0, 1), w)
     mk = cv.mask[sl].reshape(len(z), -1)
     mk[:, ring] = torch.where(w > 0.5, 7, mk[:, ring]).to(torch.uint8)
 
