@@ -503,7 +503,6 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None, roi=None):
     """HU volume (float32, (Z, Y, X)) and region masks (uint8) of patient `p` sampled at `shape` over FOV;
     roi = ((z0, y0, x0), (z1, y1, x1)) renders only that block of the grid (a high-resolution crop)."""
     cv = _Canvas(shape, device, roi)
-    g = _generator("render", p["seed"], p["split"], p["index"])  # anatomy randomness: shape-independent
     A, st = p["attributes"], p["strength"]
     sev = lambda name: {"mild": 0.6, "moderate": 0.8, "severe": 1.0}[A[name]["severity"]] * st
     cy, cx, rx, ry = p["cy"], FOV[2] / 2, p["rx"], p["ry"]
