@@ -666,7 +666,8 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None, roi=None):
                 depth = -cavity(z, y, x)
                 t = T * ((y - cy + 0.3 * rcy) / (1.3 * rcy)).clamp(0, 1)
                 half = (cx - x) if sd == "left" else (x - cx)
-                return torch.maximum(torch.maximum(depth - t, half), torch.maximum(carina + 20 - z, z - z_dia(y, x)))
+                top = dia[sd] - 40 - 100 * sev(f)  # a larger effusion rises higher
+                return torch.maximum(torch.maximum(depth - t, half), torch.maximum(top - z, z - z_dia(y, x)))
             cv.paint([carina, cy - rcy, 0], [max(dia.values()) + 90, cy + rcy, FOV[2]], crescent, 12, 10, only=lungs + [10])
     f = "Atelectasis"
     if f in A:  # a dense plate along the posterior base (its volume loss raised the diaphragm above)
