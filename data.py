@@ -90,15 +90,16 @@ def normalize(hu, window=(-1000, 200), norm="unit"):
     ctscroll: unit - 0.449 (the CT-Scroll authors' code: (x + 1000) / 1200 - 0.449)."""
     if norm not in NORMS or (window is None and norm != "hu"):
         raise ValueError(f"norm={norm!r} with window={window}: norm must be one of {NORMS}, and only 'hu' has no window")
-    hu = torch.as_tensor(hu, dtype=torch.float32)
     if window is None:
-        return hu
+        return torch.as_tensor(hu, dtype=torch.float32)
     lo, hi = window
-    x = hu.clamp(lo, hi)
+    x = torch.as_tensor(hu).to(torch.float32, copy=True).clamp_(lo, hi)  # one copy, then in place (3x faster)
     if norm == "hu":
         return x
-    x = (x - lo) / (hi - lo)
-    return {"unit": x, "symmetric": 2 * x - 1, "ctscroll": x - 0.449}[norm]
+    x = x.sub_(lo).div_(hi - lo)
+    if norm == "symmetric":
+        return x.mul_(2).sub_(1)
+    return x.sub_(0.449) if norm == "ctscroll" else x
 
 
 def crop_or_pad(v: torch.Tensor, shape, value=AIR) -> torch.Tensor:
@@ -1151,7 +1152,7 @@ class PreparedCT(torch.utils.data.Dataset):
         return len(self.names)
 
     def __getitem__(self, i):
-        hu = torch.from_numpy(self.volumes[i].astype(np.float32))
+        hu = torch.from_numpy(np.array(self.volumes[i]))  # int16; normalize makes the one float32 copy
         return {"volume": normalize(hu, self.window, self.norm)[None], "labels": self.labels[i],
                 "report": self.reports[i], "name": self.names[i]}
 
@@ -1698,10 +1699,10 @@ def bench(n=8, shape=(120, 240, 240), sizes=((64, 128, 128), (240, 480, 480), (2
         print(f"phantom {'x'.join(map(str, s))}: {1 / _rate(lambda i: ds[i], reps):.2f} s/volume (1 thread)")
     with tempfile.TemporaryDirectory() as tmp:
         write_ctrate_layout(Path(tmp) / "ct", n, shape)
-        ct = CTRATE(Path(tmp) / "ct", "test", shape=shape, spacing=None)
+        ct = CTRATE(Path(tmp) / "ct", "train", shape=shape, spacing=None, val_fraction=0)
         spacing = load_nifti(ct.rows[0]["path"])[1]
-        prepare(Path(tmp) / "ct", Path(tmp) / "cache", shape, spacing, splits=("test",))
-        cache = PreparedCT(Path(tmp) / "cache", "test")
+        prepare(Path(tmp) / "ct", Path(tmp) / "cache", shape, spacing, splits=("train",), val_fraction=0, workers=0)
+        cache = PreparedCT(Path(tmp) / "cache", "train")
         k = len(ct)
         gz, item, mm = (_rate(f, k) for f in (lambda i: load_nifti(ct.rows[i]["path"]), lambda i: ct[i],
                                               lambda i: cache[i]))

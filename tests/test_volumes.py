@@ -143,6 +143,8 @@ def test_normalize_modes():
                                torch.tensor([-0.449, -0.449, 0.051, 0.551, 0.551]))
     torch.testing.assert_close(normalize(hu, (-1000, 1000), "symmetric"), torch.tensor([-1.0, -1, -0.4, 0.2, 0.5]))
     torch.testing.assert_close(normalize(hu, None, "hu"), hu)
+    assert hu.tolist() == [-2000.0, -1000, -400, 200, 500]  # the input is never modified in place
+    torch.testing.assert_close(normalize(hu.to(torch.int16), (-1000, 200), "unit"), torch.tensor([0.0, 0, 0.5, 1, 1]))
     with pytest.raises(ValueError):
         normalize(hu, (-1000, 200), "zscore")
 
@@ -301,3 +303,26 @@ def test_without_metadata_csv(tmp_path):
     np.testing.assert_array_equal(raw_ds(tmp_path)[0]["volume"][0].numpy(), truth_hu(0))  # auto: header only
     with pytest.raises(FileNotFoundError, match="train_metadata.csv"):
         raw_ds(tmp_path, rescale="metadata")
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_write_ctrate_layout_round_trip_every_rescale(tmp_path, capsys, v2):
+    shape = (16, 32, 32)
+    data.write_ctrate_layout(tmp_path, 3, shape, seed=1, v2=v2, n_valid=1)
+    syn = data.SyntheticCT("train", 3, shape, seed=1, window=None, norm="hu")
+    truth = [data.render_phantom(syn.patient(i), shape)[0].round() for i in range(3)]
+    shift = {"auto": 0, "metadata": -1024 if v2 else 0, "header": 0 if v2 else 1024, "none": 0 if v2 else 1024}
+    for mode, s in shift.items():
+        ds = raw_ds(tmp_path, rescale=mode)
+        assert ds.dir.name == ("train_fixed" if v2 else "train") and ds.n_bad == 0
+        items = {it["name"]: it for it in (ds[i] for i in range(len(ds)))}
+        assert sorted(items) == ["train_1_a_1.nii.gz", "train_2_a_1.nii.gz", "train_2_a_2.nii.gz", "train_3_a_1.nii.gz"]
+        for i in range(3):
+            it = items[f"train_{i + 1}_a_1.nii.gz"]
+            torch.testing.assert_close(it["volume"][0], truth[i] + s, msg=f"rescale={mode}")
+            assert it["labels"].tolist() == syn.patient(i)["labels"] and it["report"] == data.make_report(syn.patient(i))
+    said = [line for line in capsys.readouterr().out.splitlines() if "rescale=auto" in line]
+    assert len(said) == 1 and ("'header'" if v2 else "'metadata'") in said[0]
+    ds = CTRATE(tmp_path, "test", shape=shape, spacing=syn.spacing, norm="unit")  # the phantom's own grid
+    torch.testing.assert_close(ds[0]["volume"], data.SyntheticCT("test", 1, shape, seed=1)[0]["volume"], atol=1e-3,
+                               rtol=0)
