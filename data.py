@@ -1746,7 +1746,8 @@ def main(argv=None):
                    default=[(64, 128, 128), (240, 480, 480), (256, 512, 512)], help="phantom shapes, ';' between")
     a = ap.parse_args(argv)
     if a.cmd == "synthetic":
-        write_ctrate_layout(a.out, a.n, a.shape, seed=a.seed, v2=a.v2)
+        root = write_ctrate_layout(a.out, a.n, a.shape, seed=a.seed, v2=a.v2)
+        print(f"wrote {sum(1 for _ in root.rglob('*.nii.gz'))} volumes and 6 CSVs in CT-RATE's layout to {root}")
     elif a.cmd == "prepare":
         prepare(a.root, a.out, a.shape, a.spacing, splits=a.splits, rescale=a.rescale, strict=a.strict,
                 val_fraction=a.val_fraction, workers=a.workers)
