@@ -487,7 +487,7 @@ def final_eval(cfg, model, dev, ctx, val_ds):
     path = os.path.join(cfg["out_dir"], "ckpt.pt")
     if os.path.exists(path):
         ck = load_checkpoint(path)
-        ck["thresholds"] = th
+        ck["thresholds"] = torch.tensor(th, dtype=torch.float64)  # weights_only loads tensors, not numpy
         save_checkpoint(path, ck)
     return out
 
@@ -521,7 +521,7 @@ def predict_file(cfg, model, ckpt, dev, path):
     vol, sp = load_nifti(path)
     x = preprocess(vol, sp, target_spacing=tuple(cfg["spacing"]), shape=tuple(cfg["shape"]),
                    window=tuple(cfg["hu_window"]), norm=cfg["norm"])[None, None].to(dev)  # (1, 1, Z, Y, X)
-    th = np.asarray(ckpt.get("thresholds", np.full(len(LABELS), 0.5)), dtype=np.float64)
+    th = np.asarray(ckpt["thresholds"] if "thresholds" in ckpt else np.full(len(LABELS), 0.5), dtype=np.float64)
     if "thresholds" not in ckpt:
         print("warning: this checkpoint has no validation thresholds yet (training did not finish): using 0.5")
     model.eval()
