@@ -55,6 +55,7 @@ Commands:
 """
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -122,7 +123,7 @@ predict = ""  # path to a .nii.gz: print its report (with --init_from=resume)
 bench = False  # time and peak memory of one training step vs HR size for hilt and all_tokens (Figure 1), then exit
 strict = False  # a bad volume in a dataset is fatal instead of skipped
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
+DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
 
 PRESETS = {
     "paper": {},  # the defaults above are the paper's settings
@@ -140,42 +141,45 @@ CACHE_BYTES = 2 * 2**30  # synthetic splits up to this size (float16) are render
 
 # Copied from ct_scroll._cast
 def _cast(key, value: str, default):
-    """TEMPORARY stand-in until the shared parser lands."""
-    if isinstance(default, bool):
-        if value.lower() not in ("true", "false"):
-            raise ValueError(f"--{key} expects true or false, got {value!r}")
-        return value.lower() == "true"
-    if isinstance(default, tuple):
-        return tuple(int(v) if v.lstrip("-").isdigit() else float(v) for v in value.split(","))
-    if isinstance(default, int):
-        return int(value)
-    if isinstance(default, float):
-        return float(value)
-    return value
+    """Cast a command-line string to the type of the key's default; a wrong type is an error naming the key."""
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false"):
+                raise ValueError
+            return value.lower() == "true"
+        if isinstance(default, tuple):  # comma lists -> tuples of int/float
+            return tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(",") if v.strip())
+        return type(default)(value)
+    except ValueError:
+        raise SystemExit(f"--{key}={value!r}: expected a value like {default!r}") from None
 
 
 # Copied from ct_scroll.parse_config
 def parse_config(argv, defaults, presets):
-    """TEMPORARY stand-in until the shared parser lands."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pairs = []
-    while argv:
-        a = argv.pop(0)
-        if not a.startswith("--"):
-            raise ValueError(f"unexpected argument {a!r}; valid keys: {', '.join(defaults)}")
-        k, eq, v = a[2:].partition("=")
+    """defaults <- preset <- command line. `--key=value` and `--key value` both work; unknown keys and bad values
+    stop with a message that lists the valid keys; `--help` prints every key with its default."""
+    args, given = list(sys.argv[1:] if argv is None else argv), {}
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]   presets: {', '.join(presets)}")
+            print("\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+            raise SystemExit(0)
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in defaults:
+            raise SystemExit(f"unknown argument {arg!r}; valid keys: {', '.join('--' + k for k in defaults)}")
         if not eq:
-            v = argv.pop(0)
-        if k not in defaults:
-            raise ValueError(f"unknown key --{k}; valid keys: {', '.join(defaults)}")
-        pairs.append((k, v))
-    cfg = dict(defaults)
-    given = dict(pairs)
-    name = given.get("preset") or ("paper" if torch.cuda.is_available() else "cpu")
-    cfg.update(presets[name])
-    cfg["preset"] = name
-    for k, v in pairs:
-        cfg[k] = _cast(k, v, defaults[k])
+            if not args:
+                raise SystemExit(f"--{key} needs a value")
+            value = args.pop(0)
+        given[key] = value
+    name = given.get("preset") or defaults["preset"] or ("paper" if torch.cuda.is_available() else "cpu")
+    if name not in presets:
+        raise SystemExit(f"unknown preset {name!r}; valid presets: {', '.join(presets)}")
+    cfg = {**defaults, **presets[name], "preset": name}
+    for key, value in given.items():
+        if key != "preset":
+            cfg[key] = _cast(key, value, cfg[key])
     return cfg
 
 

@@ -32,7 +32,7 @@ def test_cli_hr_is_h_w_d_with_depth_last():
         assert hilt.zyx(cfg["hr"]) == (256, 512, 512)  # the volume tensor is (z, y, x) = (D, H, W)
         patch, grid, n_visual = hilt.token_grids(cfg)
         assert patch == (16, 32, 32) and grid == (16, 16, 16) and n_visual == 64
-    with pytest.raises(Exception):
+    with pytest.raises(SystemExit, match="valid keys"):
         cfg_of(["--no_such_key=1"])
     with pytest.raises(ValueError, match="multiple of the patch"):
         hilt.token_grids(cfg_of(["--hr=500,512,256", "--device=cpu"]))
