@@ -21,9 +21,8 @@ Resolution on the command line is the paper's H x W x D, depth LAST: `--hr 512,5
 256 slices, a (z, y, x) = (256, 512, 512) tensor -> 16 x 16 x 16 = 4096 HR tokens; the LR view `--lr 128,128,64` is
 (64, 128, 128) -> 4 x 4 x 4 = 64 tokens, all the decoder sees at every HR size.
 
-Ablations (Table 3) as --mode: hilt | all_tokens (every HR token into the decoder, "+3D Vision Encoder") |
-random_queries (64 learned queries instead of Z_LR, BLIP-style) | slices2d (LLaVA-1.5 baseline: depth as channels,
-i.e. 2D 16 x 16 patches spanning every slice: 256 tokens at 256 x 256, 1024 at 512 x 512, as in Table 3).
+Ablations (Table 3) as --mode: hilt | all_tokens (every HR token into the decoder) | random_queries (64 learned
+queries, BLIP-style) | slices2d (LLaVA-1.5: depth as channels, 16 x 16 patches: 1024 tokens at 512 x 512).
 
 The decoder (DESIGN §5, copied by samf.py and boundary_vqa.py) is Llama 3: RMSNorm, RoPE (Meta's interleaved pairs,
 optional Llama-3.1 scaling), SwiGLU, grouped-query attention, KV-cache generation (greedy / top-k), LoRA. Module
@@ -32,8 +31,8 @@ with a strict load_state_dict; `--llm=path` freezes it and trains LoRA (r 128, a
 every attention and MLP projection. Without --llm the decoder is small, trained from scratch and fully (no LoRA: that
 is for pretrained bases), with data.py's BPE trained on the training reports.
 
-Training (Table 5): AdamW lr 1e-4, linear schedule with 3% warm-up, weight decay 0, bf16 autocast on CUDA (fp32 on
-CPU), total batch 4 = 2 micro-batches x gradient accumulation 2, max text length 512; plus grad clip 1.0.
+Training (Table 5): AdamW lr 1e-4, 3% warm-up then linear decay, weight decay 0, bf16 on CUDA (fp32 on CPU), batch 4
+= 2 micro-batches x accumulation 2, max text length 512; plus grad clip 1.0.
 
 Deviations, on purpose:
 - The paper fine-tunes Llama3-8B-Instruct (--llm); nothing is downloaded at run time, so the default decoder is
@@ -41,8 +40,6 @@ Deviations, on purpose:
 - `cpu` preset: ViT 128-d x 4, decoder 192-d x 4, HR 192 x 192 x 96 (216 HR tokens), 150 steps at lr 2e-3; patch,
   LR view, batch 4 x accumulation 2 and the 64 visual tokens are the paper's. It beats the trivial baseline (71.9 vs
   64.5, mean of nine metrics) by writing the modal report: at that budget it does not yet read the image (README).
-- Synthetic splits up to CACHE_BYTES are rendered once and kept as float16 (larger ones, e.g. the cpu preset at
-  --hr 512,512,256: rendered on every access, ~3 s a volume). Throughput: volumes/s and ms/step, no MFU.
 
 Commands:
     python hilt.py --preset=cpu                              # CPU: trains, evaluates, prints reports vs references
