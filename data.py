@@ -12,12 +12,29 @@ Sections, in reading order:
 
 Axes everywhere are (z, y, x) = (I, P, L): slice 0 is the top, row 0 anterior, column 0 the patient's right.
 """
+import base64
+import collections
+import csv
+import functools
+import hashlib
+import heapq
 import json
+import math
 import os
+import re
 import signal
+import sys
+import time
+import unicodedata
+import zlib
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+import tiktoken
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 # =============================================================================
 # Volumes
@@ -31,18 +48,6 @@ LABELS = [
     "Mosaic attenuation pattern", "Peribronchial thickening", "Consolidation", "Bronchiectasis",
     "Interlobular septal thickening",
 ]
-
-import csv
-import hashlib
-import math
-import sys
-import time
-import zlib
-
-import nibabel as nib
-import numpy as np
-import torch.nn.functional as F
-from tqdm import tqdm
 
 NORMS = ("hu", "unit", "symmetric", "ctscroll")
 AIR = -1000.0  # HU; the pad value
@@ -1182,17 +1187,6 @@ def collate(items: list) -> dict:
 # =============================================================================
 # Text
 # =============================================================================
-
-import base64
-import collections
-import functools
-import heapq
-import math
-import re
-import unicodedata
-
-import numpy as np
-import tiktoken
 
 # Llama-3's pre-tokenisation pattern (cl100k's): contractions, letter runs with one leading non-letter, 1-3 digit
 # groups, punctuation runs, newlines, and whitespace that leaves its last space to the following word.
