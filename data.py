@@ -3,9 +3,9 @@
 Sections, in reading order:
   Volumes      load_nifti, preprocess (resample, crop/pad, HU window, normalisation)
   CT-RATE      the real on-disk layout and CSVs (../shared/ctrate_format.md), rescale modes
-  Synthetic    a procedural chest CT phantom with 18 findings, masks, reports and questions (the default dataset)
+  Synthetic    a procedural chest CT phantom with 18 findings and anatomy masks (the default dataset)
   Cache        prepare() -> preprocessed int16 memmaps + an index, PreparedCT reads them; get_dataset, collate
-  Text         byte-level BPE on tiktoken, the Llama-3 tokenizer
+  Text         the phantom's report and question templates, byte-level BPE on tiktoken, the Llama-3 tokenizer
   Metrics      AUROC, F1 thresholds, classification metrics, BLEU/METEOR/ROUGE/CIDEr, VQA accuracy
   Runs         checkpoints, DDP, logs
   CLI          python data.py synthetic|prepare|montage|bench
@@ -819,149 +819,6 @@ def _ribs(cv, p, body, cx, cy, ry, depth, dia):
     mk[:, ring] = torch.where(w > 0.5, 7, mk[:, ring]).to(torch.uint8)
 
 
-# ---- text: a CT-RATE-style findings report and grounded questions ----------------------------------------------
-
-# Per label, in report order: (normal sentences, abnormal sentences); several paraphrases each.
-# Placeholders: {sev} severity, {Sev} capitalised, {where} lobe and side, {side} side phrase, {size} mm, {kind}.
-_SENTENCES = {
-    "Cardiomegaly": (["Heart size is within normal limits.", "The heart is of normal size."],
-                     ["The heart is enlarged ({sev} cardiomegaly).", "{Sev} cardiomegaly is present."]),
-    "Pericardial effusion": (["No pericardial effusion was detected.", "There is no pericardial effusion."],
-                             ["A {sev} pericardial effusion is seen.", "There is {sev} pericardial effusion."]),
-    "Arterial wall calcification": (["The thoracic aorta is of normal calibre without wall calcification.",
-                                     "No calcification is seen in the aortic wall."],
-                                    ["{Sev} atherosclerotic calcification is seen in the wall of the thoracic aorta.",
-                                     "There are {sev} calcified plaques in the aortic wall."]),
-    "Coronary artery wall calcification": (["No calcification is seen in the coronary arteries."],
-                                           ["{Sev} calcific plaques are present in the coronary arteries.",
-                                            "There is {sev} coronary artery wall calcification."]),
-    "Lymphadenopathy": (["No pathologically enlarged lymph nodes are seen in the mediastinum or hila.",
-                         "There is no mediastinal or hilar lymphadenopathy."],
-                        ["Enlarged lymph nodes up to {size} mm in short axis are seen in the mediastinum.",
-                         "Mediastinal lymphadenopathy is present, the largest node measuring {size} mm."]),
-    "Hiatal hernia": (["The esophagus is of normal calibre and there is no hiatal hernia."],
-                      ["A {sev} hiatal hernia is seen.", "There is a {sev} sliding hiatal hernia."]),
-    "Emphysema": (["No emphysema is seen.", "There are no emphysematous changes in the lungs."],
-                  ["{Sev} centrilobular emphysema is seen in the upper lobes of {side}.",
-                   "There are {sev} emphysematous changes in the upper lobes of {side}."]),
-    "Mosaic attenuation pattern": (["Lung parenchymal density is homogeneous."],
-                                   ["A mosaic attenuation pattern is seen in {side}.",
-                                    "There is mosaic attenuation in {side}."]),
-    "Lung opacity": (["No ground-glass opacity is seen.", "There are no ground-glass opacities in the lungs."],
-                     ["A ground-glass opacity of {size} mm is seen in {where}.",
-                      "There is a {size} mm area of ground-glass density in {where}."]),
-    "Consolidation": (["No consolidation is seen.", "There is no consolidation in the lungs."],
-                      ["Consolidation of {size} mm with air bronchograms is seen in {where}.",
-                       "There is a {size} mm consolidation containing air bronchograms in {where}."]),
-    "Interlobular septal thickening": (["No interlobular septal thickening is seen."],
-                                       ["{Sev} interlobular septal thickening is seen in the lower zones of {side}.",
-                                        "There is {sev} thickening of the interlobular septa in the lower zones of {side}."]),
-    "Pulmonary fibrotic sequela": (["No fibrotic changes are seen.", "There are no fibrotic sequelae in the lungs."],
-                                   ["{Sev} fibrotic bands are seen in the periphery of {where}.",
-                                    "There are {sev} peripheral fibrotic sequelae in {where}."]),
-    "Atelectasis": (["No atelectasis is seen.", "There is no atelectasis."],
-                    ["{Sev} atelectasis is seen in the posterior basal part of {where}.",
-                     "There is {sev} atelectasis with volume loss in {where}."]),
-    "Lung nodule": (["No nodule or mass is seen in either lung.", "There are no pulmonary nodules."],
-                    ["A {size} mm nodule is seen in {where}.", "There is a {size} mm solid nodule in {where}."]),
-    "Peribronchial thickening": (["The bronchial walls are of normal thickness."],
-                                 ["{Sev} peribronchial thickening is seen in {side}.",
-                                  "The bronchial walls are thickened in {side}."]),
-    "Bronchiectasis": (["There is no bronchiectasis."],
-                       ["Bronchiectasis is seen in {where}.", "Dilated bronchi with thick walls are seen in {where}."]),
-    "Pleural effusion": (["No pleural effusion or thickening is seen.", "There is no pleural effusion."],
-                         ["A {sev} pleural effusion is seen in {side_cavity}.",
-                          "There is {sev} pleural effusion in {side_cavity}."]),
-    "Medical material": (["No medical device is seen."], ["A {kind} is seen.", "There is a {kind} in place."]),
-}
-_FIXED = {0: ["Trachea and both main bronchi are open.", "The trachea and main bronchi are patent."],
-          "bones": ["No lytic or destructive lesion is seen in the bones.", "The bones are unremarkable."],
-          "abdomen": ["The visualised upper abdominal organs are unremarkable.",
-                      "No abnormality is seen in the upper abdomen within the field of view."]}
-# What each label's questions refer to ("lung" is replaced by the finding's side).
-_REGION = {"Medical material": "mediastinum", "Arterial wall calcification": "aorta", "Cardiomegaly": "heart",
-           "Pericardial effusion": "heart", "Coronary artery wall calcification": "heart",
-           "Hiatal hernia": "esophagus", "Lymphadenopathy": "mediastinum", "Pleural effusion": "pleura"}
-# Region name -> mask ids; "lungs" is both lungs (bilateral findings).
-REGION_IDS = {**{name: [i] for i, name in REGIONS.items()}, "lungs": [1, 2]}
-
-
-def _phrases(a: dict) -> dict:
-    side = {"right": "the right lung", "left": "the left lung", "bilateral": "both lungs"}[a.get("side", "bilateral")]
-    lobe = a.get("lobe", "lower")
-    where = f"the {lobe} lobe of {side}" if a.get("side") != "bilateral" else f"the {lobe} lobes of both lungs"
-    cav = {"right": "the right hemithorax", "left": "the left hemithorax", "bilateral": "both hemithoraces"}[a.get("side", "bilateral")]
-    sev = a.get("severity", "mild")
-    return dict(sev=sev, Sev=sev.capitalize(), side=side, where=where, side_cavity=cav, size=a.get("size", ""),
-                kind=a.get("kind", ""))
-
-
-def finding_region(p: dict, label: str) -> str:
-    if label in _REGION:
-        return _REGION[label]
-    return {"right": "right lung", "left": "left lung", "bilateral": "lungs"}[p["attributes"].get(label, {}).get("side", "bilateral")]
-
-
-def make_report(p: dict) -> str:
-    """The findings report: CT-RATE's section order, a normal sentence for each absent finding."""
-    g = _generator("report", p["seed"], p["split"], p["index"])
-    pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=g))]
-    out = [pick(_FIXED[0])]
-    for label, (normal, abnormal) in _SENTENCES.items():
-        a = p["attributes"].get(label)
-        out.append(pick(abnormal).format(**_phrases(a)) if a else pick(normal))
-        if label == "Lung nodule" and a and a["count"] > 1:
-            out.append(f"{a['count'] - 1} additional smaller nodule{'s' if a['count'] > 2 else ''} up to "
-                       f"{a['nodules'][1]['size']} mm {'are' if a['count'] > 2 else 'is'} seen.")
-    out[-1:-1] = [pick(_FIXED["bones"]), pick(_FIXED["abdomen"])]
-    return " ".join(s for s in out if s)
-
-
-def _finding_name(label: str) -> str:
-    return {"Medical material": "a medical device", "Hiatal hernia": "a hiatal hernia", "Lung nodule": "a lung nodule",
-            "Pleural effusion": "a pleural effusion", "Pericardial effusion": "a pericardial effusion",
-            "Mosaic attenuation pattern": "a mosaic attenuation pattern"}.get(label, label.lower())
-
-
-def make_questions(p: dict) -> list:
-    """Closed, multiple-choice (M3D form), open and region-grounded questions about patient p."""
-    g = _generator("questions", p["seed"], p["split"], p["index"])
-    perm = lambda seq: [seq[i] for i in torch.randperm(len(seq), generator=g).tolist()]
-    pos = [l for l, y in zip(LABELS, p["labels"]) if y]
-    neg = [l for l, y in zip(LABELS, p["labels"]) if not y]
-    q = []
-    for label in (perm(pos)[:1] + perm(neg)[:2]):
-        q.append(dict(question=f"Is there {_finding_name(label)} in this scan?", answer="Yes" if label in pos else "No",
-                      kind="closed", region=finding_region(p, label)))
-    options = perm(neg)[:3] + (perm(pos)[:1] or ["None of these"])
-    options = perm(options)
-    right = next(i for i, o in enumerate(options) if o in pos or o == "None of these")
-    q.append(dict(question="Which of the following findings is present in this scan? Choices: "
-                  + " ".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)),
-                  answer=f"{'ABCD'[right]}. {options[right]}", kind="choice",
-                  region=finding_region(p, options[right]) if options[right] in pos else "lungs"))
-    for label in perm(pos)[:2]:
-        a, ph = p["attributes"][label], _phrases(p["attributes"][label])
-        if label in ("Lung nodule", "Lymphadenopathy", "Lung opacity", "Consolidation"):
-            q.append(dict(question=f"What is the size of the largest {label.lower()}?" if label != "Lymphadenopathy"
-                          else "What is the short axis of the largest enlarged lymph node?",
-                          answer=f"{a['size']} mm", kind="open", region=finding_region(p, label)))
-        if label == "Medical material":
-            q.append(dict(question="What kind of medical device is seen?", answer=a["kind"].capitalize(), kind="open",
-                          region="mediastinum"))
-        elif "lung" in finding_region(p, label) and label != "Emphysema":
-            q.append(dict(question=f"Where is the {label.lower()}?", answer=ph["where"][0].upper() + ph["where"][1:],
-                          kind="open", region=finding_region(p, label)))
-        else:
-            q.append(dict(question=f"How severe is the {label.lower()}?", answer=ph["Sev"], kind="open",
-                          region=finding_region(p, label)))
-    for region in perm(["right lung", "left lung", "heart", "aorta", "mediastinum", "pleura", "esophagus"])[:2]:
-        hit = any(finding_region(p, l) in (region, "lungs" if "lung" in region else None) for l in pos)
-        q.append(dict(question=f"Is there an abnormality in the {region}?", answer="Yes" if hit else "No",
-                      kind="region", region=region))
-    return q
-
-
 class SyntheticCT(torch.utils.data.Dataset):
     """The procedural chest CT (../shared/synthetic.md): item i of a split is one patient, rendered on the fly at
     `shape` over the fixed FOV, identical for the same (seed, split, i, shape) on any machine. Splits never share a
@@ -1187,6 +1044,151 @@ def collate(items: list) -> dict:
 # =============================================================================
 # Text
 # =============================================================================
+
+# ---- report and question templates: the phantom's findings report and grounded questions -----------------------------
+
+# Per label, in report order: (normal sentences, abnormal sentences); several paraphrases each.
+# Placeholders: {sev} severity, {Sev} capitalised, {where} lobe and side, {side} side phrase, {size} mm, {kind}.
+_SENTENCES = {
+    "Cardiomegaly": (["Heart size is within normal limits.", "The heart is of normal size."],
+                     ["The heart is enlarged ({sev} cardiomegaly).", "{Sev} cardiomegaly is present."]),
+    "Pericardial effusion": (["No pericardial effusion was detected.", "There is no pericardial effusion."],
+                             ["A {sev} pericardial effusion is seen.", "There is {sev} pericardial effusion."]),
+    "Arterial wall calcification": (["The thoracic aorta is of normal calibre without wall calcification.",
+                                     "No calcification is seen in the aortic wall."],
+                                    ["{Sev} atherosclerotic calcification is seen in the wall of the thoracic aorta.",
+                                     "There are {sev} calcified plaques in the aortic wall."]),
+    "Coronary artery wall calcification": (["No calcification is seen in the coronary arteries."],
+                                           ["{Sev} calcific plaques are present in the coronary arteries.",
+                                            "There is {sev} coronary artery wall calcification."]),
+    "Lymphadenopathy": (["No pathologically enlarged lymph nodes are seen in the mediastinum or hila.",
+                         "There is no mediastinal or hilar lymphadenopathy."],
+                        ["Enlarged lymph nodes up to {size} mm in short axis are seen in the mediastinum.",
+                         "Mediastinal lymphadenopathy is present, the largest node measuring {size} mm."]),
+    "Hiatal hernia": (["The esophagus is of normal calibre and there is no hiatal hernia."],
+                      ["A {sev} hiatal hernia is seen.", "There is a {sev} sliding hiatal hernia."]),
+    "Emphysema": (["No emphysema is seen.", "There are no emphysematous changes in the lungs."],
+                  ["{Sev} centrilobular emphysema is seen in the upper lobes of {side}.",
+                   "There are {sev} emphysematous changes in the upper lobes of {side}."]),
+    "Mosaic attenuation pattern": (["Lung parenchymal density is homogeneous."],
+                                   ["A mosaic attenuation pattern is seen in {side}.",
+                                    "There is mosaic attenuation in {side}."]),
+    "Lung opacity": (["No ground-glass opacity is seen.", "There are no ground-glass opacities in the lungs."],
+                     ["A ground-glass opacity of {size} mm is seen in {where}.",
+                      "There is a {size} mm area of ground-glass density in {where}."]),
+    "Consolidation": (["No consolidation is seen.", "There is no consolidation in the lungs."],
+                      ["Consolidation of {size} mm with air bronchograms is seen in {where}.",
+                       "There is a {size} mm consolidation containing air bronchograms in {where}."]),
+    "Interlobular septal thickening": (["No interlobular septal thickening is seen."],
+                                       ["{Sev} interlobular septal thickening is seen in the lower zones of {side}.",
+                                        "There is {sev} thickening of the interlobular septa in the lower zones of {side}."]),
+    "Pulmonary fibrotic sequela": (["No fibrotic changes are seen.", "There are no fibrotic sequelae in the lungs."],
+                                   ["{Sev} fibrotic bands are seen in the periphery of {where}.",
+                                    "There are {sev} peripheral fibrotic sequelae in {where}."]),
+    "Atelectasis": (["No atelectasis is seen.", "There is no atelectasis."],
+                    ["{Sev} atelectasis is seen in the posterior basal part of {where}.",
+                     "There is {sev} atelectasis with volume loss in {where}."]),
+    "Lung nodule": (["No nodule or mass is seen in either lung.", "There are no pulmonary nodules."],
+                    ["A {size} mm nodule is seen in {where}.", "There is a {size} mm solid nodule in {where}."]),
+    "Peribronchial thickening": (["The bronchial walls are of normal thickness."],
+                                 ["{Sev} peribronchial thickening is seen in {side}.",
+                                  "The bronchial walls are thickened in {side}."]),
+    "Bronchiectasis": (["There is no bronchiectasis."],
+                       ["Bronchiectasis is seen in {where}.", "Dilated bronchi with thick walls are seen in {where}."]),
+    "Pleural effusion": (["No pleural effusion or thickening is seen.", "There is no pleural effusion."],
+                         ["A {sev} pleural effusion is seen in {side_cavity}.",
+                          "There is {sev} pleural effusion in {side_cavity}."]),
+    "Medical material": (["No medical device is seen."], ["A {kind} is seen.", "There is a {kind} in place."]),
+}
+_FIXED = {0: ["Trachea and both main bronchi are open.", "The trachea and main bronchi are patent."],
+          "bones": ["No lytic or destructive lesion is seen in the bones.", "The bones are unremarkable."],
+          "abdomen": ["The visualised upper abdominal organs are unremarkable.",
+                      "No abnormality is seen in the upper abdomen within the field of view."]}
+# What each label's questions refer to ("lung" is replaced by the finding's side).
+_REGION = {"Medical material": "mediastinum", "Arterial wall calcification": "aorta", "Cardiomegaly": "heart",
+           "Pericardial effusion": "heart", "Coronary artery wall calcification": "heart",
+           "Hiatal hernia": "esophagus", "Lymphadenopathy": "mediastinum", "Pleural effusion": "pleura"}
+# Region name -> mask ids; "lungs" is both lungs (bilateral findings).
+REGION_IDS = {**{name: [i] for i, name in REGIONS.items()}, "lungs": [1, 2]}
+
+
+def _phrases(a: dict) -> dict:
+    side = {"right": "the right lung", "left": "the left lung", "bilateral": "both lungs"}[a.get("side", "bilateral")]
+    lobe = a.get("lobe", "lower")
+    where = f"the {lobe} lobe of {side}" if a.get("side") != "bilateral" else f"the {lobe} lobes of both lungs"
+    cav = {"right": "the right hemithorax", "left": "the left hemithorax", "bilateral": "both hemithoraces"}[a.get("side", "bilateral")]
+    sev = a.get("severity", "mild")
+    return dict(sev=sev, Sev=sev.capitalize(), side=side, where=where, side_cavity=cav, size=a.get("size", ""),
+                kind=a.get("kind", ""))
+
+
+def finding_region(p: dict, label: str) -> str:
+    if label in _REGION:
+        return _REGION[label]
+    return {"right": "right lung", "left": "left lung", "bilateral": "lungs"}[p["attributes"].get(label, {}).get("side", "bilateral")]
+
+
+def make_report(p: dict) -> str:
+    """The findings report: CT-RATE's section order, a normal sentence for each absent finding."""
+    g = _generator("report", p["seed"], p["split"], p["index"])
+    pick = lambda seq: seq[int(torch.randint(len(seq), (), generator=g))]
+    out = [pick(_FIXED[0])]
+    for label, (normal, abnormal) in _SENTENCES.items():
+        a = p["attributes"].get(label)
+        out.append(pick(abnormal).format(**_phrases(a)) if a else pick(normal))
+        if label == "Lung nodule" and a and a["count"] > 1:
+            out.append(f"{a['count'] - 1} additional smaller nodule{'s' if a['count'] > 2 else ''} up to "
+                       f"{a['nodules'][1]['size']} mm {'are' if a['count'] > 2 else 'is'} seen.")
+    out[-1:-1] = [pick(_FIXED["bones"]), pick(_FIXED["abdomen"])]
+    return " ".join(s for s in out if s)
+
+
+def _finding_name(label: str) -> str:
+    return {"Medical material": "a medical device", "Hiatal hernia": "a hiatal hernia", "Lung nodule": "a lung nodule",
+            "Pleural effusion": "a pleural effusion", "Pericardial effusion": "a pericardial effusion",
+            "Mosaic attenuation pattern": "a mosaic attenuation pattern"}.get(label, label.lower())
+
+
+def make_questions(p: dict) -> list:
+    """Closed, multiple-choice (M3D form), open and region-grounded questions about patient p."""
+    g = _generator("questions", p["seed"], p["split"], p["index"])
+    perm = lambda seq: [seq[i] for i in torch.randperm(len(seq), generator=g).tolist()]
+    pos = [l for l, y in zip(LABELS, p["labels"]) if y]
+    neg = [l for l, y in zip(LABELS, p["labels"]) if not y]
+    q = []
+    for label in (perm(pos)[:1] + perm(neg)[:2]):
+        q.append(dict(question=f"Is there {_finding_name(label)} in this scan?", answer="Yes" if label in pos else "No",
+                      kind="closed", region=finding_region(p, label)))
+    options = perm(neg)[:3] + (perm(pos)[:1] or ["None of these"])
+    options = perm(options)
+    right = next(i for i, o in enumerate(options) if o in pos or o == "None of these")
+    q.append(dict(question="Which of the following findings is present in this scan? Choices: "
+                  + " ".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(options)),
+                  answer=f"{'ABCD'[right]}. {options[right]}", kind="choice",
+                  region=finding_region(p, options[right]) if options[right] in pos else "lungs"))
+    for label in perm(pos)[:2]:
+        a, ph = p["attributes"][label], _phrases(p["attributes"][label])
+        if label in ("Lung nodule", "Lymphadenopathy", "Lung opacity", "Consolidation"):
+            q.append(dict(question=f"What is the size of the largest {label.lower()}?" if label != "Lymphadenopathy"
+                          else "What is the short axis of the largest enlarged lymph node?",
+                          answer=f"{a['size']} mm", kind="open", region=finding_region(p, label)))
+        if label == "Medical material":
+            q.append(dict(question="What kind of medical device is seen?", answer=a["kind"].capitalize(), kind="open",
+                          region="mediastinum"))
+        elif "lung" in finding_region(p, label) and label != "Emphysema":
+            q.append(dict(question=f"Where is the {label.lower()}?", answer=ph["where"][0].upper() + ph["where"][1:],
+                          kind="open", region=finding_region(p, label)))
+        else:
+            q.append(dict(question=f"How severe is the {label.lower()}?", answer=ph["Sev"], kind="open",
+                          region=finding_region(p, label)))
+    for region in perm(["right lung", "left lung", "heart", "aorta", "mediastinum", "pleura", "esophagus"])[:2]:
+        hit = any(finding_region(p, l) in (region, "lungs" if "lung" in region else None) for l in pos)
+        q.append(dict(question=f"Is there an abnormality in the {region}?", answer="Yes" if hit else "No",
+                      kind="region", region=region))
+    return q
+
+
+# ---- byte-level BPE, the Llama-3 tokenizer ---------------------------------------------------------------------------
 
 # Llama-3's pre-tokenisation pattern (cl100k's): contractions, letter runs with one leading non-letter, 1-3 digit
 # groups, punctuation runs, newlines, and whitespace that leaves its last space to the following word.
