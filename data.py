@@ -1020,11 +1020,11 @@ class PreparedCT(torch.utils.data.Dataset):
 
 
 def get_dataset(data, split, *, n=None, shape=(64, 128, 128), spacing=(1.5, 0.75, 0.75), window=(-1000, 200),
-                norm="unit", seed=0, strict=False):
+                norm="unit", seed=0, strict=False, difficulty=0.5):
     """data = "synthetic" (n volumes generated at shape), a prepare()d cache folder (has index.json), or a CT-RATE
-    root. n sizes the synthetic set only; real data yields every volume of the split."""
+    root. n and difficulty apply to the synthetic set only; real data yields every volume of the split."""
     if data == "synthetic":
-        return SyntheticCT(split, n, shape=shape, seed=seed, window=window, norm=norm)
+        return SyntheticCT(split, n, shape=shape, seed=seed, window=window, norm=norm, difficulty=difficulty)
     if (Path(data) / "index.json").is_file():
         ds = PreparedCT(data, split, window=window, norm=norm)
         if ds.shape != tuple(shape):

@@ -285,6 +285,9 @@ def test_prepare_then_prepared_equals_ctrate(tmp_path, capsys):
     with pytest.raises(ValueError, match="prepared at shape"):
         data.get_dataset(str(tmp_path / "cache"), "train", shape=(8, 16, 16))
     assert isinstance(data.get_dataset(str(tmp_path / "ct"), "test", shape=shape), CTRATE)
+    hard = data.get_dataset("synthetic", "train", n=2, shape=shape, difficulty=0.9)[0]["volume"]  # passed through
+    assert torch.equal(hard, data.SyntheticCT("train", 2, shape, difficulty=0.9)[0]["volume"])
+    assert not torch.equal(hard, data.get_dataset("synthetic", "train", n=2, shape=shape)[0]["volume"])
 
 
 def test_cli_prepare(tmp_path, capsys):
