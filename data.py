@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import sys
+import textwrap
 import time
 import unicodedata
 import zlib
@@ -421,6 +422,15 @@ class _Canvas:
         if rid is not None:
             self.mask[sl].masked_fill_(w > 0.5, rid)
 
+    def blob(self, c, r, value, rid=None, pad=3.0, **kw):
+        """An ellipsoid with centre c and half-axes r (mm)."""
+        self.paint(*_ebox(c, r, pad), _ellipsoid(c, r), value, rid, **kw)
+
+    def tube(self, pts, r, value, rid=None, only=None):
+        """A polyline of capsules of radius r (vessels, airways, catheters)."""
+        for a, b in zip(pts[:-1], pts[1:]):
+            self.paint(*_cbox(a, b, r), _capsule(a, b, r), value, rid, only)
+
 
 def _ellipsoid(c, r):
     def sdf(z, y, x):
@@ -448,28 +458,21 @@ def _cbox(a, b, r, pad=3.0):
     return [min(ai, bi) - r - pad for ai, bi in zip(a, b)], [max(ai, bi) + r + pad for ai, bi in zip(a, b)]
 
 
-def _tube(cv, pts, r, value, rid=None, only=None):
-    """A polyline of capsules (vessels, catheters)."""
-    for a, b in zip(pts[:-1], pts[1:]):
-        cv.paint(*_cbox(a, b, r), _capsule(a, b, r), value, rid, only)
+def _field(g, lo, hi, spacing):
+    """A smooth random field (about unit variance) over the box lo..hi mm: Gaussian bumps on knots about `spacing`
+    mm apart, evaluated separably with matmuls; -> f(z, y, x) on broadcastable coordinates, shaped (Z, Y, X).
+    The knot weights depend only on g, so every sampling of the FOV (any shape, any roi) sees the same field."""
+    knots = tuple(max(2, int((h - l) / spacing) + 1) for l, h in zip(lo, hi))
+    C = torch.randn(knots, generator=g)
+    step = [(h - l) / (k - 1) for l, h, k in zip(lo, hi, knots)]
 
-
-def _field(g, knots, lo, hi, coords):
-    """A smooth random field (about unit variance): Gaussian bumps on a knot grid, evaluated separably with
-    matmuls. The coefficients depend only on g, so every sampling of the FOV sees the same field."""
-    return _field_eval(torch.randn(knots, generator=g), lo, hi, coords)
-
-
-def _field_eval(C, lo, hi, coords):
-    knots = C.shape
-    out = C.to(coords[0].device)
-    step = [(h - l) / max(k - 1, 1) for l, h, k in zip(lo, hi, knots)]
-    W = [torch.exp(-0.5 * ((c.reshape(-1, 1) - (l + s * torch.arange(k, device=c.device))) / (0.7 * s)) ** 2)
-         for c, l, s, k in zip(coords, lo, step, knots)]
-    out = torch.einsum("abc,xc->abx", out, W[2])
-    out = torch.einsum("abx,yb->ayx", out, W[1])
-    Z = W[0].shape[0]
-    return (W[0] @ out.reshape(knots[0], -1)).view(Z, W[1].shape[0], W[2].shape[0]).div_(1.55)
+    def f(z, y, x):
+        W = [torch.exp(-0.5 * ((c.reshape(-1, 1) - (l + s * torch.arange(k, device=c.device))) / (0.7 * s)) ** 2)
+             for c, l, s, k in zip((z.flatten(), y.flatten(), x.flatten()), lo, step, knots)]  # [voxels, knots]
+        out = torch.einsum("abc,xc->abx", C.to(z.device), W[2])
+        out = torch.einsum("abx,yb->ayx", out, W[1])
+        return (W[0] @ out.reshape(knots[0], -1)).view(len(W[0]), len(W[1]), len(W[2])).div_(1.55)
+    return f
 
 
 def _lung_point(p, G, g, side, lobe, margin):
@@ -517,13 +520,14 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None, roi=None):
     y_sp = cy + ry - p["fat"] - p["muscle"] - 42  # vertebral body centre
     y_es, y_tr = y_sp - 28, y_sp - 50            # esophagus, trachea
     carina = p["apex"] + p["carina"] - 30
-    atel = A.get("Atelectasis")
-    lift = lambda side: 10 * sev("Atelectasis") if atel and atel["side"] in (side, "bilateral") else 0  # volume loss
+    has = lambda f, side: f in A and A[f]["side"] in (side, "bilateral")  # finding f on that side
+    lift = lambda side: 10 * sev("Atelectasis") if has("Atelectasis", side) else 0  # atelectasis: volume loss
     dia = {"right": p["diaph"] - lift("right"), "left": p["diaph"] + 12 - lift("left")}
     Z = FOV[0]
 
     def ellipse2d(r_x, r_y, yc=cy, n=2.0):  # signed distance (mm, approximate) to an in-plane superellipse
-        return lambda z, y, x: (((x - cx).abs() / r_x) ** n + ((y - yc).abs() / r_y) ** n).pow_(1 / n).sub_(1).mul_(min(r_x, r_y))
+        return lambda z, y, x: ((((x - cx).abs() / r_x) ** n + ((y - yc).abs() / r_y) ** n).pow_(1 / n)
+                                .sub_(1).mul_(min(r_x, r_y)))
 
     body = ellipse2d(rx, ry, n=2.5)  # a chest is boxier than an ellipse
     cavity = lambda z, y, x: body(z, y, x) + wall
@@ -550,14 +554,16 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None, roi=None):
     cv.paint([0, cy - rcy, cx - rcx], [p["apex"] + 20, cy + rcy, cx + rcx],  # the neck above the apices: soft tissue
              lambda z, y, x: torch.maximum(cavity(z, y, x), z - p["apex"] - 10), 35, 0, only=[8])
     # upper abdomen below the diaphragm: liver (right), stomach with an anterior air cap (left)
-    cv.paint([min(dia.values()) - 5, 0, 0], FOV, lambda z, y, x: torch.maximum(cavity(z, y, x), z_dia(y, x) - z), 55, 9)
+    cv.paint([min(dia.values()) - 5, 0, 0], FOV, lambda z, y, x: torch.maximum(cavity(z, y, x), z_dia(y, x) - z),
+             55, 9)
     st_c, st_r = (dia["left"] + 40, cy - 15, cx + 70), (40, 38, 42)
-    cv.paint(*_ebox(st_c, st_r), _ellipsoid(st_c, st_r), 25, 9, only=[9])
+    cv.blob(st_c, st_r, 25, 9, only=[9])
     cv.paint(*_ebox(st_c, st_r), lambda z, y, x: torch.maximum(_ellipsoid(st_c, st_r)(z, y, x) + 3, y - (cy - 30)),
              -1000, 9, only=[9])
     # lungs inside a 3 mm pleural rim (one signed distance for both)
-    lo, hi = [p["apex"] - 5, cy - rcy, cx - rcx], [max(dia.values()) + 0.006 * 150 ** 2, cy + rcy, cx + rcx]
-    sl, (z, y, x) = cv.box(lo, hi)
+    cavity_box = lambda z0, z1: ([z0, cy - rcy, cx - rcx], [z1, cy + rcy, cx + rcx])  # from z0 down to z1 (mm)
+    z_bases = max(dia.values()) + 90  # below the deepest diaphragm recess: where boxes of basal findings end
+    sl, (z, y, x) = cv.box(*cavity_box(p["apex"] - 5, max(dia.values()) + 0.006 * 150 ** 2))
     d = lung_sdf(z, y, x).mul_(-1 / cv.ramp).add_(0.5)  # = the partial-volume weight before clamping
     hu, mk = cv.hu[sl], cv.mask[sl]
     hu.lerp_(torch.tensor(-90.0, device=device), (d + 3 / cv.ramp).clamp_(0, 1))
@@ -577,19 +583,19 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None, roi=None):
     cv.paint(*_ebox(hc, hr), heart, 40, 3)
     ra = p["aorta"]
     arch = carina - 22
-    aorta = [(hc[0] - 0.5 * hr[0], cy - 20, cx - 6), (arch + 8, cy - 24, cx - 8), (arch - 6, (cy + y_sp) / 2 - 30, cx + 6),
-             (arch + 10, y_sp - 24, cx + 24), (Z, y_sp - 20, cx + 10)]
-    _tube(cv, aorta, ra + 3, -90, 8)
-    _tube(cv, aorta, ra, 40, 4)
+    aorta = [(hc[0] - 0.5 * hr[0], cy - 20, cx - 6), (arch + 8, cy - 24, cx - 8),  # ascending, arch, descending
+             (arch - 6, (cy + y_sp) / 2 - 30, cx + 6), (arch + 10, y_sp - 24, cx + 24), (Z, y_sp - 20, cx + 10)]
+    cv.tube(aorta, ra + 3, -90, 8)
+    cv.tube(aorta, ra, 40, 4)
     pa = (carina + 12, cy - 10, cx + 22)
-    _tube(cv, [(hc[0] - 0.6 * hr[0], cy - 30, cx + 25), pa], 13, 40, 8)
-    _tube(cv, [pa, (carina + 18, y_tr + 8, cx - 48)], 9.5, 40, 8)
-    _tube(cv, [pa, (carina + 8, y_tr + 16, cx + 52)], 9.5, 40, 8)
-    _tube(cv, [(0, cy - 26, cx - 30), (hc[0] - hr[0] * 0.6, cy - 24, cx - 26)], 9, 40, 8)  # superior vena cava
-    _tube(cv, [(0, y_es, cx + 4), (dia["left"] + 5, y_es + 2, cx + 14), (dia["left"] + 25, cy - 5, cx + 50)], 8, 40, 6)
-    _tube(cv, [(0, y_es, cx + 4), (dia["left"], y_es + 2, cx + 14)], 2, -1000, 6)
-    _tube(cv, [(0, y_tr, cx), (carina, y_tr, cx)], 10.5, 40, 5)
-    _tube(cv, [(0, y_tr, cx), (carina, y_tr, cx)], 8.5, -1000, 5)
+    cv.tube([(hc[0] - 0.6 * hr[0], cy - 30, cx + 25), pa], 13, 40, 8)
+    cv.tube([pa, (carina + 18, y_tr + 8, cx - 48)], 9.5, 40, 8)
+    cv.tube([pa, (carina + 8, y_tr + 16, cx + 52)], 9.5, 40, 8)
+    cv.tube([(0, cy - 26, cx - 30), (hc[0] - hr[0] * 0.6, cy - 24, cx - 26)], 9, 40, 8)  # superior vena cava
+    cv.tube([(0, y_es, cx + 4), (dia["left"] + 5, y_es + 2, cx + 14), (dia["left"] + 25, cy - 5, cx + 50)], 8, 40, 6)
+    cv.tube([(0, y_es, cx + 4), (dia["left"], y_es + 2, cx + 14)], 2, -1000, 6)
+    cv.tube([(0, y_tr, cx), (carina, y_tr, cx)], 10.5, 40, 5)
+    cv.tube([(0, y_tr, cx), (carina, y_tr, cx)], 8.5, -1000, 5)
     # bones: vertebral bodies (discs every 28 mm), posterior arches, sternum, ribs; cortex brighter than marrow
     cortex = lambda d: 400 + 500 * (1 + d / 2).clamp(0, 1)
     disc = lambda z: ((z - p["apex"]) % 28 - 14).abs_() - 11.5
@@ -599,56 +605,53 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None, roi=None):
     cv.paint(*col, lambda z, y, x: torch.maximum(ellipse2d(5, 14, y_sp + 48)(z, y, x), disc(z)), cortex, 7)
     ys = cy - ry + p["fat"] + p["muscle"] + 4
     cv.paint([p["apex"] + 15, ys - 8, cx - 17], [dia["right"] - 25, ys + 8, cx + 17], ellipse2d(15, 6, ys), cortex, 7)
-    cv.paint(*_ebox((0, y_sp + 27, cx), (Z, 8, 8)), lambda z, y, x: ellipse2d(8, 8, y_sp + 27)(z, y, x), 20, 0)
+    cv.paint(*_ebox((0, y_sp + 27, cx), (Z, 8, 8)), ellipse2d(8, 8, y_sp + 27), 20, 0)  # spinal canal
     _ribs(cv, p, body, cx, cy, ry, p["fat"] + p["muscle"] + 5, dia)
 
     # ---- findings (before the airway tree, so lumens cut air bronchograms through consolidation) -------------
-    G = dict(apex=p["apex"], carina=carina, dia=dia, cy=cy, cx=cx, rcx=rcx, rcy=rcy, lung=lung_sdf,
-             carvers=[lambda z, y, x: heart(z, y, x) - eff - 5] + [_capsule(a, b, ra + 6) for a, b in zip(aorta[2:], aorta[3:])])
-    sides = lambda f: ("right", "left") if A[f]["side"] == "bilateral" else (A[f]["side"],)
+    G = dict(apex=p["apex"], carina=carina, dia=dia, cy=cy, cx=cx, rcx=rcx, rcy=rcy, lung=lung_sdf,  # _lung_point's
+             carvers=[lambda z, y, x: heart(z, y, x) - eff - 5]  # keep lesions off the heart and descending aorta
+             + [_capsule(a, b, ra + 6) for a, b in zip(aorta[2:], aorta[3:])])
+    sides = lambda f: [sd for sd in ("right", "left") if has(f, sd)]
+    on_side = lambda f, x: 1.0 if A[f]["side"] == "bilateral" else ((x < cx) == (A[f]["side"] == "right")).float()
     lungs = [1, 2]
     tree = _airway_tree(_generator("tree", p["tree"]), carina, y_tr, cx)
     # each finding draws from its own generator: switching one on or off leaves everything else in place
     gf = lambda name: _generator("render", name, p["seed"], p["split"], p["index"])
     f = "Medical material"
-    if f in A:
-        kind, top = A[f]["kind"], (p["apex"] - 10, cy - 40, cx - 55)
-        if kind == "sternotomy wires":
-            for k in range(4):
-                zk = p["apex"] + 35 + k * (dia["right"] - p["apex"] - 80) / 3
-                _tube(cv, [(zk, ys + 2, cx - 14), (zk, ys - 7, cx), (zk, ys + 2, cx + 14)], 1.2, 3000, 0)
-        else:
-            end = (hc[0] - 0.3 * hr[0], hc[1] - 0.3 * hr[1], hc[2] - 0.5 * hr[2]) if kind == "pacemaker lead" else \
-                (hc[0] - 0.85 * hr[0], cy - 24, cx - 26)
-            if kind == "pacemaker lead":
-                top = (p["apex"] + 10, cy - ry + 0.6 * p["fat"], cx + 70)
-                cv.paint(*_ebox(top, (18, 5, 22)), _ellipsoid(top, (18, 5, 22)), 3000, 0)
-            _tube(cv, [top, (p["apex"] + 5, cy - 30, cx - 32), (carina, cy - 26, cx - 30), end], 1.3, 2500, 8)
+    if f in A and A[f]["kind"] == "sternotomy wires":
+        for k in range(4):
+            zk = p["apex"] + 35 + k * (dia["right"] - p["apex"] - 80) / 3
+            cv.tube([(zk, ys + 2, cx - 14), (zk, ys - 7, cx), (zk, ys + 2, cx + 14)], 1.2, 3000, 0)
+    elif f in A:  # a line down the superior vena cava: a central venous catheter, or a pacemaker's lead
+        top, end = (p["apex"] - 10, cy - 40, cx - 55), (hc[0] - 0.85 * hr[0], cy - 24, cx - 26)
+        if A[f]["kind"] == "pacemaker lead":  # from the generator in the left chest wall into the heart
+            top = (p["apex"] + 10, cy - ry + 0.6 * p["fat"], cx + 70)
+            end = (hc[0] - 0.3 * hr[0], hc[1] - 0.3 * hr[1], hc[2] - 0.5 * hr[2])
+            cv.blob(top, (18, 5, 22), 3000, 0)
+        cv.tube([top, (p["apex"] + 5, cy - 30, cx - 32), (carina, cy - 26, cx - 30), end], 1.3, 2500, 8)
     f = "Arterial wall calcification"
-    g = gf(f)
     if f in A:  # plaques on the wall of the arch and descending aorta
+        g = gf(f)
         for k in range(int(3 + 12 * sev(f))):
             u = torch.rand(4, generator=g).tolist()
-            i = 1 + int(u[0] * 3)
-            a, b = aorta[i], aorta[i + 1]
-            c = [ai + u[1] * (bi - ai) for ai, bi in zip(a, b)]
-            ang = 2 * math.pi * u[2]
+            i = 1 + int(u[0] * 3)  # one of the three segments from the arch down
+            c, ang = [ai + u[1] * (bi - ai) for ai, bi in zip(aorta[i], aorta[i + 1])], 2 * math.pi * u[2]
             c = (c[0], c[1] + ra * math.sin(ang), c[2] + ra * math.cos(ang))
-            r = (1.2 + 1.5 * u[3],) * 3
-            cv.paint(*_ebox(c, r), _ellipsoid(c, r), 700 + 300 * u[3], 4)
+            cv.blob(c, (1.2 + 1.5 * u[3],) * 3, 700 + 300 * u[3], 4)
     f = "Coronary artery wall calcification"
-    g = gf(f)
     if f in A:  # spots along the atrioventricular groove on the heart surface
+        g = gf(f)
         for k in range(int(2 + 8 * sev(f))):
             u = torch.rand(3, generator=g).tolist()
             ang = math.pi * (1.0 + 1.0 * u[0])  # anterior half
-            c = (hc[0] - 0.35 * hr[0] + 10 * u[1], hc[1] + 0.9 * hr[1] * math.sin(ang), hc[2] + 0.9 * hr[2] * math.cos(ang))
-            r = (1.0 + 1.5 * u[2],) * 3
-            cv.paint(*_ebox(c, r), _ellipsoid(c, r), 650 + 350 * u[2], 3)
+            c = (hc[0] - 0.35 * hr[0] + 10 * u[1], hc[1] + 0.9 * hr[1] * math.sin(ang),
+                 hc[2] + 0.9 * hr[2] * math.cos(ang))
+            cv.blob(c, (1.0 + 1.5 * u[2],) * 3, 650 + 350 * u[2], 3)
     f = "Hiatal hernia"
     if f in A:  # a wall-lined pouch behind the heart above the diaphragm; air rises anteriorly over fluid
         c, r = (dia["left"] - 12, y_es + 4, cx + 14), (14 + 14 * sev(f), 16 + 10 * sev(f), 16 + 14 * sev(f))
-        cv.paint(*_ebox(c, r), _ellipsoid(c, r), 40, 6)
+        cv.blob(c, r, 40, 6)
         inner = lambda z, y, x: _ellipsoid(c, r)(z, y, x) + 3
         cv.paint(*_ebox(c, r), inner, 15, 6)
         cv.paint(*_ebox(c, r), lambda z, y, x: torch.maximum(inner(z, y, x), y - c[1] + 0.3 * r[1]), -1000, 6)
@@ -661,9 +664,7 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None, roi=None):
     f = "Lymphadenopathy"
     if f in A:  # enlarged (short axis > 10 mm) round nodes at paratracheal, subcarinal, AP-window, hilar stations
         for k in range(A[f]["count"]):
-            c = nodes[int(A[f]["u"][1 + k] * 5)]
-            r = (A[f]["size"] / 2,) * 3
-            cv.paint(*_ebox(c, r), _ellipsoid(c, r), 40, 8)
+            cv.blob(nodes[int(A[f]["u"][1 + k] * 5)], (A[f]["size"] / 2,) * 3, 40, 8)
     f = "Pleural effusion"
     if f in A:  # dependent fluid crescent, thickest posteriorly
         T = 10 + 45 * sev(f)
@@ -674,92 +675,83 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None, roi=None):
                 half = (cx - x) if sd == "left" else (x - cx)
                 top = dia[sd] - 40 - 100 * sev(f)  # a larger effusion rises higher
                 return torch.maximum(torch.maximum(depth - t, half), torch.maximum(top - z, z - z_dia(y, x)))
-            cv.paint([carina, cy - rcy, 0], [max(dia.values()) + 90, cy + rcy, FOV[2]], crescent, 12, 10, only=lungs + [10])
+            cv.paint([carina, cy - rcy, 0], [z_bases, cy + rcy, FOV[2]], crescent, 12, 10, only=lungs + [10])
     f = "Atelectasis"
     if f in A:  # a dense plate along the posterior base (its volume loss raised the diaphragm above)
         for sd in sides(f):
             s = -1 if sd == "right" else 1
             c = (dia[sd] - 5, cy + 0.7 * rcy, cx + s * 0.5 * rcx)
-            r = (18 + 14 * sev(f), 14 + 10 * sev(f), 30 + 10 * sev(f))
-            cv.paint(*_ebox(c, r), _ellipsoid(c, r), 25, None, only=lungs)
+            cv.blob(c, (18 + 14 * sev(f), 14 + 10 * sev(f), 30 + 10 * sev(f)), 25, only=lungs)
     f = "Emphysema"
-    g = gf(f)
-    if f in A:  # clusters of -980 HU in the upper lungs, thresholded from a smooth random field
-        lo, hi = [p["apex"], cy - rcy, cx - rcx], [carina + 40, cy + rcy, cx + rcx]
-        fld = _smooth_field_fn(g, lo, hi, 7.0)
-        thr = 1.5 - 1.0 * sev(f)
-        mask_side = lambda x: 1.0 if A[f]["side"] == "bilateral" else ((x < cx) == (A[f]["side"] == "right")).float()
-        cv.paint(lo, hi, None, -985, None, only=lungs, weight=lambda z, y, x: ((fld(z, y, x) - thr) * 2).clamp_(0, 1) * mask_side(x))
+    if f in A:  # clusters of -985 HU in the upper lungs, thresholded from a smooth random field
+        box, thr = cavity_box(p["apex"], carina + 40), 1.5 - 1.0 * sev(f)
+        fld = _field(gf(f), *box, 7.0)
+        cv.paint(*box, None, -985, None, only=lungs,
+                 weight=lambda z, y, x: ((fld(z, y, x) - thr) * 2).clamp_(0, 1) * on_side(f, x))
     f = "Mosaic attenuation pattern"
-    g = gf(f)
     if f in A:  # lobular patchwork: air-trapping lobules darker, the others denser
-        lo, hi = [p["apex"], cy - rcy, cx - rcx], [max(dia.values()) + 90, cy + rcy, cx + rcx]
-        fld = _smooth_field_fn(g, lo, hi, 16.0)
-        cv.paint(lo, hi, None, -960, None, only=lungs, weight=lambda z, y, x: (fld(z, y, x) * 3).clamp_(0, 1) * sev(f))
-        cv.paint(lo, hi, None, -700, None, only=lungs, weight=lambda z, y, x: (fld(z, y, x) * -3).clamp_(0, 1) * sev(f))
+        box = cavity_box(p["apex"], z_bases)
+        fld = _field(gf(f), *box, 16.0)
+        cv.paint(*box, None, -960, None, only=lungs, weight=lambda z, y, x: (fld(z, y, x) * 3).clamp_(0, 1) * sev(f))
+        cv.paint(*box, None, -700, None, only=lungs, weight=lambda z, y, x: (fld(z, y, x) * -3).clamp_(0, 1) * sev(f))
     f = "Interlobular septal thickening"
-    g = gf(f)
     if f in A:  # fine polygonal lines: the zero set of a smooth field is a sheet, a line in any slice
-        lo, hi = [carina, cy - rcy, cx - rcx], [max(dia.values()) + 90, cy + rcy, cx + rcx]
-        fld = _smooth_field_fn(g, lo, hi, 8.0)
-        width = 0.12 * cv.ramp ** 0.5
-        mask_side = lambda x: 1.0 if A[f]["side"] == "bilateral" else ((x < cx) == (A[f]["side"] == "right")).float()
-        cv.paint(lo, hi, None, -150, None, only=lungs,
-                 weight=lambda z, y, x: (1 - fld(z, y, x).abs_() / width).clamp_(0, 1) * (0.6 * sev(f) + 0.4) * mask_side(x))
+        box, width, k = cavity_box(carina, z_bases), 0.12 * cv.ramp ** 0.5, 0.6 * sev(f) + 0.4
+        fld = _field(gf(f), *box, 8.0)
+        cv.paint(*box, None, -150, None, only=lungs,
+                 weight=lambda z, y, x: (1 - fld(z, y, x).abs_() / width).clamp_(0, 1) * k * on_side(f, x))
     f = "Pulmonary fibrotic sequela"
-    g = gf(f)
     if f in A:  # reticular bands tangent to the pleura, in the periphery
+        g = gf(f)
         for sd in sides(f):
-            s = -1 if sd == "right" else 1
             for k in range(int(3 + 6 * sev(f))):
                 c = _lung_point(p, G, g, sd, A[f]["lobe"] if k % 2 == 0 else "lower", 3)
                 ang = math.atan2((c[1] - cy) / rcy, (c[2] - cx) / rcx)
                 c = (c[0], cy + (rcy - 6) * math.sin(ang), cx + (rcx - 6) * math.cos(ang))
-                t = (torch.rand(1, generator=g).item() - 0.5) * 40
-                a, b = (c[0] - t, c[1] - 12 * math.cos(ang), c[2] + 12 * math.sin(ang)), (c[0] + t, c[1] + 12 * math.cos(ang), c[2] - 12 * math.sin(ang))
+                t, dy, dx = (torch.rand(1, generator=g).item() - 0.5) * 40, 12 * math.cos(ang), 12 * math.sin(ang)
+                a, b = (c[0] - t, c[1] - dy, c[2] + dx), (c[0] + t, c[1] + dy, c[2] - dx)
                 cv.paint(*_cbox(a, b, 2), _capsule(a, b, 1.2 + 0.8 * sev(f)), -60, None, only=lungs)
     for f, value in (("Lung opacity", -520), ("Consolidation", 30)):
-        g = gf(f)
         if f in A:  # ground glass: soft-edged patch; consolidation: dense, around an airway (air bronchograms)
-            for sd in sides(f):
-                seg = [sg for sg in tree if sg[4] == sd and sg[5] == A[f]["lobe"] and sg[3] >= 2 and _in_lung(G, sg[1], 8)]
-                c = seg[int(torch.rand(1, generator=g).item() * len(seg))][1] if seg else _lung_point(p, G, g, sd, A[f]["lobe"], 5)
-                r = (A[f]["size"] / 2 * 0.8, A[f]["size"] / 2, A[f]["size"] / 2 * 1.1)
-                cv.paint(*_ebox(c, r, 8), _ellipsoid(c, r), value, None, only=lungs, ramp=6.0)
+            g, lobe, r = gf(f), A[f]["lobe"], A[f]["size"] / 2
+            for sd in sides(f):  # at the end of a bronchus (generation >= 2) well inside the lobe, if there is one
+                ends = [sg[1] for sg in tree if sg[4] == sd and sg[5] == lobe and sg[3] >= 2 and _in_lung(G, sg[1], 8)]
+                c = (ends[int(torch.rand(1, generator=g).item() * len(ends))] if ends
+                     else _lung_point(p, G, g, sd, lobe, 5))
+                cv.blob(c, (r * 0.8, r, r * 1.1), value, pad=8, only=lungs, ramp=6.0)
     # ---- airway tree with its accompanying arteries ---------------------------------------------------------
-    pbt, bx = A.get("Peribronchial thickening"), A.get("Bronchiectasis")
     for a, b, r, depth, sd, lobe in tree:
         wall = 0.12 * r + 0.45
         rv = 1.1 * (r + wall)  # the artery beside each bronchus is about as wide as the bronchus
-        if pbt and pbt["side"] in (sd, "bilateral") and depth >= 1:
+        if has("Peribronchial thickening", sd) and depth >= 1:
             wall *= 1 + 2.5 * sev("Peribronchial thickening")
-        if bx and bx["side"] in (sd, "bilateral") and lobe == "lower" and depth >= 2:  # signet ring: bronchus > artery
+        if has("Bronchiectasis", sd) and lobe == "lower" and depth >= 2:  # signet ring: bronchus > artery
             r, wall = r * (1.4 + 1.2 * sev("Bronchiectasis")), wall * 1.5
         d = [bi - ai for ai, bi in zip(a, b)]
         n = [d[1], -d[0], 0.0] if abs(d[2]) > 0.5 * math.sqrt(sum(v * v for v in d)) else [0.0, d[2], -d[1]]
         k = (r + wall + rv + 0.5) / math.sqrt(sum(v * v for v in n) + 1e-9)
         va, vb = [ai + k * ni for ai, ni in zip(a, n)], [bi + k * ni for bi, ni in zip(b, n)]
         if depth >= 1:
-            cv.paint(*_cbox(va, vb, rv), _capsule(va, vb, rv), 40, None, only=lungs)
+            cv.tube([va, vb], rv, 40, None, only=lungs)
         if depth < 5:  # the last generation is vessels only: such airways are invisible on CT
             only = None if depth <= 1 else lungs + [5]
-            cv.paint(*_cbox(a, b, r + wall), _capsule(a, b, r + wall), 40, 5 if r > 1.5 else None, only=only)
-            cv.paint(*_cbox(a, b, r), _capsule(a, b, r), -1000, 5 if r > 1.5 else None, only=only)
+            cv.tube([a, b], r + wall, 40, 5 if r > 1.5 else None, only=only)
+            cv.tube([a, b], r, -1000, 5 if r > 1.5 else None, only=only)
     for a, b, r, *_ in _veins(_generator("veins", p["tree"]), carina, y_tr, cx):  # pulmonary veins to the atrium
-        cv.paint(*_cbox(a, b, r), _capsule(a, b, r), 40, None, only=lungs)
+        cv.tube([a, b], r, 40, None, only=lungs)
     f = "Lung nodule"  # after the vessels, so that none paints over a nodule
-    g = gf(f)
     if f in A:
+        g = gf(f)
         for nd in A[f]["nodules"]:
             c, r = _lung_point(p, G, g, nd["side"], nd["lobe"], nd["size"] / 2 + 4), nd["size"] / 2
             if r >= 2.5:
-                cv.paint(*_ebox(c, (r, r, r)), _ellipsoid(c, (r, r, r)), 30, None, only=lungs)
+                cv.blob(c, (r, r, r), 30, only=lungs)
             else:  # small nodules: a volume-preserving blob, the sphere averaged over a voxel (partial volume)
                 sig = [math.sqrt(r * r / 5 + v * v / 12) for v in cv.vox]
                 amp = min(1.0, 4 / 3 * math.pi * r ** 3 / ((2 * math.pi) ** 1.5 * math.prod(sig)))
-                blob = lambda z, y, x: amp * torch.exp(-0.5 * (((z - c[0]) / sig[0]) ** 2 + ((y - c[1]) / sig[1]) ** 2
-                                                            + ((x - c[2]) / sig[2]) ** 2))
-                cv.paint(*_ebox(c, [3 * s_ for s_ in sig], 1), None, 30, None, only=lungs, weight=blob)
+                gauss = lambda z, y, x: amp * torch.exp(-0.5 * (((z - c[0]) / sig[0]) ** 2 + ((y - c[1]) / sig[1]) ** 2
+                                                             + ((x - c[2]) / sig[2]) ** 2))
+                cv.paint(*_ebox(c, [3 * s_ for s_ in sig], 1), None, 30, None, only=lungs, weight=gauss)
 
     # ---- texture and noise ---------------------------------------------------------------------------------
     # CT noise grain is about 1 mm: below that, noise (and the +-8 HU low-frequency texture) is drawn on a 2x2
@@ -769,16 +761,9 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None, roi=None):
     coarse = [cv.c[0], cv.c[1].view(-1, f).mean(1), cv.c[2].view(-1, f).mean(1)]
     gn = _generator("noise", p["seed"], p["split"], p["index"], tuple(shape), roi)
     noise = torch.randn(Zs, Ys // f, Xs // f, generator=gn).to(device).mul_(10 + 20 * p["difficulty"])
-    noise += _field(gf("texture"), (9, 9, 9), (0, 0, 0), FOV, coarse).mul_(8)
+    noise += _field(gf("texture"), (0, 0, 0), FOV, 45.0)(*coarse).mul_(8)  # 9 knots per axis
     cv.hu.view(Zs, Ys // f, f, Xs // f, f).add_(noise[:, :, None, :, None])
     return cv.hu.clamp_(-1024, 3071), cv.mask
-
-
-def _smooth_field_fn(g, lo, hi, scale):
-    """A smooth random field over the box lo..hi with knots every `scale` mm, as a function of coordinates."""
-    knots = tuple(max(2, int((h - l) / scale) + 1) for l, h in zip(lo, hi))
-    C = torch.randn(knots, generator=g)
-    return lambda z, y, x: _field_eval(C, lo, hi, (z.flatten(), y.flatten(), x.flatten()))
 
 
 def _airway_tree(g, carina, y_tr, cx):
@@ -847,8 +832,9 @@ class SyntheticCT(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for {self.n} synthetic volumes")
         p = self.patient(i)
         hu, masks = render_phantom(p, self.shape, self.device)
-        return dict(volume=normalize(hu, self.window, self.norm)[None], labels=torch.tensor(p["labels"], dtype=torch.float32),
-                    report=make_report(p), name=f"{self.split}_{i + 1}_a_1", masks=masks, questions=make_questions(p))
+        return dict(volume=normalize(hu, self.window, self.norm)[None],
+                    labels=torch.tensor(p["labels"], dtype=torch.float32), report=make_report(p),
+                    name=f"{self.split}_{i + 1}_a_1", masks=masks, questions=make_questions(p))
 
 
 def write_ctrate_layout(out_dir, n, shape=(64, 128, 128), seed=0, *, v2=False, n_valid=None):
@@ -862,15 +848,15 @@ def write_ctrate_layout(out_dir, n, shape=(64, 128, 128), seed=0, *, v2=False, n
     spacing = [f / s for f, s in zip(FOV, shape)]
     affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
     affine[:3, 3] = [-FOV[2] / 2, -FOV[1] / 2, -FOV[0] / 2]
-    for folder, split, count, csv_split in (("train", "train", n, "train"),
-                                            ("valid", "test", max(1, n // 4) if n_valid is None else n_valid, "validation")):
-        ds = SyntheticCT(split, count, shape, seed, norm="hu", window=None)
+    n_valid = max(1, n // 4) if n_valid is None else n_valid
+    for folder, split, count, csv_split in (("train", "train", n, "train"), ("valid", "test", n_valid, "validation")):
         labels, reports, meta = [], [], []
         for i in range(count):
-            p = ds.patient(i)
+            p = sample_patient(seed, split, i)
             hu, _ = render_phantom(p, shape)
             stored = (hu if v2 else hu + 1024).round().to(torch.int16)
             ras = stored.flip(0, 1, 2).permute(2, 1, 0).contiguous().numpy()  # (z,y,x)=(I,P,L) -> (x,y,z)=(R,A,S)
+            impression = "; ".join(l for l, y in zip(LABELS, p["labels"]) if y) or "No acute abnormality"
             for recon in (1, 2) if i % 4 == 1 else (1,):
                 name = f"{folder}_{i + 1}_a_{recon}.nii.gz"
                 path = root / (folder + ("_fixed" if v2 else "")) / f"{folder}_{i + 1}" / f"{folder}_{i + 1}_a" / name
@@ -879,9 +865,8 @@ def write_ctrate_layout(out_dir, n, shape=(64, 128, 128), seed=0, *, v2=False, n
                 img.header.set_slope_inter(1, 0)
                 nib.save(img, path)
                 labels.append([name, *p["labels"]])
-                positives = [l for l, y in zip(LABELS, p["labels"]) if y]
                 reports.append([name, "Not given." if i % 3 else "Dyspnea.", "Non-contrast axial CT of the thorax.",
-                                make_report(p), ("; ".join(positives) or "No acute abnormality") + "."])
+                                make_report(p), impression + "."])
                 meta.append([name, "SYNTHETIC", "M" if i % 2 else "F", f"{p['age']:03d}Y", shape[1], shape[2],
                              spacing[0], f"[{spacing[1]}, {spacing[2]}]", spacing[0], -1024, 1, 120])
         for sub, header, rows in (
@@ -906,30 +891,24 @@ def render_montage(item, path, slices=None, px=360):
     region masks outlined in colour when the item has them, the positive labels and the report written below."""
     from PIL import Image, ImageDraw
     v = item["volume"].detach().float().cpu()[0]
-    Z, Y, X = v.shape
-    z, y, x = slices or (Z // 2, Y // 2, X // 2)
+    z, y, x = slices or [n // 2 for n in v.shape]
     v = (v - v.min()) / (v.max() - v.min() + 1e-6)
     m = item.get("masks")
     panels = []
-    for img, msk in ((v[z], m[z] if m is not None else None), (v[:, y], m[:, y] if m is not None else None),
-                     (v[:, :, x], m[:, :, x] if m is not None else None)):
-        gray = Image.fromarray((img.numpy() * 255).astype(np.uint8)).resize((px, px), Image.BILINEAR)
+    for sl in (np.s_[z], np.s_[:, y], np.s_[:, :, x]):  # axial, coronal, sagittal
+        gray = Image.fromarray((v[sl].numpy() * 255).astype(np.uint8)).resize((px, px), Image.BILINEAR)
         rgb = np.stack([np.asarray(gray)] * 3, -1)
-        if msk is not None:  # outline = a pixel whose region id differs from its right or lower neighbour
-            ids = np.asarray(Image.fromarray(msk.cpu().numpy()).resize((px, px), Image.NEAREST)).astype(int)
-            down, right = np.pad(ids[1:], ((0, 1), (0, 0)), mode="edge"), np.pad(ids[:, 1:], ((0, 0), (0, 1)), mode="edge")
+        if m is not None:  # outline = a pixel whose region id differs from its right or lower neighbour
+            ids = np.asarray(Image.fromarray(m[sl].cpu().numpy()).resize((px, px), Image.NEAREST)).astype(int)
+            down = np.pad(ids[1:], ((0, 1), (0, 0)), mode="edge")
+            right = np.pad(ids[:, 1:], ((0, 0), (0, 1)), mode="edge")
             edge = (ids != down) | (ids != right)  # coloured by the higher id, so outlines against air show too
             rgb[edge] = np.array(_PALETTE)[np.maximum(ids, np.maximum(down, right))[edge] % len(_PALETTE)]
         panels.append(rgb)
     positives = [l for l, t in zip(LABELS, item["labels"].tolist()) if t > 0.5]
     lines = [item.get("name", ""), "Findings: " + (", ".join(positives) or "none")]
-    words, line = item.get("report", "").split(), ""
-    for w in words:  # wrap the report to the montage width
-        if len(line) + len(w) > 3 * px // 6:
-            lines.append(line)
-            line = ""
-        line += w + " "
-    lines.append(line)
+    report = " ".join(item.get("report", "").split())  # wrapped to the montage width, at spaces only
+    lines += textwrap.wrap(report, 3 * px // 6, break_long_words=False, break_on_hyphens=False) or [""]
     canvas = Image.new("RGB", (3 * px, px + 14 * len(lines) + 26), (0, 0, 0))
     canvas.paste(Image.fromarray(np.concatenate(panels, 1)), (0, 0))
     draw = ImageDraw.Draw(canvas)
