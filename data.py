@@ -8,7 +8,7 @@ Sections, in reading order:
   Text         the phantom's report and question templates, byte-level BPE on tiktoken, the Llama-3 tokenizer
   Metrics      AUROC, F1 thresholds, classification metrics, BLEU/METEOR/ROUGE/CIDEr, VQA accuracy
   Runs         checkpoints, DDP, logs
-  CLI          python data.py synthetic|prepare|montage|bench
+  CLI          render_montage (a PNG of any item), bench; python data.py synthetic|prepare|montage|bench
 
 Axes everywhere are (z, y, x) = (I, P, L): slice 0 is the top, row 0 anterior, column 0 the patient's right.
 """
@@ -737,8 +737,11 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None, roi=None):
             only = None if depth <= 1 else lungs + [5]
             cv.tube([a, b], r + wall, 40, 5 if r > 1.5 else None, only=only)
             cv.tube([a, b], r, -1000, 5 if r > 1.5 else None, only=only)
-    for a, b, r, *_ in _veins(_generator("veins", p["tree"]), carina, y_tr, cx):  # pulmonary veins to the atrium
-        cv.tube([a, b], r, 40, None, only=lungs)
+    gv = _generator("veins", p["tree"])
+    for s in (-1, 1):  # superior and inferior pulmonary veins of each lung, branching out from the left atrium
+        for dz in (-0.4, 0.7):
+            for a, b, r, _ in _branches(gv, (carina + 50, y_tr + 4, cx + 30 * s), (dz, 0.3, s), 32, 5.0, 1):
+                cv.tube([a, b], r, 40, None, only=lungs)
     f = "Lung nodule"  # after the vessels, so that none paints over a nodule
     if f in A:
         g = gf(f)
@@ -775,15 +778,6 @@ def _airway_tree(g, carina, y_tr, cx):
             ("right", "lower", R, (0.8, 0.35, -0.35), 34, 5.0), ("left", "upper", L, (-0.75, -0.1, 0.6), 30, 4.5),
             ("left", "upper", L, (0.4, -0.75, 0.5), 30, 3.8), ("left", "lower", L, (0.8, 0.35, 0.35), 34, 5.0)):
         out += [seg + (sd, lobe) for seg in _branches(g, start, d, length, r, 1)]
-    return out
-
-
-def _veins(g, carina, y_tr, cx):
-    """Superior and inferior pulmonary veins of each lung, branching out from the left atrium."""
-    out = []
-    for s in (-1, 1):
-        for dz in (-0.4, 0.7):
-            out += _branches(g, (carina + 50, y_tr + 4, cx + 30 * s), (dz, 0.3, s), 32, 5.0, 1)
     return out
 
 
@@ -880,45 +874,6 @@ def write_ctrate_layout(out_dir, n, shape=(64, 128, 128), seed=0, *, v2=False, n
             with open(root / sub, "w", newline="", encoding="utf-8") as f:
                 csv.writer(f).writerows([header, *rows])
     return root
-
-
-_PALETTE = [(0, 0, 0), (80, 160, 255), (40, 220, 220), (255, 60, 60), (255, 150, 0), (120, 255, 120),
-            (220, 120, 255), (255, 255, 120), (255, 120, 200), (160, 110, 60), (120, 120, 255)]
-
-
-def render_montage(item, path, slices=None, px=360):
-    """PNG: axial, coronal and sagittal slices (default: the middle ones, or slices=(z, y, x)) of item["volume"],
-    region masks outlined in colour when the item has them, the positive labels and the report written below."""
-    from PIL import Image, ImageDraw
-    v = item["volume"].detach().float().cpu()[0]
-    z, y, x = slices or [n // 2 for n in v.shape]
-    v = (v - v.min()) / (v.max() - v.min() + 1e-6)
-    m = item.get("masks")
-    panels = []
-    for sl in (np.s_[z], np.s_[:, y], np.s_[:, :, x]):  # axial, coronal, sagittal
-        gray = Image.fromarray((v[sl].numpy() * 255).astype(np.uint8)).resize((px, px), Image.BILINEAR)
-        rgb = np.stack([np.asarray(gray)] * 3, -1)
-        if m is not None:  # outline = a pixel whose region id differs from its right or lower neighbour
-            ids = np.asarray(Image.fromarray(m[sl].cpu().numpy()).resize((px, px), Image.NEAREST)).astype(int)
-            down = np.pad(ids[1:], ((0, 1), (0, 0)), mode="edge")
-            right = np.pad(ids[:, 1:], ((0, 0), (0, 1)), mode="edge")
-            edge = (ids != down) | (ids != right)  # coloured by the higher id, so outlines against air show too
-            rgb[edge] = np.array(_PALETTE)[np.maximum(ids, np.maximum(down, right))[edge] % len(_PALETTE)]
-        panels.append(rgb)
-    positives = [l for l, t in zip(LABELS, item["labels"].tolist()) if t > 0.5]
-    lines = [item.get("name", ""), "Findings: " + (", ".join(positives) or "none")]
-    report = " ".join(item.get("report", "").split())  # wrapped to the montage width, at spaces only
-    lines += textwrap.wrap(report, 3 * px // 6, break_long_words=False, break_on_hyphens=False) or [""]
-    canvas = Image.new("RGB", (3 * px, px + 14 * len(lines) + 26), (0, 0, 0))
-    canvas.paste(Image.fromarray(np.concatenate(panels, 1)), (0, 0))
-    draw = ImageDraw.Draw(canvas)
-    for k, t in enumerate(lines):
-        draw.text((4, px + 4 + 14 * k), t, fill=(255, 255, 255))
-    for i in range(1, len(REGIONS)) if m is not None else ():  # legend of the outline colours
-        draw.text((4 + (i - 1) * 3 * px // 10, px + 8 + 14 * len(lines)), REGIONS[i], fill=_PALETTE[i])
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
 
 # =============================================================================
 # Cache: preprocess CT-RATE once, then read int16 memmaps; picking a dataset
@@ -1656,6 +1611,45 @@ class StopOnSigint:
 # =============================================================================
 # CLI: python data.py synthetic|prepare|montage|bench
 # =============================================================================
+
+_PALETTE = [(0, 0, 0), (80, 160, 255), (40, 220, 220), (255, 60, 60), (255, 150, 0), (120, 255, 120),
+            (220, 120, 255), (255, 255, 120), (255, 120, 200), (160, 110, 60), (120, 120, 255)]
+
+
+def render_montage(item, path, slices=None, px=360):
+    """PNG: axial, coronal and sagittal slices (default: the middle ones, or slices=(z, y, x)) of item["volume"],
+    region masks outlined in colour when the item has them, the positive labels and the report written below."""
+    from PIL import Image, ImageDraw
+    v = item["volume"].detach().float().cpu()[0]
+    z, y, x = slices or [n // 2 for n in v.shape]
+    v = (v - v.min()) / (v.max() - v.min() + 1e-6)
+    m = item.get("masks")
+    panels = []
+    for sl in (np.s_[z], np.s_[:, y], np.s_[:, :, x]):  # axial, coronal, sagittal
+        gray = Image.fromarray((v[sl].numpy() * 255).astype(np.uint8)).resize((px, px), Image.BILINEAR)
+        rgb = np.stack([np.asarray(gray)] * 3, -1)
+        if m is not None:  # outline = a pixel whose region id differs from its right or lower neighbour
+            ids = np.asarray(Image.fromarray(m[sl].cpu().numpy()).resize((px, px), Image.NEAREST)).astype(int)
+            down = np.pad(ids[1:], ((0, 1), (0, 0)), mode="edge")
+            right = np.pad(ids[:, 1:], ((0, 0), (0, 1)), mode="edge")
+            edge = (ids != down) | (ids != right)  # coloured by the higher id, so outlines against air show too
+            rgb[edge] = np.array(_PALETTE)[np.maximum(ids, np.maximum(down, right))[edge] % len(_PALETTE)]
+        panels.append(rgb)
+    positives = [l for l, t in zip(LABELS, item["labels"].tolist()) if t > 0.5]
+    lines = [item.get("name", ""), "Findings: " + (", ".join(positives) or "none")]
+    report = " ".join(item.get("report", "").split())  # wrapped to the montage width, at spaces only
+    lines += textwrap.wrap(report, 3 * px // 6, break_long_words=False, break_on_hyphens=False) or [""]
+    canvas = Image.new("RGB", (3 * px, px + 14 * len(lines) + 26), (0, 0, 0))
+    canvas.paste(Image.fromarray(np.concatenate(panels, 1)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for k, t in enumerate(lines):
+        draw.text((4, px + 4 + 14 * k), t, fill=(255, 255, 255))
+    for i in range(1, len(REGIONS)) if m is not None else ():  # legend of the outline colours
+        draw.text((4 + (i - 1) * 3 * px // 10, px + 8 + 14 * len(lines)), REGIONS[i], fill=_PALETTE[i])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
 
 def _rate(fn, n: int) -> float:  # calls per second of fn(0), ..., fn(n - 1)
     t = time.perf_counter()
