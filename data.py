@@ -609,8 +609,9 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None, roi=None):
     _ribs(cv, p, body, cx, cy, ry, p["fat"] + p["muscle"] + 5, dia)
 
     # ---- findings (before the airway tree, so lumens cut air bronchograms through consolidation) -------------
-    G = dict(apex=p["apex"], carina=carina, dia=dia, cy=cy, cx=cx, rcx=rcx, rcy=rcy, lung=lung_sdf,  # _lung_point's
-             carvers=[lambda z, y, x: heart(z, y, x) - eff - 5]  # keep lesions off the heart and descending aorta
+    # what _lung_point needs: the lungs, and the heart and descending aorta that lesions keep away from
+    G = dict(apex=p["apex"], carina=carina, dia=dia, cy=cy, cx=cx, rcx=rcx, rcy=rcy, lung=lung_sdf,
+             carvers=[lambda z, y, x: heart(z, y, x) - eff - 5]
              + [_capsule(a, b, ra + 6) for a, b in zip(aorta[2:], aorta[3:])])
     sides = lambda f: [sd for sd in ("right", "left") if has(f, sd)]
     on_side = lambda f, x: 1.0 if A[f]["side"] == "bilateral" else ((x < cx) == (A[f]["side"] == "right")).float()
