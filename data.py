@@ -722,21 +722,21 @@ def render_phantom(p: dict, shape=(64, 128, 128), device=None, roi=None):
                 cv.blob(c, (r * 0.8, r, r * 1.1), value, pad=8, only=lungs, ramp=6.0)
     # ---- airway tree with its accompanying arteries ---------------------------------------------------------
     for a, b, r, depth, sd, lobe in tree:
-        wall = 0.12 * r + 0.45
-        rv = 1.1 * (r + wall)  # the artery beside each bronchus is about as wide as the bronchus
+        bw = 0.12 * r + 0.45  # bronchial wall (not `wall`: cavity() reads that one)
+        rv = 1.1 * (r + bw)  # the artery beside each bronchus is about as wide as the bronchus
         if has("Peribronchial thickening", sd) and depth >= 1:
-            wall *= 1 + 2.5 * sev("Peribronchial thickening")
+            bw *= 1 + 2.5 * sev("Peribronchial thickening")
         if has("Bronchiectasis", sd) and lobe == "lower" and depth >= 2:  # signet ring: bronchus > artery
-            r, wall = r * (1.4 + 1.2 * sev("Bronchiectasis")), wall * 1.5
+            r, bw = r * (1.4 + 1.2 * sev("Bronchiectasis")), bw * 1.5
         d = [bi - ai for ai, bi in zip(a, b)]
         n = [d[1], -d[0], 0.0] if abs(d[2]) > 0.5 * math.sqrt(sum(v * v for v in d)) else [0.0, d[2], -d[1]]
-        k = (r + wall + rv + 0.5) / math.sqrt(sum(v * v for v in n) + 1e-9)
+        k = (r + bw + rv + 0.5) / math.sqrt(sum(v * v for v in n) + 1e-9)
         va, vb = [ai + k * ni for ai, ni in zip(a, n)], [bi + k * ni for bi, ni in zip(b, n)]
         if depth >= 1:
             cv.tube([va, vb], rv, 40, None, only=lungs)
         if depth < 5:  # the last generation is vessels only: such airways are invisible on CT
             only = None if depth <= 1 else lungs + [5]
-            cv.tube([a, b], r + wall, 40, 5 if r > 1.5 else None, only=only)
+            cv.tube([a, b], r + bw, 40, 5 if r > 1.5 else None, only=only)
             cv.tube([a, b], r, -1000, 5 if r > 1.5 else None, only=only)
     gv = _generator("veins", p["tree"])
     for s in (-1, 1):  # superior and inferior pulmonary veins of each lung, branching out from the left atrium
