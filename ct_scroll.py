@@ -51,9 +51,9 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from data import (LABELS, StopOnSigint, append_jsonl, auroc, best_f1_thresholds, classification_metrics, collate,
-                  get_dataset, load_checkpoint, load_nifti, preprocess, rng_state, save_checkpoint, set_rng_state,
-                  setup_ddp)
+from data import (LABELS, StopOnSigint, append_jsonl, best_f1_thresholds, bootstrap_auroc, classification_metrics,
+                  collate, get_dataset, load_checkpoint, load_nifti, preprocess, rng_state, save_checkpoint,
+                  set_rng_state, setup_ddp)
 from kernels import sliding_window_attention
 
 # -----------------------------------------------------------------------------
@@ -465,18 +465,6 @@ def gather_rng(ddp, world):
 # =============================================================================
 # Eval
 # =============================================================================
-
-def bootstrap_auroc(y, p, n=1000, seed=0):
-    """2.5th and 97.5th percentiles of the macro AUROC over n test sets resampled with replacement: how far the
-    number could move on another test set of the same size (small synthetic test sets move it a lot)."""
-    g, stats = np.random.default_rng(seed), []
-    for _ in range(n):
-        idx = g.integers(0, len(y), len(y))
-        aucs = [auroc(y[idx, k], p[idx, k]) for k in range(y.shape[1])]
-        stats.append(np.nanmean(aucs) if not np.isnan(aucs).all() else np.nan)
-    lo, hi = np.nanpercentile(stats, [2.5, 97.5])
-    return float(lo), float(hi)
-
 
 def final_eval(cfg, model, dev, ctx, val_ds):
     """The paper's protocol: per-label thresholds maximising F1 on validation, then every metric on test."""

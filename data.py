@@ -6,7 +6,7 @@ Sections, in reading order:
   Synthetic    a procedural chest CT phantom with 18 findings and anatomy masks (the default dataset)
   Cache        prepare() -> preprocessed int16 memmaps + an index, PreparedCT reads them; get_dataset, collate
   Text         the phantom's report and question templates, byte-level BPE on tiktoken, the Llama-3 tokenizer
-  Metrics      AUROC, F1 thresholds, classification metrics, BLEU/METEOR/ROUGE/CIDEr, VQA accuracy
+  Metrics      AUROC (+ bootstrap CI), F1 thresholds, classification metrics, BLEU/METEOR/ROUGE/CIDEr, VQA accuracy
   Runs         checkpoints, DDP, logs
   CLI          render_montage (a PNG of any item), bench; python data.py synthetic|prepare|montage|bench
 
@@ -1381,6 +1381,20 @@ def classification_metrics(y_true, y_score, thresholds, labels=None) -> dict:
                         for l, n in enumerate(names)}
     out["undefined"] = {k: [n for n, x in zip(names, v) if not np.isfinite(x)] for k, v in per.items()}
     return out
+
+
+def bootstrap_auroc(y_true, y_score, n=1000, seed=0) -> tuple:
+    """95% bootstrap interval of the macro AUROC (labels whose resample holds one class left out, as in
+    classification_metrics): the 2.5th and 97.5th percentiles over n test sets of the same size resampled with
+    replacement, i.e. how far the number could move on another test set (small synthetic test sets move it a lot)."""
+    y, p = _np(y_true), _np(y_score)
+    g, stats = np.random.default_rng(seed), []
+    for _ in range(n):
+        idx = g.integers(0, len(y), len(y))
+        aucs = [auroc(y[idx, k], p[idx, k]) for k in range(y.shape[1])]
+        stats.append(np.nanmean(aucs) if not np.isnan(aucs).all() else np.nan)
+    lo, hi = np.nanpercentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
 # ---- report metrics. One tokenisation for all of them: lowercase, words and decimal numbers kept whole, every

@@ -142,16 +142,6 @@ def test_learns_an_easy_problem():
     assert auroc(y[:, 0], p) > 0.9
 
 
-def test_bootstrap_interval():
-    """The 95% interval of the macro AUROC: a point for perfect scores, around 0.5 and narrowing with n for noise."""
-    rng = np.random.default_rng(0)
-    y = (rng.random((200, 3)) < 0.3).astype(float)
-    assert C.bootstrap_auroc(y, y + 0.1 * rng.random(y.shape), n=50) == (1.0, 1.0)
-    lo, hi = C.bootstrap_auroc(y, rng.random(y.shape), n=200)
-    lo4, hi4 = C.bootstrap_auroc(np.tile(y, (4, 1)), rng.random((800, 3)), n=200)
-    assert lo < 0.5 < hi and lo4 < 0.5 < hi4 and hi4 - lo4 < 0.7 * (hi - lo), (lo, hi, lo4, hi4)
-
-
 # ---- runs --------------------------------------------------------------------
 
 def test_resume_continues_exactly(tmp_path):

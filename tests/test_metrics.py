@@ -176,3 +176,13 @@ def test_vqa():
     assert data.choice_correct("C. pleura", "C. Pleura")
     assert not data.choice_correct("A. right lung", "B")
     assert not data.choice_correct("B", "B")  # the letter must be followed by "."
+
+
+def test_bootstrap_interval():
+    """The 95% interval of the macro AUROC: a point for perfect scores, around 0.5 and narrowing with n for noise."""
+    rng = np.random.default_rng(0)
+    y = (rng.random((200, 3)) < 0.3).astype(float)
+    assert data.bootstrap_auroc(y, y + 0.1 * rng.random(y.shape), n=50) == (1.0, 1.0)
+    lo, hi = data.bootstrap_auroc(y, rng.random(y.shape), n=200)
+    lo4, hi4 = data.bootstrap_auroc(np.tile(y, (4, 1)), rng.random((800, 3)), n=200)
+    assert lo < 0.5 < hi and lo4 < 0.5 < hi4 and hi4 - lo4 < 0.7 * (hi - lo), (lo, hi, lo4, hi4)
