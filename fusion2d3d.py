@@ -36,7 +36,7 @@ Deviations, on purpose:
   centre slices, the ViT at 48x48 with 8x8 patches, 128-d, 2 + 2 layers of 4 heads of 32; 128/48/64 volumes, 8 epochs.
 
 Commands (each prints one line per epoch -- val loss, val AUROC, lr, alpha, samples/s -- then the test table at
-threshold 0.5 and at validation-F1 thresholds; the cpu fusion run here: test AUROC 0.599, alpha 1.0 -> 0.991):
+threshold 0.5 and at validation-F1 thresholds; the cpu fusion run here: test AUROC 0.571, alpha 1.0 -> 0.991):
     python fusion2d3d.py --preset=cpu --mode=fusion          # CPU smoke run on the synthetic phantom
     python fusion2d3d.py --mode=resnet|vit|fusion --alpha=0.5 # one row of Table 2 / Table 3 (paper preset on GPU)
     python fusion2d3d.py --data=/data/CT-RATE --resnet_weights=resnet18-f37072fd.pth
