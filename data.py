@@ -1551,6 +1551,117 @@ def choice_correct(pred: str, answer: str) -> bool:
     `answer` is the letter ("B") or the full option ("B. Left lower lobe")."""
     return f"{answer.strip()[0].upper()}." in pred
 
+
+# ---- clinical efficacy (CE): the 18 findings read back out of a report, scored against the scan's labels, the way
+# CT2Rep / CT-CHAT / RadFM report it (CT-RATE's labels come from a trained text classifier run over the reports).
+
+_NEG_BEFORE = re.compile(r"\b(?:no|not|without|neither|nor|free of|negative for|absence of|rule out|ruled out)\b")
+_NEG_AFTER = re.compile(r"^[^.]{0,40}?\b(?:(?:is|are|was|were) (?:not|absent)|not (?:seen|detected|observed|present|"
+                        r"identified)|absent|ruled out)\b")
+_NEG_STOP = re.compile(r"\b(?:but|however|although|though|except|whereas|while)\b")
+_CALCIFIC = r"(?:calcif\w*|atheroscleros\w*|atherosclerotic|atherom\w*|plaques?)"
+# Per label: the phrase that mentions the finding, and (optionally) a phrase the same sentence must also hold.
+_TRIGGERS = {
+    "Medical material": (r"catheter|sternotom\w*|pacemaker|medical (?:device|material)|stent|prosthe\w*|"
+                         r"(?:chest|endotracheal|nasogastric|tracheostomy) tube|surgical clips?", None),
+    "Arterial wall calcification": (_CALCIFIC, r"aort"),
+    "Cardiomegaly": (r"cardiomegal\w*|heart (?:size )?(?:is )?(?:enlarged|increased)|enlarged heart|"
+                     r"increased (?:heart|cardiac) size|cardiac enlargement", None),
+    "Pericardial effusion": (r"pericardial (?:effusion|fluid)", None),
+    "Coronary artery wall calcification": (_CALCIFIC, r"coronar"),
+    "Hiatal hernia": (r"hiat(?:al|us) hernia", None),
+    "Lymphadenopathy": (r"lymphadenopath\w*|enlarged (?:\w+ )?lymph nodes?|lymph nodes? (?:are |is )?enlarged|"
+                        r"pathologic(?:al)?(?:ly)? (?:enlarged |sized? )?lymph nodes?", None),
+    "Emphysema": (r"emphysem\w*", None),
+    "Atelectasis": (r"atelecta\w*", None),
+    "Lung nodule": (r"\w*nodul\w*", None),
+    "Lung opacity": (r"ground[- ]glass|opacit\w*|opacification", None),
+    "Pulmonary fibrotic sequela": (r"fibro(?:tic|sis|us)|sequela\w*", None),
+    "Pleural effusion": (r"pleural (?:effusion|fluid)|hydrothorax", None),
+    "Mosaic attenuation pattern": (r"mosaic", None),
+    "Peribronchial thickening": (r"peribronchial (?:wall )?thicken\w*|bronchial walls? (?:are |is )?thicken\w*|"
+                                 r"bronchial wall thickening", None),
+    "Consolidation": (r"consolidat\w*", None),
+    "Bronchiectasis": (r"bronchiectas\w*|dilated bronchi|bronchial dilat\w*", None),
+    "Interlobular septal thickening": (r"interlobular sept\w*|septal thicken\w*", None),
+}
+_TRIGGER_RE = [(re.compile(r"\b(?:" + t + r")\b"), re.compile(c) if c else None)
+               for t, c in (_TRIGGERS[name] for name in LABELS)]
+
+
+def _negated(sentence: str, start: int, end: int) -> bool:
+    """NegEx-style: a negation cue at most 6 words before the mention (no 'but'/'however'... between them), or a
+    post-negation ('... is not seen', '... absent') right after it, in the same sentence."""
+    before = sentence[:start]
+    cut = max((m.end() for m in _NEG_STOP.finditer(before)), default=0)
+    window = " ".join(before[cut:].split()[-6:])
+    return bool(_NEG_BEFORE.search(window) or _NEG_AFTER.match(sentence[end:]))
+
+
+def report_labels(texts: list) -> np.ndarray:
+    """The 18 findings (data.LABELS order) read out of each report: (n, 18) int, 1 = called present.
+
+    A keyword + negation labeler: per sentence, each finding's trigger phrases (e.g. "pleural effusion", "hiatal
+    hernia", calcification + "coronary"), negated by a cue up to 6 words before the phrase ("no", "without", "free
+    of", ... not across "but"/"however") or right after it ("is not seen", "absent"). Rules:
+      - a finding is 1 if ANY sentence mentions it affirmatively; a finding both affirmed and negated (e.g. "no
+        effusion on the left. A small effusion on the right.") is therefore 1 (present somewhere);
+      - a finding never mentioned, or only negated, is 0; the empty string and text holding none of the English
+        trigger phrases (e.g. CT-RATE's Turkish originals) give all zeros: it reads English only;
+      - hedged mentions ("possible", "suspicious for") count as present.
+    Exact on the synthetic phantom's reports (make_report: every paraphrase and negation; tests/test_clinical.py
+    checks >= 500 patients across splits). On real CT-RATE text it is approximate: CT-RATE's own labels come from a
+    trained text classifier (a fine-tuned RadBERT), and this rule-based reader has only been measured on the
+    synthetic reports, as no real report is available here."""
+    if isinstance(texts, str):
+        raise TypeError("report_labels takes a list of reports, got a single string")
+    out = np.zeros((len(texts), len(LABELS)), dtype=np.int64)
+    for i, text in enumerate(texts):
+        for sentence in re.split(r"(?<=[.!?;])\s+|\n+", text.lower()):
+            for k, (trigger, context) in enumerate(_TRIGGER_RE):
+                if out[i, k] or (context is not None and not context.search(sentence)):
+                    continue
+                if any(not _negated(sentence, m.start(), m.end()) for m in trigger.finditer(sentence)):
+                    out[i, k] = 1
+    return out
+
+
+def clinical_metrics(generated, reference_labels) -> dict:
+    """CE metrics of generated reports against the scans' labels: per finding precision, recall, F1 (of the
+    finding being called present), their macro means over the 18 findings, and micro_f1 over all (report,
+    finding) pairs. generated: a list of report texts (read with report_labels) or an (n, 18) 0/1 array (for
+    baselines); reference_labels: (n, 18) 0/1. Definitions as sklearn's precision_recall_fscore_support with
+    average="macro" (every finding counts, also one absent from the test split) and zero_division=0 (a ratio with
+    a zero denominator is 0), which is what CT2Rep / CT-CHAT tables use; micro_f1 = 2 TP / (2 TP + FP + FN)."""
+    pred = report_labels(generated) if isinstance(generated, (list, tuple)) else _np(generated)
+    y = _np(reference_labels)
+    if len(pred) != len(y):
+        raise ValueError(f"clinical_metrics: {len(pred)} generated reports but {len(y)} reference label rows")
+    pred, y = pred.astype(bool).reshape(len(y), -1), y.astype(bool).reshape(len(y), -1)
+    if pred.shape != y.shape:
+        raise ValueError(f"clinical_metrics: generated labels {pred.shape} vs reference labels {y.shape}")
+    tp, fp, fn = (pred & y).sum(0), (pred & ~y).sum(0), (~pred & y).sum(0)
+    div = lambda a, b: np.where(b > 0, a / np.maximum(b, 1), 0.0)
+    p, r, f = div(tp, tp + fp), div(tp, tp + fn), div(2 * tp, 2 * tp + fp + fn)
+    names = LABELS if y.shape[1] == len(LABELS) else [str(i) for i in range(y.shape[1])]
+    T, FP, FN = int(tp.sum()), int(fp.sum()), int(fn.sum())
+    return {"precision": float(p.mean()), "recall": float(r.mean()), "f1": float(f.mean()),
+            "micro_f1": 2 * T / (2 * T + FP + FN) if T + FP + FN else 0.0,
+            "per_label": [{"label": n, "precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
+                           "support": int(y[:, k].sum())} for k, n in enumerate(names)]}
+
+
+def ce_baselines(train_labels, test_labels, seed=0) -> dict:
+    """clinical_metrics of three image-blind callers on the test labels: "all_normal" (nothing called: the most
+    frequent report), "prevalence_random" (each finding called with its training-set prevalence, numpy rng `seed`)
+    and "all_positive" (everything called: per finding F1 = 2p / (1 + p) with p its test prevalence, the best F1
+    any image-blind caller reaches on that finding). A model reads the image where it beats these per finding."""
+    y_train, y = _np(train_labels).astype(np.float64), _np(test_labels)
+    random = np.random.default_rng(seed).random(y.shape) < y_train.mean(0)[None, :]
+    return {"all_normal": clinical_metrics(np.zeros(y.shape, dtype=np.int64), y),
+            "prevalence_random": clinical_metrics(random.astype(np.int64), y),
+            "all_positive": clinical_metrics(np.ones(y.shape, dtype=np.int64), y)}
+
 # =============================================================================
 # Runs: checkpoints, DDP, logs — the plumbing every training loop shares
 # =============================================================================
