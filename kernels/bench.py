@@ -12,7 +12,9 @@ TFLOP/s counts only the band's useful work, the same for every provider:
     FLOPs(forward + backward) = 3.5 x forward (backward = 2.5 x forward: dV, dP, dQ, dK plus recomputing S)
 
 CPU (fp32, B = 1, H = 8, D = 64, N = 4096 and 16384, window (15, 0)): the PyTorch path against SDPA with a dense
-bool mask. Each case runs in a fresh subprocess; peak extra memory = the process's RSS high-water mark (VmHWM, reset
+bool mask and, forward only (torch has no FlexAttention backward on CPU), FlexAttention compiled by torch.compile
+for CPU with the band as a BlockMask (built and compiled by a first call before anything is measured; --flex false
+skips it, as its compile takes about a minute per N). Each case runs in a fresh subprocess; peak extra memory = the process's RSS high-water mark (VmHWM, reset
 through /proc/self/clear_refs after the inputs exist) minus its RSS then, over the first call. For SDPA the dense
 mask is built inside the measured call: it exists only to express the band. "forward" runs under torch.no_grad();
 "fwd+bwd" is a forward with autograd and .backward() of a fixed random gradient. Time: best of a few warm calls
@@ -53,9 +55,20 @@ def _status(field):
         return next(int(line.split()[1]) / 1024 for line in f if line.startswith(field))  # MiB
 
 
-def _cpu_call(impl, q, k, v, do, window, backward):
+def _flex_band(n, window):
+    """FlexAttention compiled for CPU (forward only: torch has no FlexAttention backward on CPU) and the band as a
+    BlockMask, both built outside the measured call (the dense mask of SDPA is built inside: see the docstring)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    left, right = window
+    block = create_block_mask(lambda b, h, i, j: (j >= i - left) & (j <= i + right), None, None, n, n, device="cpu")
+    return torch.compile(flex_attention, dynamic=False), block
+
+
+def _cpu_call(impl, q, k, v, do, window, backward, flex=None):
     if impl == "ours":
         o = sliding_window_attention(q, k, v, window, backend="torch")
+    elif impl == "flex":
+        o = flex[0](q, k, v, block_mask=flex[1])
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_band(q.shape[2], window, q.device))
     if backward:
@@ -74,37 +87,44 @@ def _cpu_case(impl, N, backward, out_path, threads):
     do = torch.randn(B, H, N, D, generator=g)
 
     small = [t[:, :, :64].detach().requires_grad_(backward) for t in (q, k, v)]
-    with torch.set_grad_enabled(backward):  # one-time library set-up (threads, BLAS) is not the op's memory
-        _cpu_call(impl, *small, do[:, :, :64], window, backward)
+    flex = None
+    if impl == "flex":  # compiled for this N by a first call: neither time nor memory counts the compiler
+        flex = _flex_band(N, window)
+        _cpu_call(impl, q, k, v, do, window, backward, flex)
+    else:
+        with torch.set_grad_enabled(backward):  # one-time library set-up (threads, BLAS) is not the op's memory
+            _cpu_call(impl, *small, do[:, :, :64], window, backward)
     base = _status("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
     t0 = time.perf_counter()
     with torch.set_grad_enabled(backward):
-        o = _cpu_call(impl, q, k, v, do, window, backward)
+        o = _cpu_call(impl, q, k, v, do, window, backward, flex)
         cold = time.perf_counter() - t0
         peak = _status("VmHWM") - base
         times = [cold]
         for _ in range(0 if cold > 5 else 3):
             t0 = time.perf_counter()
-            _cpu_call(impl, q, k, v, do, window, backward)
+            _cpu_call(impl, q, k, v, do, window, backward, flex)
             times.append(time.perf_counter() - t0)
     torch.save([o.detach()] + ([q.grad, k.grad, v.grad] if backward else []), out_path)
     print(json.dumps(dict(impl=impl, N=N, backward=backward, seconds=min(times), peak_mb=peak)))
 
 
-def bench_cpu(sizes, threads):
+def bench_cpu(sizes, threads, flex=True):
     torch.set_num_threads(threads or torch.get_num_threads())
     load = os.getloadavg()
-    print(f"CPU: PyTorch path vs SDPA + dense bool mask, B=1 H=8 D=64 fp32, window (15, 0), "
-          f"{torch.get_num_threads()} threads, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    rows = ["| N | pass | ours s | SDPA+mask s | speedup | ours extra MB | SDPA+mask extra MB | memory ratio | max abs diff (out, dq, dk, dv) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    print(f"CPU: PyTorch path vs SDPA + dense bool mask{' and compiled FlexAttention + BlockMask' if flex else ''}, "
+          f"B=1 H=8 D=64 fp32, window (15, 0), {torch.get_num_threads()} threads, "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    rows = ["| N | pass | ours s | SDPA+mask s | speedup | Flex s | Flex / ours | ours extra MB | SDPA+mask extra MB | "
+            "memory ratio | Flex extra MB | max abs diff vs SDPA (out, dq, dk, dv) | vs Flex (out) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     with tempfile.TemporaryDirectory() as tmp:
         for N in sizes:
             for backward in (False, True):
                 res, saved = {}, {}
-                for impl in ("ours", "sdpa"):
+                for impl in ("ours", "sdpa") + (("flex",) if flex and not backward else ()):
                     path = os.path.join(tmp, f"{impl}.pt")
                     cmd = [sys.executable, "-m", "kernels.bench", "--case", f"{impl},{N},{int(backward)},{path},{threads or 0}"]
                     line = subprocess.run(cmd, check=True, capture_output=True, text=True,
@@ -114,9 +134,13 @@ def bench_cpu(sizes, threads):
                     print("  ", line, flush=True)
                 diff = ", ".join(f"{(a - b).abs().max().item():.1e}" for a, b in zip(saved["ours"], saved["sdpa"]))
                 o, s = res["ours"], res["sdpa"]
+                f = res.get("flex")  # no FlexAttention backward on CPU in torch: "n/a" for fwd+bwd
+                fx = (f"{f['seconds']:.3f} | {f['seconds'] / o['seconds']:.1f}x" if f else "n/a | n/a")
+                fmem = f"{f['peak_mb']:.0f}" if f else "n/a"
                 rows.append(f"| {N} | {'fwd+bwd' if backward else 'forward'} | {o['seconds']:.3f} | {s['seconds']:.2f} | "
-                            f"{s['seconds'] / o['seconds']:.0f}x | {o['peak_mb']:.0f} | {s['peak_mb']:.0f} | "
-                            f"{s['peak_mb'] / max(o['peak_mb'], 1e-9):.1f}x | {diff} |")
+                            f"{s['seconds'] / o['seconds']:.0f}x | {fx} | {o['peak_mb']:.0f} | {s['peak_mb']:.0f} | "
+                            f"{s['peak_mb'] / max(o['peak_mb'], 1e-9):.1f}x | {fmem} | {diff} | "
+                            + (f"{(saved['ours'][0] - saved['flex'][0]).abs().max().item():.1e} |" if f else "n/a |"))
     load = os.getloadavg()
     print("\n".join(rows) + f"\nload average at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
 
@@ -169,6 +193,8 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--sizes", default=None, help="comma-separated N (default: 1k-16k on CUDA, 4096,16384 on CPU)")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's choice)")
+    p.add_argument("--flex", default="true", choices=["true", "false"],
+                   help="CPU: also time compiled FlexAttention (forward; ~1 min of compiling per N)")
     p.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one CPU measurement
     args = p.parse_args(argv)
     if args.case:
@@ -176,7 +202,7 @@ def main(argv=None):
         return _cpu_case(impl, int(n), bool(int(backward)), path, int(threads))
     default = "1024,2048,4096,8192,16384" if args.device == "cuda" else "4096,16384"
     sizes = [int(s) for s in (args.sizes or default).split(",")]
-    bench_cuda(sizes) if args.device == "cuda" else bench_cpu(sizes, args.threads)
+    bench_cuda(sizes) if args.device == "cuda" else bench_cpu(sizes, args.threads, args.flex == "true")
 
 
 if __name__ == "__main__":
