@@ -1,7 +1,8 @@
 """CT-Scroll: a global-local attention model for multi-label anomaly classification of 3D chest CT.
 
 Paper: T. Di Piazza, C. Lazarus, O. Nempont, L. Boussel, "Imitating Radiological Scrolling: A Global-Local Attention
-Model for 3D Chest CT Volumes Multi-Label Anomaly Classification", MIDL 2025 (under review); ../shared/papers/ct_scroll.md.
+Model for 3D Chest CT Volumes Multi-Label Anomaly Classification", Medical Imaging with Deep Learning (MIDL) 2025,
+PMLR 301:1313-1325; arXiv:2503.20652. Authors' code: github.com/theodpzz/ct-scroll.
 
 A volume x in R^{240 x 480 x 480} (z, y, x; z = 0 the most cranial slice) is cut into 80 triplets of consecutive
 axial slices, each read by a ResNet-18 as a 3-channel image:
@@ -51,9 +52,10 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from data import (LABELS, StopOnSigint, append_jsonl, best_f1_thresholds, bootstrap_auroc, classification_metrics,
-                  collate, get_dataset, load_checkpoint, load_nifti, preprocess, rng_state, save_checkpoint,
-                  set_rng_state, setup_ddp)
+from data import (LABELS, BadConfig, Interrupted, StopOnSigint, append_jsonl, best_f1_thresholds, bootstrap_auroc,
+                  check_out_dir, classification_metrics, collate, get_dataset, load_checkpoint, load_ct, preprocess,
+                  resume_cleanup, rng_state, run, save_checkpoint, set_rng_state, setup_ddp)
+from data import StepTimer  # per-step data wait vs compute, TFLOP/s, MFU against this device's peak
 from kernels import sliding_window_attention
 
 # -----------------------------------------------------------------------------
@@ -93,8 +95,10 @@ n_heads = 8
 aggregation = "mean"  # mean (authors: LayerNorm + mean) | sum (Eq. 3)
 resnet_weights = ""  # path to torchvision's resnet18-f37072fd.pth; empty = random init
 predict = ""  # path to a .nii/.nii.gz to classify with the trained run (needs --init_from=resume)
+rescale = "auto"  # --predict: stored values -> HU by the header | none | auto (header or header - 1024, by the air level)
 gradcam = False  # with --predict: Grad-CAM PNGs for every positive label
 strict = False  # a bad input file is fatal instead of skipped
+debug = False  # print the traceback of every error (without it, bad input is one line `error: ...`)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
 
@@ -316,9 +320,12 @@ def make_dataset(cfg, split):
     n = {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_test"]}[split]
     ds = get_dataset(cfg["data"], split, n=n, shape=tuple(cfg["shape"]), spacing=tuple(cfg["spacing"]),
                      window=tuple(cfg["hu_window"]), norm=cfg["norm"], seed=cfg["seed"], strict=cfg["strict"])
+    if len(ds) == 0:
+        raise BadConfig(f"--data={cfg['data']}: the {split} split has no usable volume")
     if cfg["ram_cache"]:  # generate/read every volume once, num_workers processes in parallel
         t0 = time.time()
-        items = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg["num_workers"])
+        items = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg["num_workers"],
+                                            generator=torch.Generator().manual_seed(cfg["seed"]))
         ds = [{"volume": it["volume"], "labels": it["labels"]}
               for it in tqdm(items, desc=f"{split} to RAM", leave=False, dynamic_ncols=True)]
         print(f"{split}: {len(ds)} volumes cached in RAM in {time.time() - t0:.1f}s")
@@ -326,9 +333,12 @@ def make_dataset(cfg, split):
 
 
 def loader(ds, cfg, sampler=None):
+    """Its own generator: starting an iterator draws a worker seed, which must not come from the global RNG that
+    dropout uses (an eval would shift the training run's dropout, and a resumed run would differ)."""
     workers = 0 if isinstance(ds, list) else cfg["num_workers"]
-    return torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], sampler=sampler,
-                                       num_workers=workers, collate_fn=collate, pin_memory=cfg["device"] != "cpu")
+    return torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], sampler=sampler, num_workers=workers,
+                                       collate_fn=collate, pin_memory=cfg["device"] != "cpu",
+                                       generator=torch.Generator().manual_seed(cfg["seed"]))
 
 
 # =============================================================================
@@ -389,6 +399,9 @@ def train(cfg, model, dev, ddp, rank, world, master, ckpt):
                                                       world, cfg["batch_size"])))
     fps = flops_per_sample(cfg) * 3  # forward + backward
     bad, t0, n_seen = 0, time.time(), 0
+    timer = StepTimer(dev, fps)  # means since the last eval, per process
+    with torch.random.fork_rng(devices=[dev] if "cuda" in str(dev) else []):  # the first stats() measures the peak
+        timer.stats()  # with torch.randn (once per process): done here, and off the RNG that dropout draws from
     pbar = tqdm(total=cfg["max_iters"], initial=it, disable=not master, desc="train", dynamic_ncols=True)
     state = lambda: {"model": raw.state_dict(), "optimizer": opt.state_dict(), "iter_num": it,
                      "best_val_auroc": best, "config": cfg, "rng": gather_rng(ddp, world)}
@@ -401,8 +414,9 @@ def train(cfg, model, dev, ddp, rank, world, master, ckpt):
                 g["lr"] = lr
             loss_sum = 0.0
             for m in range(micro):
-                batch = next(batches)
-                x, y = batch["volume"].to(dev, non_blocking=True), batch["labels"].to(dev, non_blocking=True)
+                with timer.data():
+                    batch = next(batches)
+                    x, y = batch["volume"].to(dev, non_blocking=True), batch["labels"].to(dev, non_blocking=True)
                 if ddp:
                     model.require_backward_grad_sync = m == micro - 1
                 with ctx:
@@ -426,15 +440,14 @@ def train(cfg, model, dev, ddp, rank, world, master, ckpt):
                 opt.zero_grad(set_to_none=True)
             it += 1
             n_seen += x.shape[0] * micro * world
+            timer.step(x.shape[0] * micro)
             pbar.update(1)
             if master and (it % cfg["log_interval"] == 0 or it == cfg["max_iters"]):
-                dt = time.time() - t0
-                tflops = fps * n_seen / dt / 1e12
-                mfu = f" mfu {tflops / 989:.1%} (H100 bf16)" if "cuda" in str(dev) else ""
-                pbar.set_postfix_str(f"loss {loss_sum:.4f} lr {lr:.2e} {n_seen / dt:.2f} vol/s {tflops:.2f} TFLOP/s{mfu}")
+                pbar.set_postfix_str(f"loss {loss_sum:.4f} lr {lr:.2e} {timer.line(timer.stats())}")
             stop = sig.stop
             if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"] or stop:
                 snap = state()  # taken before evaluation so that resuming replays exactly
+                perf = timer.stats()
                 if master:
                     y, p, vloss = predict_split(raw, val_ds, cfg, dev, ctx)
                     vauc = classification_metrics(y, p, np.full(y.shape[1], 0.5))["auroc"]
@@ -442,11 +455,13 @@ def train(cfg, model, dev, ddp, rank, world, master, ckpt):
                     snap["best_val_auroc"] = best
                     append_jsonl(os.path.join(cfg["out_dir"], "log.jsonl"),
                                  {"iter": it, "train_loss": loss_sum, "val_loss": vloss, "val_auroc": vauc, "lr": lr,
-                                  "time_s": round(time.time() - t0, 1)})
-                    tqdm.write(f"step {it}: train loss {loss_sum:.4f}, val loss {vloss:.4f}, val macro AUROC {vauc:.4f}")
+                                  "time_s": round(time.time() - t0, 1), **perf})
+                    tqdm.write(f"step {it}: train loss {loss_sum:.4f}, val loss {vloss:.4f}, val macro AUROC {vauc:.4f}, "
+                               f"{timer.line(perf)}")
                     save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), snap)
                 if ddp:
                     torch.distributed.barrier()
+                timer.reset()
             if stop:
                 break
     pbar.close()
@@ -522,7 +537,7 @@ def save_gradcam_png(x, cam, path, top=3):
 
 
 def predict_file(cfg, model, ckpt, dev, path):
-    vol, sp = load_nifti(path)
+    vol, sp = load_ct(path, cfg["rescale"])
     x = preprocess(vol, sp, target_spacing=tuple(cfg["spacing"]), shape=tuple(cfg["shape"]),
                    window=tuple(cfg["hu_window"]), norm=cfg["norm"])[None, None].to(dev)  # (1, 1, Z, Y, X)
     th = np.asarray(ckpt["thresholds"] if "thresholds" in ckpt else np.full(len(LABELS), 0.5), dtype=np.float64)
@@ -550,17 +565,28 @@ def predict_file(cfg, model, ckpt, dev, path):
 # =============================================================================
 
 def _cast(key, value: str, default):
-    """Cast a command-line string to the type of the key's default; a wrong type is an error naming the key."""
+    """Cast a command-line string to the type of the key's default. An error naming the key: a wrong type, a
+    list of another length than the default's, a number that is not finite, or negative where the default is not
+    (a list whose default values are all positive must stay positive)."""
     try:
         if isinstance(default, bool):
             if value.lower() not in ("true", "false"):
                 raise ValueError
             return value.lower() == "true"
         if isinstance(default, tuple):  # comma lists -> tuples of int/float
-            return tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(",") if v.strip())
-        return type(default)(value)
+            out = tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(",") if v.strip())
+            if out and default and len(out) != len(default):
+                raise SystemExit(f"--{key}={value!r}: expected {len(default)} comma-separated values, like "
+                                 f"{','.join(map(str, default))}")
+            if not all(math.isfinite(v) for v in out) or (all(d > 0 for d in default) and any(v <= 0 for v in out)):
+                raise SystemExit(f"--{key}={value!r}: every value must be a positive finite number")
+            return out
+        out = type(default)(value)
     except ValueError:
         raise SystemExit(f"--{key}={value!r}: expected a value like {default!r}") from None
+    if isinstance(out, (int, float)) and (not math.isfinite(out) or (default >= 0 and out < 0)):
+        raise SystemExit(f"--{key}={value!r}: expected a finite number" + (" >= 0" if default >= 0 else ""))
+    return out
 
 
 def parse_config(argv, defaults, presets):
@@ -593,10 +619,49 @@ def parse_config(argv, defaults, presets):
 
 MODEL_KEYS = ("shape", "spacing", "hu_window", "norm", "reduction", "interactions", "window", "depth", "n_heads",
               "aggregation")
+CHOICES = {"init_from": ("scratch", "resume"), "norm": ("ctscroll", "symmetric", "unit", "hu"),
+           "reduction": ("gap", "linear", "conv3d"), "interactions": ("none", "causal", "global", "global_local",
+                                                                       "scrolling"),
+           "aggregation": ("mean", "sum"), "rescale": ("auto", "header", "none"), "dtype": ("bfloat16", "float16",
+                                                                                             "float32")}
+
+
+def check_config(cfg):
+    """What parses but cannot work stops here, before any work, naming the key."""
+    for key, options in CHOICES.items():
+        if cfg[key] not in options:
+            raise BadConfig(f"--{key}={cfg[key]}: expected one of {', '.join(options)}")
+    for key in ("max_iters", "eval_interval", "log_interval", "batch_size", "grad_accum", "n_train", "n_val", "n_test",
+                "depth", "n_heads"):
+        if cfg[key] < 1:
+            raise BadConfig(f"--{key}={cfg[key]}: must be at least 1")
+    for key in ("shape", "spacing", "hu_window"):
+        if len(cfg[key]) != len(DEFAULTS[key]):
+            raise BadConfig(f"--{key}={cfg[key]}: expected {len(DEFAULTS[key])} values")
+    if cfg["shape"][0] % 3 or cfg["shape"][1] != cfg["shape"][2]:
+        raise BadConfig(f"--shape={','.join(map(str, cfg['shape']))}: (z, y, x) with z a multiple of 3 (triplets) and "
+                        f"square slices (y = x)")
+    if cfg["hu_window"][0] >= cfg["hu_window"][1]:
+        raise BadConfig(f"--hu_window={cfg['hu_window']}: expected low,high with low < high")
+    if 512 % cfg["n_heads"]:
+        raise BadConfig(f"--n_heads={cfg['n_heads']}: must divide the token width 512")
+    if cfg["reduction"] == "conv3d" and (cfg["interactions"] != "none" or feature_map_size(cfg["shape"][1]) < 6):
+        raise BadConfig("--reduction=conv3d: needs --interactions=none (one token per volume) and slices of at least "
+                        "161 x 161 voxels (a 6 x 6 layer4 map)")
+    if cfg["data"] != "synthetic" and not os.path.isdir(cfg["data"]):
+        raise BadConfig(f"--data={cfg['data']}: not 'synthetic' and not a folder (a CT-RATE root or a prepared cache)")
+    if cfg["predict"] and cfg["init_from"] != "resume":
+        raise BadConfig("--predict needs a trained run: add --init_from=resume (and its --out_dir)")
+    for key in ("predict", "resnet_weights"):
+        if cfg[key] and not os.path.isfile(cfg[key]):
+            raise BadConfig(f"--{key}={cfg[key]}: no such file")
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise BadConfig(f"--device={cfg['device']}: CUDA is not available here (--device=cpu)")
 
 
 def main(argv=None):
     cfg = parse_config(argv, DEFAULTS, PRESETS)
+    check_config(cfg)
     ddp, rank, world, dev, master = setup_ddp(cfg["device"])
     ckpt = None
     if cfg["init_from"] == "resume":
@@ -605,10 +670,10 @@ def main(argv=None):
         if changed and master:
             print(f"resume: the model keys come from the checkpoint; ignoring the given {changed}")
         cfg.update({k: ckpt["config"][k] for k in MODEL_KEYS})
-    elif cfg["init_from"] != "scratch":
-        raise ValueError(f"--init_from={cfg['init_from']!r}: expected scratch or resume")
-    if cfg["predict"] and ckpt is None:
-        raise ValueError("--predict needs a trained run: add --init_from=resume (and its --out_dir)")
+        if master and not cfg["predict"]:
+            resume_cleanup(cfg["out_dir"], ckpt["iter_num"])
+    if master and (not cfg["predict"] or cfg["gradcam"]):
+        check_out_dir(cfg["out_dir"])
     if master:
         print(f"preset {cfg['preset']}, device {dev}" + ("" if world == 1 else f", DDP world {world}"))
         print(f"ResNet-18: {'ImageNet weights from ' + cfg['resnet_weights'] if cfg['resnet_weights'] else 'random init (--resnet_weights=path/to/resnet18-f37072fd.pth for ImageNet)'}")
@@ -630,8 +695,10 @@ def main(argv=None):
     if ddp:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    if stopped:
+        raise Interrupted(f"checkpoint saved in {cfg['out_dir']}/ckpt.pt; continue with --init_from=resume")
     return res
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

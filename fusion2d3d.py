@@ -1,7 +1,7 @@
 """Residual fusion of a 2D ResNet and a 3D ViT for multi-abnormality classification of chest CT.
 
-Paper: E. Maestri, "Evaluating a residual learning framework for 3D computed tomography data", Stanford (CS231n-style
-project report, 2025); ../shared/papers/fusion2d3d.md. Algorithm 1, Tables 2-3, Figures 4-5.
+Paper: E. Maestri, "Evaluating a residual learning framework for 3D computed tomography data", Stanford University
+course project report (CS231n-style), 2025; no arXiv or DOI was found for it. Algorithm 1, Tables 2-3, Figures 4-5.
 
 What this file implements (x = one CT volume, S centre slices, 18 CT-RATE labels):
     2D branch   f_s = ResNet18(x[s]) in R^512 for every slice s (1-channel first conv)       (Sec. 4.1)
@@ -44,6 +44,7 @@ threshold 0.5 and at validation-F1 thresholds; the cpu fusion run here: test AUR
     python fusion2d3d.py --init_from=resume --predict=scan.nii.gz   # 18 probabilities + calls + Grad-CAM PNG
 """
 import json
+import math
 import os
 import sys
 import time
@@ -59,9 +60,11 @@ import torchvision
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import (LABELS, StopOnSigint, append_jsonl, auroc, best_f1_thresholds, classification_metrics, get_dataset,
-                  load_checkpoint, load_nifti, preprocess, rng_state, save_checkpoint, set_rng_state, setup_ddp)
+from data import (LABELS, BadConfig, Interrupted, StopOnSigint, append_jsonl, auroc, best_f1_thresholds, check_out_dir,
+                  classification_metrics, get_dataset, load_checkpoint, load_ct, preprocess, resume_cleanup,
+                  rng_state, run, save_checkpoint, set_rng_state, setup_ddp)
 from data import collate as data_collate
+from data import StepTimer  # per-step data wait vs compute, TFLOP/s, MFU against this device's peak
 
 # -----------------------------------------------------------------------------
 preset = ""  # cpu | paper; empty: paper on CUDA, cpu otherwise
@@ -103,7 +106,9 @@ resnet_weights = ""  # local torchvision resnet18 .pth (ImageNet); "" = random i
 num_workers = 4  # DataLoader workers for data read from disk (synthetic data is generated once, in memory)
 cam_label = "Lung nodule"  # label of the Grad-CAM picture (Figure 5)
 predict = ""  # path to a .nii.gz: print its 18 probabilities (with --init_from=resume)
+rescale = "auto"  # --predict: stored values -> HU by the header | none | auto (header or header - 1024, by the air level)
 strict = False  # a bad volume in a dataset is fatal instead of skipped
+debug = False  # print the traceback of every error (without it, bad input is one line `error: ...`)
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
 
@@ -119,17 +124,28 @@ MODEL_KEYS = ("mode", "alpha", "shape", "n_slices", "vit_size", "patch", "vit_di
 
 # Copied from ct_scroll._cast
 def _cast(key, value: str, default):
-    """Cast a command-line string to the type of the key's default; a wrong type is an error naming the key."""
+    """Cast a command-line string to the type of the key's default. An error naming the key: a wrong type, a
+    list of another length than the default's, a number that is not finite, or negative where the default is not
+    (a list whose default values are all positive must stay positive)."""
     try:
         if isinstance(default, bool):
             if value.lower() not in ("true", "false"):
                 raise ValueError
             return value.lower() == "true"
         if isinstance(default, tuple):  # comma lists -> tuples of int/float
-            return tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(",") if v.strip())
-        return type(default)(value)
+            out = tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(",") if v.strip())
+            if out and default and len(out) != len(default):
+                raise SystemExit(f"--{key}={value!r}: expected {len(default)} comma-separated values, like "
+                                 f"{','.join(map(str, default))}")
+            if not all(math.isfinite(v) for v in out) or (all(d > 0 for d in default) and any(v <= 0 for v in out)):
+                raise SystemExit(f"--{key}={value!r}: every value must be a positive finite number")
+            return out
+        out = type(default)(value)
     except ValueError:
         raise SystemExit(f"--{key}={value!r}: expected a value like {default!r}") from None
+    if isinstance(out, (int, float)) and (not math.isfinite(out) or (default >= 0 and out < 0)):
+        raise SystemExit(f"--{key}={value!r}: expected a finite number" + (" >= 0" if default >= 0 else ""))
+    return out
 
 
 # Copied from ct_scroll.parse_config
@@ -174,7 +190,8 @@ class ResNet2D(nn.Module):
         if weights:  # ImageNet weights from a local file: the RGB filters summed into one grey channel
             sd = torch.load(weights, map_location="cpu", weights_only=True)
             r.load_state_dict(sd)
-            conv1.weight.copy_(sd["conv1.weight"].sum(1, keepdim=True))
+            with torch.no_grad():  # an in-place copy into a parameter must not be recorded by autograd
+                conv1.weight.copy_(sd["conv1.weight"].sum(1, keepdim=True))
         self.trunk = nn.Sequential(conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2, r.layer3, r.layer4)
         self.trunk.to(memory_format=torch.channels_last)  # ~1.5x faster convolutions on CPU (oneDNN) and GPU
 
@@ -297,7 +314,42 @@ def parse_alpha(a: str) -> float:
     try:
         return float(a)
     except ValueError:
-        raise ValueError(f"--alpha={a!r}: expected a number (fixed weight, e.g. 0.5) or 'learned'") from None
+        raise BadConfig(f"--alpha={a!r}: expected a number (fixed weight, e.g. 0.5) or 'learned'") from None
+
+
+def check_config(cfg):
+    """What parses but cannot work stops here, before any work, naming the key."""
+    choices = {"mode": ("resnet", "vit", "fusion"), "init_from": ("scratch", "resume"), "rescale": ("auto", "header",
+               "none"), "norm": ("symmetric", "unit", "ctscroll", "hu"), "cam_label": LABELS}
+    for key, options in choices.items():
+        if cfg[key] not in options:
+            raise BadConfig(f"--{key}={cfg[key]}: expected one of {', '.join(options)}")
+    if cfg["mode"] == "fusion" and cfg["alpha"] != "learned":
+        parse_alpha(cfg["alpha"])
+    for key in ("epochs", "batch_size", "grad_accum", "n_train", "n_val", "n_test", "n_slices", "vit_size", "patch",
+                "vit_dim", "vit_depth", "vit_slice_depth", "vit_heads", "vit_head_dim"):
+        if cfg[key] < 1:
+            raise BadConfig(f"--{key}={cfg[key]}: must be at least 1")
+    for key in ("shape", "spacing", "window"):
+        if len(cfg[key]) != len(DEFAULTS[key]):
+            raise BadConfig(f"--{key}={cfg[key]}: expected {len(DEFAULTS[key])} values")
+    if cfg["window"][0] >= cfg["window"][1]:
+        raise BadConfig(f"--window={cfg['window']}: expected low,high with low < high")
+    if cfg["vit_size"] % cfg["patch"]:
+        raise BadConfig(f"--patch={cfg['patch']}: must divide --vit_size={cfg['vit_size']}")
+    if cfg["batch_size"] % cfg["grad_accum"]:
+        raise BadConfig(f"--batch_size={cfg['batch_size']}: must be a multiple of --grad_accum={cfg['grad_accum']}")
+    if cfg["n_train"] < cfg["batch_size"] and cfg["data"] == "synthetic":
+        raise BadConfig(f"--n_train={cfg['n_train']}: smaller than --batch_size={cfg['batch_size']} (no full batch)")
+    if cfg["predict"] and cfg["init_from"] != "resume":
+        raise BadConfig("--predict needs a trained model: add --init_from=resume (and --out_dir of the run)")
+    for key in ("predict", "resnet_weights"):
+        if cfg[key] and not os.path.isfile(cfg[key]):
+            raise BadConfig(f"--{key}={cfg[key]}: no such file")
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise BadConfig(f"--device={cfg['device']}: CUDA is not available here (--device=cpu)")
+    if cfg["data"] != "synthetic" and not os.path.isdir(cfg["data"]):
+        raise BadConfig(f"--data={cfg['data']}: not 'synthetic' and not a folder (a CT-RATE root or a prepared cache)")
 
 
 def build_model(cfg: dict) -> nn.Module:
@@ -330,18 +382,24 @@ def collate_centre(items, n_slices):
 
 def get_split(cfg, split):
     n = {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_test"]}[split]
+    big = cfg["data"] == "synthetic" and n * int(np.prod(cfg["shape"])) * 4 > 16 * 2**30  # > 16 GiB of float32
     ds = get_dataset(cfg["data"], split, n=n, shape=cfg["shape"], spacing=cfg["spacing"], window=cfg["window"],
-                          norm=cfg["norm"], seed=cfg["seed"], strict=cfg["strict"])
-    if cfg["data"] == "synthetic":  # generate the phantoms once and keep them in memory
+                          norm=cfg["norm"], seed=cfg["seed"], strict=cfg["strict"], disk_cache=big)  # int16 on disk
+    if len(ds) == 0:
+        raise BadConfig(f"--data={cfg['data']}: the {split} split has no usable volume")
+    if cfg["data"] == "synthetic" and not big:  # generate the phantoms once and keep them in memory
         items = (ds[i] for i in tqdm(range(len(ds)), desc=f"synthetic {split}", leave=False))
         ds = [{"volume": it["volume"], "labels": it["labels"], "name": it["name"]} for it in items]
     return ds
 
 
 def loader(ds, batches, cfg):
+    """Its own generator: starting an iterator draws a worker seed, which must not come from the global RNG (a
+    run resumed mid-epoch starts an iterator the uninterrupted run did not)."""
     workers = 0 if isinstance(ds, list) else cfg["num_workers"]
     return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers,
-                                       collate_fn=partial(collate_centre, n_slices=cfg["n_slices"]))
+                                       collate_fn=partial(collate_centre, n_slices=cfg["n_slices"]),
+                                       generator=torch.Generator().manual_seed(cfg["seed"]))
 
 
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int):
@@ -391,9 +449,11 @@ def train(cfg, model, dev, ddp, rank, world, master, ckpt=None):
                             fused="cuda" in dev)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg["lr_factor"], patience=cfg["lr_patience"])
     train_ds, val_ds = get_split(cfg, "train"), get_split(cfg, "val")
-    assert cfg["batch_size"] % (world * cfg["grad_accum"]) == 0, "batch_size must divide by world size * grad_accum"
+    if cfg["batch_size"] % (world * cfg["grad_accum"]):
+        raise BadConfig(f"--batch_size={cfg['batch_size']}: must divide by world size {world} x --grad_accum")
     steps_per_epoch = len(train_ds) // cfg["batch_size"]
-    assert steps_per_epoch > 0, f"n_train={len(train_ds)} is smaller than batch_size={cfg['batch_size']}"
+    if steps_per_epoch < 1:
+        raise BadConfig(f"--batch_size={cfg['batch_size']}: larger than the {len(train_ds)} training volumes")
     max_iters = cfg["max_iters"] or cfg["epochs"] * steps_per_epoch
     eval_interval = cfg["eval_interval"] or steps_per_epoch
     iter_num, best_val = 0, float("inf")
@@ -420,6 +480,7 @@ def train(cfg, model, dev, ddp, rank, world, master, ckpt=None):
 
     micro = cfg["batch_size"] // world // cfg["grad_accum"]
     bad_steps, t0, seen, last_val = 0, time.time(), 0, None
+    timer = StepTimer(dev, flops)  # means since the last eval, per process
     pbar = tqdm(total=max_iters, initial=iter_num, disable=not master, desc=cfg["mode"])
     with StopOnSigint() as sig:
         while iter_num < max_iters and not sig.stop:
@@ -429,8 +490,9 @@ def train(cfg, model, dev, ddp, rank, world, master, ckpt=None):
             it = iter(loader(train_ds, batches, cfg))
             for _ in range(min(steps_per_epoch - k, max_iters - iter_num)):
                 for j in range(cfg["grad_accum"]):
-                    b = next(it)
-                    x, y = b["volume"].to(dev, non_blocking=True), b["labels"].to(dev, non_blocking=True)
+                    with timer.data():
+                        b = next(it)
+                        x, y = b["volume"].to(dev, non_blocking=True), b["labels"].to(dev, non_blocking=True)
                     sync = nullcontext() if not ddp or j == cfg["grad_accum"] - 1 else model.no_sync()
                     with ctx, sync:
                         loss = F.binary_cross_entropy_with_logits(model(x).float(), y)
@@ -447,11 +509,12 @@ def train(cfg, model, dev, ddp, rank, world, master, ckpt=None):
                 opt.zero_grad(set_to_none=True)
                 iter_num += 1
                 seen += cfg["batch_size"]
+                timer.step(cfg["batch_size"] // world)
                 pbar.update(1)
                 if master:
                     pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
                 if iter_num % eval_interval == 0 or iter_num == max_iters:
-                    dt = time.time() - t0
+                    dt, perf = time.time() - t0, timer.stats()
                     val_loss, yv, pv, _ = evaluate(raw, val_ds, cfg, dev, ctx)
                     if ddp:  # one decision for the scheduler on every rank
                         v = torch.tensor([val_loss], device=dev)
@@ -463,15 +526,14 @@ def train(cfg, model, dev, ddp, rank, world, master, ckpt=None):
                     auc = float(np.nanmean([auroc(yv[:, j], pv[:, j]) for j in range(yv.shape[1])]))
                     rec = {"iter": iter_num, "epoch": iter_num / steps_per_epoch, "train_loss": loss.item(),
                            "val_loss": val_loss, "val_auroc": auc, "lr": opt.param_groups[0]["lr"],
-                           "alpha": alpha_value(raw), "samples_per_s": seen / dt,
-                           "tflops": seen * flops / dt / 1e12}
+                           "alpha": alpha_value(raw), "samples_per_s": seen / dt, **perf}
                     if master:
                         tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in rec.items() if v is not None)
-                                   + (f" mfu={rec['tflops'] / 989:.1%} (H100 bf16)" if "cuda" in dev else ""))
+                                            for k, v in rec.items() if v is not None))
                         append_jsonl(Path(cfg["out_dir"]) / "log.jsonl", rec)
                     save()
                     t0, seen = time.time(), 0
+                    timer.reset()
                 if sig.stop:
                     break
     pbar.close()
@@ -593,9 +655,7 @@ def embedding_png(z, counts, path, title: str):
 
 @torch.no_grad()
 def predict_file(cfg, model, ckpt, dev, path):
-    vol, sp = load_nifti(path)
-    if vol.min() > -200:  # no air below -200: not HU (CT-RATE v1 keeps the -1024 rescale in its metadata CSV)
-        print(f"warning: {path} has no voxel below {vol.min():.0f}; expected HU with air near -1000")
+    vol, sp = load_ct(path, cfg["rescale"])
     x = preprocess(vol, sp, target_spacing=cfg["spacing"], shape=cfg["shape"], window=cfg["window"],
                         norm=cfg["norm"])
     x = centre_slices(x, cfg["n_slices"])[None, None].to(dev)  # (1, 1, S, Y, X)
@@ -618,10 +678,8 @@ def predict_file(cfg, model, ckpt, dev, path):
 def main(argv=None):
     t_start = time.time()
     cfg = parse_config(argv, DEFAULTS, PRESETS)
+    check_config(cfg)
     ddp, rank, world, dev, master = setup_ddp(cfg["device"])
-    if cfg["mode"] == "fusion" and cfg["alpha"] != "learned":
-        parse_alpha(cfg["alpha"])  # fail early on a typo
-    assert cfg["cam_label"] in LABELS, f"--cam_label={cfg['cam_label']!r}: expected one of {LABELS}"
     ckpt = None
     if cfg["init_from"] == "resume":
         ckpt = load_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
@@ -629,23 +687,25 @@ def main(argv=None):
         if changed and master:
             print(f"resume: model keys come from the checkpoint, ignoring {changed}")
         cfg.update({k: ckpt["config"][k] for k in MODEL_KEYS})
-    elif cfg["init_from"] != "scratch":
-        raise ValueError(f"--init_from={cfg['init_from']!r}: expected scratch or resume")
+        if master and not cfg["predict"]:
+            resume_cleanup(cfg["out_dir"], ckpt["iter_num"])
+    if master:
+        check_out_dir(cfg["out_dir"])  # predict writes its Grad-CAM PNG there too
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     model = build_model(cfg).to(dev)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
     if cfg["predict"]:
-        if ckpt is None:
-            raise ValueError("--predict needs a trained model: add --init_from=resume (and --out_dir of the run)")
         return predict_file(cfg, model, ckpt, dev, cfg["predict"])
     Path(cfg["out_dir"]).mkdir(parents=True, exist_ok=True)
     model, ctx, val_ds, stopped, save, last_val = train(cfg, model, dev, ddp, rank, world, master, ckpt)
     res = final_eval(cfg, model, dev, ctx, val_ds, save, last_val, t_start) if master and not stopped else None
     if ddp:
         torch.distributed.destroy_process_group()
+    if stopped:
+        raise Interrupted(f"checkpoint saved in {cfg['out_dir']}/ckpt.pt; continue with --init_from=resume")
     return res
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

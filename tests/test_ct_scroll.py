@@ -144,15 +144,34 @@ def test_learns_an_easy_problem():
 
 # ---- runs --------------------------------------------------------------------
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    """Straight 4 steps vs 2 + resume 2, with an eval at every 2 steps, so at the resume point (the normal case
+    after a kill). Run b is killed during the save at step 4 (its log line is written, the checkpoint only as a
+    partial .tmp), so it resumes from step 2: no duplicate log line, no stale .tmp, and bit-identical weights."""
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    C.main(TINY + ["--max_iters=4", f"--out_dir={a}"])
-    C.main(TINY + ["--max_iters=2", f"--out_dir={b}"])
-    C.main(TINY + ["--max_iters=4", f"--out_dir={b}", "--init_from=resume"])
+    every2 = TINY + ["--max_iters=4", "--eval_interval=2"]
+    C.main(every2 + [f"--out_dir={a}"])
+    save = C.save_checkpoint
+
+    def killed_at_step_4(path, state):
+        if state["iter_num"] == 4:
+            Path(str(path) + ".tmp").write_bytes(b"partial")
+            raise KeyboardInterrupt
+        save(path, state)
+    monkeypatch.setattr(C, "save_checkpoint", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        C.main(every2 + [f"--out_dir={b}"])
+    monkeypatch.setattr(C, "save_checkpoint", save)
+    assert (Path(b) / "ckpt.pt.tmp").exists() and torch.load(Path(b) / "ckpt.pt", weights_only=True)["iter_num"] == 2
+    C.main(every2 + [f"--out_dir={b}", "--init_from=resume"])
+    assert not (Path(b) / "ckpt.pt.tmp").exists()
     sa, sb = (torch.load(Path(d) / "ckpt.pt", weights_only=True) for d in (a, b))
     assert sa["iter_num"] == sb["iter_num"] == 4
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
+    la, lb = ([json.loads(line) for line in (Path(d) / "log.jsonl").read_text().splitlines()] for d in (a, b))
+    assert [r["iter"] for r in la] == [r["iter"] for r in lb] == [2, 4]
+    assert [(r["train_loss"], r["val_loss"]) for r in la] == [(r["train_loss"], r["val_loss"]) for r in lb]
     m = json.loads((Path(a) / "metrics.json").read_text())
     assert set(m["test"]) == {"auroc", "accuracy", "f1", "weighted_f1", "precision", "recall"}
     assert len(m["test_auroc_95ci"]) == 2

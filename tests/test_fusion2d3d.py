@@ -134,14 +134,18 @@ def test_save_resume_continues_identically(tmp_path):
     common = TINY + ["--mode=fusion", "--eval_interval=1", "--epochs=2"]  # 2 steps per epoch: crosses an epoch
     fz.main(common + ["--max_iters=3", f"--out_dir={a}"])
     fz.main(common + ["--max_iters=1", f"--out_dir={b}"])
+    with open(b / "log.jsonl", "a") as f:  # a kill during the step-2 save: its log line written, the ckpt a partial .tmp
+        f.write(json.dumps({"iter": 2, "val_loss": -1.0}) + "\n")
+    (b / "ckpt.pt.tmp").write_bytes(b"partial")
     fz.main(common + ["--max_iters=3", f"--out_dir={b}", "--init_from=resume"])
+    assert not (b / "ckpt.pt.tmp").exists()
     sa, sb = data.load_checkpoint(a / "ckpt.pt"), data.load_checkpoint(b / "ckpt.pt")
     assert sa["iter_num"] == sb["iter_num"] == 3
     for k in sa["model"]:
         assert torch.equal(sa["model"][k], sb["model"][k]), k
     la = [json.loads(l) for l in (a / "log.jsonl").read_text().splitlines()]
     lb = [json.loads(l) for l in (b / "log.jsonl").read_text().splitlines()]
-    assert [r["val_loss"] for r in la] == [r["val_loss"] for r in lb]
+    assert [r["val_loss"] for r in la] == [r["val_loss"] for r in lb] and [r["iter"] for r in lb] == [1, 2, 3]
 
 
 def test_predict_on_a_written_nifti(tmp_path, capsys):
