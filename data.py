@@ -1,7 +1,8 @@
 """data.py: everything the five paper scripts share that is not a kernel.
 
 Sections, in reading order:
-  Volumes      load_nifti, preprocess (resample, crop/pad, HU window, normalisation)
+  Volumes      the repo's error types and run(main) (one line `error: ...`, exit 2), load_nifti, load_ct (--predict's
+               loader: rescale auto|header|none, plausibility checks), preprocess (resample, crop/pad, HU window, norm)
   CT-RATE      the real on-disk layout and CSVs (../shared/ctrate_format.md), rescale modes
   Synthetic    a procedural chest CT phantom with 18 findings and anatomy masks (the default dataset)
   Cache        prepare() -> preprocessed int16 memmaps + an index, PreparedCT reads them; get_dataset, collate
@@ -18,6 +19,7 @@ import csv
 import functools
 import hashlib
 import heapq
+import io
 import json
 import math
 import os
@@ -26,6 +28,7 @@ import signal
 import sys
 import textwrap
 import time
+import traceback
 import unicodedata
 import zlib
 from pathlib import Path
@@ -54,8 +57,92 @@ NORMS = ("hu", "unit", "symmetric", "ctscroll")
 AIR = -1000.0  # HU; the pad value
 
 
-class BadVolume(ValueError):
+MIN_VOXELS = 8  # per axis: fewer slices (or rows, columns) than this is not a chest CT (a localizer, one slice)
+SPACING_MM = (0.05, 100.0)  # a voxel side outside this range is a broken header (pixdim 0, metres, 1e4)
+
+
+# ---- errors: the repo's own error types, and `run`, which turns them into one line for the user --------------------
+
+class InputError(ValueError):
+    """Input the user can fix (a file, a CSV row, a flag): `run` prints it as one line `error: <message>`, exit 2."""
+
+
+class BadVolume(InputError):
     """A volume file or CSV row that must not be used; the message starts with the file it is about."""
+
+
+class BadConfig(InputError):
+    """A flag that parses but cannot work; the message starts with --key=value."""
+
+
+class Interrupted(Exception):
+    """Raised by a script's main after Ctrl-C stopped training and the checkpoint was saved: `run` exits with 130."""
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, SystemExit):
+        return e.code
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    text = str(e).strip()
+    if "Original Traceback" in text:  # re-raised from a DataLoader worker: keep the worker's own last line
+        text = text.splitlines()[-1].split(": ", 1)[-1]
+    return text
+
+
+def run(main):
+    """`if __name__ == "__main__": run(main)`. The repo's own errors (InputError, a parser's SystemExit message, a
+    missing or unwritable file) print as one line `error: ...` and exit 2; Ctrl-C exits 130 (after the script
+    saved); anything else is a bug and keeps its traceback. `--debug=true` adds the traceback to every error."""
+    argv = sys.argv[1:]
+    debug = "--debug=true" in argv or any(a == "--debug" and b == "true" for a, b in zip(argv, argv[1:]))
+    try:
+        main()
+    except (KeyboardInterrupt, Interrupted) as e:
+        print(f"stopped: {e}" if str(e) else "stopped", file=sys.stderr)
+        sys.exit(130)
+    except (InputError, OSError, SystemExit) as e:
+        if isinstance(e, SystemExit) and not isinstance(e.code, str):
+            raise
+        if debug:
+            traceback.print_exc()
+        print(f"error: {_message(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_out_dir(path):
+    """Fail before any work when out_dir cannot be written (read-only disk, no permission, a file in the way)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise BadConfig(f"--out_dir={path}: not writable ({e.strerror or e})") from None
+
+
+def resume_cleanup(out_dir, iter_num: int):
+    """Before a resumed run writes: remove a ckpt.pt.tmp left by a kill during the save, and drop log.jsonl lines
+    past the checkpoint's step (a kill after the log line but before the checkpoint's rename would repeat them)."""
+    out = Path(out_dir)
+    (out / "ckpt.pt.tmp").unlink(missing_ok=True)
+    log = out / "log.jsonl"
+    if not log.is_file():
+        return
+    lines = log.read_text().splitlines()
+
+    def step(line):
+        try:
+            return json.loads(line).get("iter", 0)
+        except (ValueError, AttributeError):  # a line cut by the kill
+            return math.inf
+    keep = [line for line in lines if step(line) <= iter_num]
+    if len(keep) != len(lines):
+        tmp = log.with_name(log.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, log)
+        print(f"resume: dropped {len(lines) - len(keep)} log.jsonl line(s) written after step {iter_num}")
 
 
 def _read_nifti(path):
@@ -64,11 +151,20 @@ def _read_nifti(path):
     if not path.is_file():
         raise BadVolume(f"{path}: no such file")
     try:
-        img = nib.load(path)
+        nib.imageglobals.logger.disabled = True  # nibabel logs its own header fixes (pixdim 0 -> 1 mm): we raise
+        try:
+            img = nib.load(path)
+        finally:
+            nib.imageglobals.logger.disabled = False
+        with nib.openers.ImageOpener(path) as f:  # the header as stored: nibabel's checked copy turns pixdim 0 into 1
+            pixdim = type(img.header).from_fileobj(f, check=False)["pixdim"][1:4]
         raw = np.asarray(img.dataobj.get_unscaled())
         slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
     except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
         raise BadVolume(f"{path}: unreadable or truncated NIfTI ({type(e).__name__}: {e})") from e
+    if not (np.isfinite(pixdim) & (pixdim != 0)).all():
+        raise BadVolume(f"{path}: voxel size (pixdim) {pixdim.tolist()} in the header (0 or not finite; nibabel would "
+                        f"silently assume 1 mm): fix the header")
     found = raw.shape
     while raw.ndim > 3 and raw.shape[-1] == 1:  # a 4-D file holding a single volume
         raw = raw[..., 0]
@@ -85,10 +181,65 @@ def _read_nifti(path):
     return raw, tuple(spacing), (slope, inter)
 
 
+def _scaled(path, raw, slope, inter) -> np.ndarray:
+    if (slope, inter) == (1.0, 0.0):
+        return raw
+    with np.errstate(over="ignore", invalid="ignore"):
+        v = raw * np.float32(slope) + np.float32(inter)
+    if not np.isfinite(v).all():
+        raise BadVolume(f"{path}: {(~np.isfinite(v)).sum()} NaN/inf voxels after the header's scaling (slope {slope:g}, "
+                        f"intercept {inter:g})")
+    return v
+
+
 def load_nifti(path):
     """NIfTI -> (float32 array (z, y, x) in the header's scaled units, spacing (z, y, x) in mm); axes (I, P, L)."""
     raw, spacing, (slope, inter) = _read_nifti(path)
-    return (raw if (slope, inter) == (1.0, 0.0) else raw * np.float32(slope) + np.float32(inter)), spacing
+    return _scaled(path, raw, slope, inter), spacing
+
+
+def check_scan(path, hu, spacing):
+    """The plausibility checks every reader applies once a volume is in HU: finite, at least MIN_VOXELS along each
+    axis, every voxel side within SPACING_MM, not constant. BadVolume naming the file otherwise."""
+    if not np.isfinite(hu).all():
+        raise BadVolume(f"{path}: {(~np.isfinite(hu)).sum()} NaN/inf voxels after rescaling")
+    if min(hu.shape) < MIN_VOXELS:
+        raise BadVolume(f"{path}: shape (z, y, x) {tuple(hu.shape)}: a chest CT has at least {MIN_VOXELS} voxels along "
+                        f"each axis (one slice or a localizer?)")
+    lo, hi = SPACING_MM
+    if not all(lo <= s <= hi for s in spacing):
+        raise BadVolume(f"{path}: voxel spacing (z, y, x) {tuple(round(float(s), 4) for s in spacing)} mm is outside "
+                        f"[{lo}, {hi}] mm (a broken header or metadata row?)")
+    if hu.min() == hu.max():
+        raise BadVolume(f"{path}: constant volume (every voxel is {hu.min():g})")
+
+
+def load_ct(path, rescale="auto"):
+    """One CT scan for a script's --predict -> (HU float32 (z, y, x) in (I, P, L), spacing (z, y, x) mm).
+    rescale: header (the NIfTI header's slope/intercept), none (stored values), or auto: the header's scaling, or
+    that minus 1024 (CT-RATE's original release stores HU + 1024 with a header slope 1 / intercept 0), whichever
+    puts more voxels near air (-1000 HU); it says what it chose. Then check_scan. A chosen mode whose volume has
+    no air is a warning (the user asked for it); auto finding no air either way is an error."""
+    if rescale not in ("auto", "header", "none"):
+        raise BadConfig(f"--rescale={rescale!r}: expected auto, header or none")
+    raw, spacing, (slope, inter) = _read_nifti(path)
+    hu = raw if rescale == "none" else _scaled(path, raw, slope, inter)
+    if rescale == "auto":
+        air = {"header": _air(hu[::2, ::2, ::2]), "header - 1024": _air(hu[::2, ::2, ::2] - 1024)}
+        choice = max(air, key=air.get)  # the header wins a tie
+        if air[choice] < 0.01:
+            raise BadVolume(f"{path}: rescale=auto found no air near -1000 HU with the header's scaling (slope "
+                            f"{slope:g}, intercept {inter:g}) or with it minus 1024; values span [{hu.min():g}, "
+                            f"{hu.max():g}]: not a CT in HU? (--rescale=header|none to use it anyway)")
+        hu = hu - np.float32(1024) if choice == "header - 1024" else hu
+    check_scan(path, hu, spacing)
+    if rescale == "auto":
+        print(f"{path}: rescale=auto chose '{choice}' ({air[choice]:.0%} of voxels near air at -1000 HU; header slope "
+              f"{slope:g}, intercept {inter:g})")
+    if rescale != "auto" and _air(hu[::2, ::2, ::2]) < 0.01:
+        print(f"warning: {path}: rescale={rescale} leaves no voxel near air (-1000 HU); values span [{hu.min():g}, "
+              f"{hu.max():g}]: predictions assume HU", file=sys.stderr)
+    return hu, spacing
 
 
 def normalize(hu, window=(-1000, 200), norm="unit"):
@@ -139,15 +290,29 @@ RESCALES = ("auto", "metadata", "header", "none")
 
 
 def _read_csv(path, columns) -> dict:
-    """CSV -> {VolumeName: row}; a missing file or column is an error naming it."""
+    """CSV -> {VolumeName: row}, row["_line"] its first line. A missing file or column is an error naming it. A
+    UTF-8 byte-order mark is accepted; bytes that are not UTF-8 are read as latin-1 with a warning naming the file
+    and line. A name listed twice with different values in `columns` gets row["_conflict"] (the reader skips that
+    volume); listed twice with the same values, it is read once."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; expected the CT-RATE layout (README: Data preparation for CT-RATE)")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise BadVolume(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-        return {row["VolumeName"]: row for row in reader}
+    text = path.read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+    odd = [m.start() for m in re.finditer("[\udc80-\udcff]", text)]  # surrogateescape keeps each bad byte
+    if odd:
+        print(f"warning: {path}: line {text.count(chr(10), 0, odd[0]) + 1}: {len(odd)} byte(s) that are not UTF-8, "
+              f"read as latin-1", file=sys.stderr)
+        text = re.sub("[\udc80-\udcff]", lambda m: chr(ord(m.group()) - 0xdc00), text)  # byte b -> latin-1 chr(b)
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [c for c in columns if c not in (reader.fieldnames or [])]
+    if missing:
+        raise BadVolume(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+    rows, end = {}, reader.line_num
+    for row in reader:
+        row["_line"], end = end + 1, reader.line_num
+        old = rows.setdefault(row["VolumeName"], row)
+        if old is not row and any((old[c] or "").strip() != (row[c] or "").strip() for c in columns):
+            old["_conflict"] = f"{path}: {row['VolumeName']}: rows at lines {old['_line']} and {row['_line']} disagree"
+    return rows
 
 
 def _in_val(patient: str, val_fraction: float) -> bool:  # the same patient -> the same split, on any machine
@@ -158,6 +323,25 @@ def _air(v) -> float:  # fraction of voxels within 100 HU of air
     return float(((v > AIR - 100) & (v < AIR + 100)).mean())
 
 
+def _probe(path):
+    """A volume file checked without reading its voxels: the header parses, and the file is complete (a .nii.gz's
+    gzip trailer holds the uncompressed size mod 2^32: a truncated download fails here). A file failing the size
+    test is read in full before it is called bad (a multi-member gzip has another trailer)."""
+    try:
+        img = nib.load(path)
+        need = int(img.dataobj.offset) + math.prod(img.shape) * img.get_data_dtype().itemsize
+        with open(path, "rb") as f:
+            if str(path).endswith(".gz"):
+                f.seek(-4, os.SEEK_END)
+                complete = int.from_bytes(f.read(4), "little") == need % 2 ** 32
+            else:
+                complete = f.seek(0, os.SEEK_END) >= need
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
+        raise BadVolume(f"{path}: unreadable or truncated NIfTI ({type(e).__name__}: {e})") from e
+    if not complete:
+        _read_nifti(path)
+
+
 class CTRATE(torch.utils.data.Dataset):
     """CT-RATE from its on-disk layout (../shared/ctrate_format.md): volumes under dataset/{train,valid}[_fixed]/,
     labels, Findings_EN reports and metadata CSVs joined by VolumeName. Splits: train/val = the train folder split
@@ -166,14 +350,20 @@ class CTRATE(torch.utils.data.Dataset):
     rescale: how stored values become HU. metadata: HU = RescaleSlope * stored + RescaleIntercept from the metadata
     CSV (the original release); header: the NIfTI header's scaling (v2 `*_fixed` volumes, already HU); none: stored
     values as they are; auto: per volume, whichever of header/metadata puts more voxels near air (-1000 HU), said
-    once per choice. Spacing comes from the metadata CSV (the DICOM's) when it has the volume, else the header.
-    Bad rows and files are skipped with one warning line each and counted in n_bad; strict=True raises instead.
-    """
+    once per choice. Spacing comes from the metadata CSV (the DICOM's) when it has the volume and it is plausible
+    (SPACING_MM), else the header. Every volume then passes check_scan.
+
+    Bad rows and files are skipped with one warning line each and counted in n_bad (strict=True raises instead):
+    labels outside {0, 1}, no report, rows that disagree with another row of the same name, a test patient also
+    listed in train (a leak), a file missing or unreadable. The evaluation splits (val, test) check every file when
+    built (_probe: header + completeness, no voxels read) and never hand a bad file over to another volume: a file
+    that still fails at read time there is an error. In train, a file failing at read time hands over to the next.
+    Volumes on disk without a labels row are counted in n_unlisted and said once."""
 
     def __init__(self, root, split, *, shape=(240, 480, 480), spacing=(1.5, 0.75, 0.75), window=(-1000, 200),
                  norm="unit", rescale="auto", strict=False, val_fraction=0.1):
         if split not in ("train", "val", "test") or rescale not in RESCALES:
-            raise ValueError(f"split={split!r} rescale={rescale!r}: expected train|val|test and one of {RESCALES}")
+            raise BadConfig(f"split={split!r} rescale={rescale!r}: expected train|val|test and one of {RESCALES}")
         root = Path(root)
         root = root / "dataset" if (root / "dataset").is_dir() else root
         folder, csv_split = ("valid", "validation") if split == "test" else ("train", "train")
@@ -185,35 +375,83 @@ class CTRATE(torch.utils.data.Dataset):
         reports_csv = root / "radiology_text_reports" / f"{csv_split}_reports.csv"
         labels = _read_csv(self.labels_csv, ["VolumeName", *LABELS])
         reports = _read_csv(reports_csv, ["VolumeName", "Findings_EN"])
-        meta = _read_csv(self.meta_csv, ["VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing"]
-                         ) if rescale == "metadata" or self.meta_csv.is_file() else {}
+        meta_cols = ["VolumeName", "RescaleSlope", "RescaleIntercept", "XYSpacing", "ZSpacing"]
+        meta = _read_csv(self.meta_csv, meta_cols) if rescale == "metadata" or self.meta_csv.is_file() else {}
+        train_csv = root / "multi_abnormality_labels" / "train_predicted_labels.csv"
+        train_patients = ({"_".join(n.split("_")[:2]) for n in _read_csv(train_csv, ["VolumeName"])}
+                          if split == "test" and train_csv.is_file() else set())
         self.split, self.shape, self.spacing, self.window, self.norm = split, shape, spacing, window, norm
         self.rescale, self.strict, self.n_bad, self._bad_rows, self._said = rescale, strict, 0, set(), set()
-        self.rows, missing = [], []
+        self.rows, missing, odd_spacing = [], [], []
+        in_split = lambda patient: split == "test" or _in_val(patient, val_fraction) == (split == "val")  # noqa: E731
         for name, row in labels.items():
             parts = name.split("_")  # split_patient_scan_recon.nii.gz
             patient = "_".join(parts[:2])
-            if split != "test" and _in_val(patient, val_fraction) != (split == "val"):
+            if not in_split(patient):
                 continue
             path = self.dir / patient / "_".join(parts[:3]) / name
             try:
-                y = [row[c].strip() for c in LABELS]
+                for r in (row, reports.get(name), meta.get(name)):
+                    if r is not None and "_conflict" in r:
+                        raise BadVolume(r["_conflict"])
+                if patient in train_patients:
+                    raise BadVolume(f"{self.labels_csv}: {name}: patient {patient} is also in {train_csv} (a "
+                                    f"train/test leak): left out of the test split")
+                y = [(row[c] or "").strip() for c in LABELS]
                 if any(v not in ("0", "1", "0.0", "1.0") for v in y):
                     raise BadVolume(f"{self.labels_csv}: {name}: labels must be 0 or 1, found {y}")
-                report = reports.get(name, {}).get("Findings_EN", "").strip()
+                report = (reports.get(name, {}).get("Findings_EN") or "").strip()
                 if report in ("", "Not given."):
                     raise BadVolume(f"{reports_csv}: {name}: no Findings_EN report ({report!r})")
+                m = self._parse_meta(name, meta.get(name), odd_spacing)
             except BadVolume as e:
                 self._bad(e)
                 continue
             if not path.is_file():
                 missing.append(path)
                 continue
-            self.rows.append({"name": name, "path": path, "report": report, "meta": meta.get(name),
+            self.rows.append({"name": name, "path": path, "report": report, "meta": m,
                               "labels": torch.tensor([float(v) for v in y])})
         if missing:
             self._bad(BadVolume(f"{missing[0]}: listed in {self.labels_csv} but not on disk"
                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")), len(missing))
+        if odd_spacing:
+            print(f"warning: {self.meta_csv}: {len(odd_spacing)} row(s) with a voxel spacing outside {SPACING_MM} mm "
+                  f"(first: {odd_spacing[0]}): using the NIfTI header's spacing for them", file=sys.stderr)
+        unlisted = [p for p in sorted(self.dir.rglob("*.nii*"))
+                    if p.name not in labels and in_split("_".join(p.name.split("_")[:2]))]
+        self.n_unlisted = len(unlisted)
+        if unlisted:
+            print(f"warning: {len(unlisted)} volume(s) under {self.dir} have no row in {self.labels_csv} (first: "
+                  f"{unlisted[0].name}): not used", file=sys.stderr)
+        if split != "train":  # evaluation: a bad file is dropped now, as it could only be replaced later
+            keep = []
+            for r in self.rows:
+                try:
+                    _probe(r["path"])
+                    keep.append(r)
+                except BadVolume as e:
+                    self._bad(e)
+            self.rows = keep
+        if self.n_bad:
+            print(f"CTRATE {split}: {len(self.rows)} volumes, {self.n_bad} left out as bad (warnings above)")
+
+    def _parse_meta(self, name, m, odd_spacing):
+        """A metadata row -> ((slope, intercept), spacing or None when implausible), or None without a row."""
+        if m is None:
+            return None
+        try:
+            rescale = float(m["RescaleSlope"]), float(m["RescaleIntercept"])
+            xy = [float(s) for s in m["XYSpacing"].strip("[]() ").split(",")]
+            spacing = (float(m["ZSpacing"]), xy[0], xy[-1])
+        except (ValueError, IndexError, AttributeError) as e:
+            raise BadVolume(f"{self.meta_csv}: {name}: unparseable rescale/spacing ({e})") from e
+        if not np.isfinite(rescale).all() or rescale[0] == 0:
+            raise BadVolume(f"{self.meta_csv}: {name}: RescaleSlope/RescaleIntercept {rescale}")
+        if not all(SPACING_MM[0] <= s <= SPACING_MM[1] for s in spacing):
+            odd_spacing.append(f"{name} {spacing}")
+            spacing = None
+        return rescale, spacing
 
     def _bad(self, e: BadVolume, count=1):
         if self.strict:
@@ -228,15 +466,8 @@ class CTRATE(torch.utils.data.Dataset):
         """Item i, or BadVolume naming the file."""
         r = self.rows[i]
         raw, spacing, header = _read_nifti(r["path"])
-        meta = None
-        if r["meta"] is not None:
-            try:
-                m = r["meta"]
-                meta = float(m["RescaleSlope"]), float(m["RescaleIntercept"])
-                xy = [float(s) for s in m["XYSpacing"].strip("[]() ").split(",")]
-                spacing = (float(m["ZSpacing"]), xy[0], xy[-1])
-            except (ValueError, IndexError) as e:
-                raise BadVolume(f"{self.meta_csv}: {r['name']}: unparseable rescale/spacing ({e})") from e
+        meta, meta_spacing = r["meta"] or (None, None)
+        spacing = meta_spacing or spacing
         mode = self.rescale
         if mode == "metadata" and meta is None:
             raise BadVolume(f"{self.meta_csv}: no row for {r['name']} (needed by rescale=metadata)")
@@ -252,11 +483,18 @@ class CTRATE(torch.utils.data.Dataset):
                 print(f"CTRATE {self.split}: rescale=auto chose '{mode}' ({r['name']}: {air[mode]:.0%} of voxels "
                       f"near air; {'' if mode == 'metadata' else 'not '}applying the metadata CSV's slope/intercept)")
         slope, inter = {"none": (1.0, 0.0), "header": header, "metadata": meta}[mode]
-        hu = raw if (slope, inter) == (1.0, 0.0) else raw * np.float32(slope) + np.float32(inter)
+        hu = _scaled(r["path"], raw, slope, inter)
+        check_scan(r["path"], hu, spacing)
         v = preprocess(hu, spacing, target_spacing=self.spacing, shape=self.shape, window=self.window, norm=self.norm)
         return {"volume": v[None], "labels": r["labels"], "report": r["report"], "name": r["name"]}
 
     def __getitem__(self, i):
+        if self.split != "train":  # an evaluation split scores exactly its own volumes
+            try:
+                return self.load(i)
+            except BadVolume as e:
+                raise BadVolume(f"{e}; the {self.split} split cannot replace it by another volume: remove the file, "
+                                f"or prepare the data (python data.py prepare), which leaves it out") from e
         for j in [k % len(self) for k in range(i, i + len(self))]:  # a bad file hands over to the next one
             if j in self._bad_rows:
                 continue
@@ -898,8 +1136,13 @@ def prepare(root, out, shape, spacing, *, splits=("train", "val", "test"), resca
             val_fraction=0.1, workers=0):
     """CT-RATE folder -> out/{split}.int16 (raw memmap, N x Z x Y x X, HU after rescale, resample and crop/pad, no
     window: any window/norm applies at read time) + out/index.json (shape, spacing, names, labels, reports)."""
+    if len(shape) != 3 or min(shape) < 1 or len(spacing) != 3 or not all(SPACING_MM[0] <= s <= SPACING_MM[1]
+                                                                          for s in spacing):
+        raise BadConfig(f"--shape={shape} --spacing={spacing}: expected 3 positive sizes and 3 spacings within "
+                        f"{SPACING_MM} mm")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "index.json.tmp").unlink(missing_ok=True)  # left by a kill during the last write
     index = {"shape": list(shape), "spacing": list(spacing), "root": str(root), "rescale": rescale, "splits": {}}
     for split in splits:
         ds = CTRATE(root, split, shape=shape, spacing=spacing, window=None, norm="hu", rescale=rescale,
@@ -954,12 +1197,73 @@ class PreparedCT(torch.utils.data.Dataset):
                 "report": self.reports[i], "name": self.names[i]}
 
 
+SYNTHETIC_CACHE = "data_cache/synthetic"  # where a synthetic split too large for RAM is rendered once (delete freely)
+
+
+class SyntheticDiskCache(torch.utils.data.Dataset):
+    """A SyntheticCT split rendered once into an on-disk memmap, beside prepare()'s format: `{name}.int16` holds
+    N x Z x Y x X HU rounded to int16 (window and norm apply at read time, as in PreparedCT), `{name}.done` one
+    byte per volume. Filled lazily: the first access of volume i renders it, writes it, then sets its byte, so a
+    run killed mid-write re-renders that one volume next time; DataLoader workers and DDP ranks may fill it
+    concurrently (same bytes for the same index). The file is sparse: disk use grows with the volumes touched, up
+    to n * Z * Y * X * 2 bytes. Items are SyntheticCT's without the masks (labels, report, questions come from
+    sample_patient, which renders no voxel)."""
+
+    def __init__(self, ds: SyntheticCT, cache_dir=SYNTHETIC_CACHE):
+        self.ds, self.shape = ds, ds.shape
+        name = f"{ds.split}_seed{ds.seed}_d{ds.difficulty:g}_{'x'.join(map(str, ds.shape))}"
+        folder = Path(cache_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path, done = folder / f"{name}.int16", folder / f"{name}.done"
+        need = ds.n * math.prod(ds.shape) * 2
+        for path, size in ((self.path, need), (done, ds.n)):  # create or grow (sparse), never shrink
+            with open(path, "ab") as f:
+                if f.tell() < size:
+                    f.truncate(size)
+        self.volumes = np.memmap(self.path, np.int16, "r+", shape=(ds.n, *ds.shape))
+        self.done = np.memmap(done, np.uint8, "r+", shape=(ds.n,))
+
+    def __len__(self):
+        return len(self.ds)
+
+    def patient(self, i) -> dict:
+        return self.ds.patient(i)
+
+    def labels(self) -> torch.Tensor:
+        return self.ds.labels()
+
+    @property
+    def reports(self) -> list:  # every report without rendering
+        return [make_report(self.ds.patient(i)) for i in range(len(self))]
+
+    def hu(self, i) -> torch.Tensor:
+        """Volume i in HU (int16, CPU), rendered and stored at its first access."""
+        if not self.done[i]:
+            hu, _ = render_phantom(self.ds.patient(i), self.shape, self.ds.device)
+            self.volumes[i] = hu.round().to(torch.int16).cpu().numpy()  # shared mapping: a killed process keeps it
+            self.done[i] = 1
+        return torch.from_numpy(np.array(self.volumes[i]))
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} synthetic volumes")
+        p, ds = self.ds.patient(i), self.ds
+        return dict(volume=normalize(self.hu(i), ds.window, ds.norm)[None],
+                    labels=torch.tensor(p["labels"], dtype=torch.float32), report=make_report(p),
+                    name=f"{ds.split}_{i + 1}_a_1", questions=make_questions(p))
+
+
 def get_dataset(data, split, *, n=None, shape=(64, 128, 128), spacing=(1.5, 0.75, 0.75), window=(-1000, 200),
-                norm="unit", seed=0, strict=False, difficulty=0.5):
+                norm="unit", seed=0, strict=False, difficulty=0.5, device=None, disk_cache=None):
     """data = "synthetic" (n volumes generated at shape), a prepare()d cache folder (has index.json), or a CT-RATE
-    root. n and difficulty apply to the synthetic set only; real data yields every volume of the split."""
+    root. n, difficulty, device and disk_cache apply to the synthetic set only; real data yields every volume of
+    the split. device: where phantoms are rendered (the training GPU keeps the CPU out of the loop; items then
+    live there). disk_cache: a folder, or True for SYNTHETIC_CACHE -> SyntheticDiskCache, every volume rendered
+    once into an int16 memmap there, for a split too large to keep in RAM."""
     if data == "synthetic":
-        return SyntheticCT(split, n, shape=shape, seed=seed, window=window, norm=norm, difficulty=difficulty)
+        ds = SyntheticCT(split, n, shape=shape, seed=seed, window=window, norm=norm, difficulty=difficulty,
+                         device=device)
+        return SyntheticDiskCache(ds, SYNTHETIC_CACHE if disk_cache is True else disk_cache) if disk_cache else ds
     if (Path(data) / "index.json").is_file():
         ds = PreparedCT(data, split, window=window, norm=norm)
         if ds.shape != tuple(shape):
@@ -1734,6 +2038,144 @@ class StopOnSigint:
     def __exit__(self, *_):
         signal.signal(signal.SIGINT, self._old)
 
+
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s from the vendors' spec sheets, by a substring of
+# torch.cuda.get_device_name(); the first match wins, so the more specific names come first.
+PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+             ("L4", 121e12), ("RTX 6000 Ada", 364e12), ("A6000", 155e12), ("4090", 165e12), ("A10", 125e12)]
+
+
+def _matmul_flops(device, dtype, n: int, reps: int = 5) -> float:  # best of `reps` n^3 matmuls, FLOP/s
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+@functools.lru_cache(maxsize=None)
+def peak_flops(device="cpu", dtype=torch.bfloat16) -> tuple:
+    """(FLOP/s, where the number comes from): what MFU is reported against on this device, never another's.
+    CUDA in bf16/fp16: the spec sheet's dense peak for the device's name (PEAK_BF16); a GPU not in the table or
+    another dtype: a 4096^3 matmul measured now. CPU: a 1024^3 fp32 matmul measured once (at the first call, with
+    the threads torch has then), so CPU MFU reads as "share of what this machine's matmul reaches"."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        if dtype in (torch.bfloat16, torch.float16):
+            for key, peak in PEAK_BF16:
+                if key in name:
+                    return peak, f"{name} bf16 dense spec"
+        return _matmul_flops(dev, dtype, 4096), f"{name} {str(dtype)[6:]} matmul measured"
+    return _matmul_flops(dev, torch.float32, 1024), f"CPU fp32 matmul measured, {torch.get_num_threads()} threads"
+
+
+class StepTimer:
+    """Training time split into data wait (inside `with timer.data():`: rendering, reading, collate, the copy to
+    the device) and compute (the rest of the step: forward, backward, optimizer), turned into the log line's
+    numbers. On CUDA it synchronises at both edges of the data section, so queued compute kernels are not billed
+    to data and a phantom rendered on the GPU is. flops_per_sample: model FLOPs of one training sample (forward
+    x 3, recomputation by activation checkpointing not counted), 0 = no TFLOP/s and MFU."""
+
+    def __init__(self, device, flops_per_sample: float = 0.0, dtype=torch.bfloat16):
+        self.device, self.cuda = str(device), "cuda" in str(device)
+        self.flops, self.dtype = flops_per_sample, dtype
+        self.reset()
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def reset(self):
+        self._sync()
+        self.t0, self.data_s, self.steps, self.samples = time.perf_counter(), 0.0, 0, 0
+
+    def data(self):  # `with timer.data(): batch = ...`
+        return self
+
+    def __enter__(self):
+        self._sync()
+        self._t = time.perf_counter()
+
+    def __exit__(self, *_):
+        self._sync()
+        self.data_s += time.perf_counter() - self._t
+
+    def step(self, samples: int):
+        self.steps, self.samples = self.steps + 1, self.samples + samples
+
+    def stats(self) -> dict:
+        """Means since the last reset(): step, data and compute ms per step, data share, samples/s, TFLOP/s, MFU,
+        and on CUDA the peak torch.cuda.max_memory_allocated (GB) of the run so far."""
+        self._sync()
+        dt, n = time.perf_counter() - self.t0, max(1, self.steps)
+        rec = {"step_ms": 1000 * dt / n, "data_ms": 1000 * self.data_s / n, "compute_ms": 1000 * (dt - self.data_s) / n,
+               "data_frac": self.data_s / dt, "samples_per_s": self.samples / dt}
+        if self.flops:
+            peak, _ = peak_flops(self.device if self.cuda else "cpu", self.dtype if self.cuda else torch.float32)
+            rec["tflops"] = self.flops * self.samples / dt / 1e12
+            rec["mfu"], rec["peak_tflops"] = rec["tflops"] * 1e12 / peak, peak / 1e12
+        if self.cuda:
+            rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+        return rec
+
+    @staticmethod
+    def line(rec: dict) -> str:
+        """stats() in a few words: 'step 812 ms (data 5%) 4.93 vol/s 120 TFLOP/s MFU 12.1% of 989 peak 20.1 GB'."""
+        s = f"step {rec['step_ms']:.0f} ms (data {rec['data_frac']:.0%}) {rec['samples_per_s']:.3g} vol/s"
+        if "mfu" in rec:
+            s += f" {rec['tflops']:.3g} TFLOP/s MFU {rec['mfu']:.1%} of {rec['peak_tflops']:.4g}"
+        return s + (f" peak {rec['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in rec else "")
+
+
+def forward_flops(model, *args) -> float:
+    """FLOPs of one forward model(*args), counted by torch.utils.flop_counter (2 per multiply-add; Triton kernels
+    are not seen), in eval mode, without gradients and without advancing the RNG streams (exact resume holds)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    devices = [a.device for a in args if torch.is_tensor(a) and a.device.type == "cuda"][:1]
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.eval()
+        model(*args)
+    model.train(was_training)
+    return fc.get_total_flops()
+
+
+def meta_memory(fn) -> int:
+    """Peak bytes of tensors alive at once while fn() runs, for a model and inputs on the meta device (nothing is
+    allocated): every storage an op creates counts with its size until no tensor holds it (checked before each op).
+    Tensors that exist before fn() (parameters) are not counted, gradients created inside fn() are: add the
+    parameters and the optimizer state."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    live, peak = {}, [0]  # storage id -> (weak reference, bytes)
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for key in [k for k, (ref, _) in live.items() if ref.expired()]:
+                del live[key]
+            out = func(*args, **(kwargs or {}))
+            inputs = {StorageWeakRef(t.untyped_storage()).cdata for t in tree_flatten((args, kwargs))[0]
+                      if torch.is_tensor(t)}
+            for t in tree_flatten(out)[0]:
+                if torch.is_tensor(t):  # a view or an in-place result shares an input's storage: not new memory
+                    ref = StorageWeakRef(t.untyped_storage())
+                    if ref.cdata not in inputs:
+                        live.setdefault(ref.cdata, (ref, t.untyped_storage().nbytes()))
+            peak[0] = max(peak[0], sum(nb for _, nb in live.values()))
+            return out
+
+    with Track():
+        fn()
+    return peak[0]
+
 # =============================================================================
 # CLI: python data.py synthetic|prepare|montage|bench
 # =============================================================================
@@ -1855,4 +2297,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
