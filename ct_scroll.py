@@ -400,8 +400,7 @@ def train(cfg, model, dev, ddp, rank, world, master, ckpt):
     fps = flops_per_sample(cfg) * 3  # forward + backward
     bad, t0, n_seen = 0, time.time(), 0
     timer = StepTimer(dev, fps)  # means since the last eval, per process
-    with torch.random.fork_rng(devices=[dev] if "cuda" in str(dev) else []):  # the first stats() measures the peak
-        timer.stats()  # with torch.randn (once per process): done here, and off the RNG that dropout draws from
+    timer.stats()  # the first call measures the device's peak FLOP/s: here, not inside the first timed window
     pbar = tqdm(total=cfg["max_iters"], initial=it, disable=not master, desc="train", dynamic_ncols=True)
     state = lambda: {"model": raw.state_dict(), "optimizer": opt.state_dict(), "iter_num": it,
                      "best_val_auroc": best, "config": cfg, "rng": gather_rng(ddp, world)}
