@@ -2046,7 +2046,8 @@ PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100",
 
 
 def _matmul_flops(device, dtype, n: int, reps: int = 5) -> float:  # best of `reps` n^3 matmuls, FLOP/s
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    g = torch.Generator(device).manual_seed(0)  # a private generator: measuring must not move the run's RNG
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
     best = float("inf")
