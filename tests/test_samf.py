@@ -1,0 +1,260 @@
+"""samf.py: CLI and bad input, Eq. 5-12 against einsum, the answer never reaching F_fused, DINO's EMA teacher, InfoNCE by
+hand, every stage through main() with exact resume, SAMF and Ao2D training a step, predict on a written NIfTI, the
+paper preset's parameter counts on the meta device, and a learning test. Tiny shapes: 8 x 32 x 32 phantoms, 4 slices."""
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import samf
+
+TINY = ["--preset=cpu", "--device=cpu", "--shape=8,32,32", "--n_slices=4", "--vit_img=32", "--vit_patch=16",
+        "--vit_dim=32", "--vit_depth=1", "--vit_heads=2", "--agg_depth=1", "--agg_heads=2", "--dino_batch=4",
+        "--dino_local=2", "--dino_local_size=16", "--dino_hidden=32", "--dino_bottleneck=16", "--dino_out=64",
+        "--warmup_batch=4", "--dim=32", "--n_layers=1", "--n_heads=2", "--n_kv_heads=1", "--vocab_size=320",
+        "--n_train=6", "--n_val=4", "--n_test=2", "--batch_size=4", "--grad_accum=2", "--max_new_tokens=4",
+        "--num_workers=0", "--dino_iters=2", "--warmup_iters=2", "--max_iters=2", "--eval_interval=1"]
+
+
+def cfg_of(argv):
+    return samf.parse_config(argv, samf.DEFAULTS, samf.PRESETS)
+
+
+def tiny_model(fusion="samf"):
+    torch.manual_seed(0)
+    return samf.build_model(cfg_of(TINY + [f"--fusion={fusion}"]))
+
+
+# ----------------------------------------------------------------------------- CLI, bad input, sizes
+
+def test_cli_and_presets():
+    cfg = cfg_of(["--preset=cpu", "--shape", "32,64,64", "--fusion=ao2d", "--freeze_vit=true"])
+    assert cfg["shape"] == (32, 64, 64) and cfg["fusion"] == "ao2d" and cfg["freeze_vit"] is True
+    assert cfg["vit_stem"] == "conv" and cfg_of(["--preset=paper"])["vit_stem"] == "patch"
+    with pytest.raises(SystemExit, match="valid keys"):
+        cfg_of(["--no_such_key=1"])
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="--question: no 'Choices"):
+        samf.parse_choices("Is there a pleural effusion?")
+    with pytest.raises(ValueError, match="four options A-D"):
+        samf.parse_choices("Which? Choices: A. x B. y C. z")
+    assert samf.parse_choices("Which? Choices: A. Lung nodule B. Cardiomegaly C. Emphysema D. Atelectasis")["B"] == "Cardiomegaly"
+    with pytest.raises(ValueError, match="letter X in A-D"):
+        samf.answer_letter("E. Cardiomegaly")
+    assert samf.answer_letter("C. Emphysema") == "C"
+    with pytest.raises(ValueError, match="--n_slices=12: the volume has only 8 axial slices"):
+        samf.check_config(cfg_of(TINY + ["--n_slices=12"]))
+    with pytest.raises(ValueError, match="--n_slices=4: the volume has only 3"):
+        samf.centre_slices(torch.zeros(1, 1, 3, 32, 32), 4, 32)
+
+
+def test_cli_bad_flag_exits_2_with_one_line():
+    r = subprocess.run([sys.executable, "samf.py", "--preset=cpu", "--n_slices=99"], capture_output=True, text=True,
+                       cwd=Path(samf.__file__).parent)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --n_slices=99: the volume has only 32 axial slices (--shape)"]
+
+
+def test_dino_checkpoint_of_another_width_is_an_error(tmp_path):
+    samf.main(TINY + ["--stage=dino", f"--out_dir={tmp_path}"])
+    with pytest.raises(ValueError, match=r"dino.pt: trained with --vit_dim=32; this run has --vit_dim=48"):
+        samf.main(TINY + ["--stage=finetune", "--vit_dim=48", f"--out_dir={tmp_path}"])
+
+
+def test_paper_preset_parameter_counts_on_meta():
+    c = samf.main(["--preset=paper", "--device=cpu", "--param_counts=true"])
+    assert 85e6 < c["f_2d"] < 87e6  # ViT-B/16 without a head: 85.8M
+    assert 14e6 < c["f_3d"] < 15e6  # 2 layers of 768 (7.1M each) + CLS + positions
+    assert 3.7e9 < c["decoder"] < 3.9e9  # Phi-3-mini's shape: 3.8B
+    w = lambda i, o: i * o + o  # a Linear's weight and bias
+    assert c["fusion"] == 2 * w(768, 3072) + w(3072, 3072) + w(3 * 3072, 3072)  # W_2d, W_3d, W_text, W_fusion
+
+
+# ----------------------------------------------------------------------------- the paper's equations
+
+def test_eq5_to_12_against_einsum():
+    torch.manual_seed(0)
+    B, S, T, C, D, d = 2, 5, 7, 6, 8, 4
+    z2, z3, text = torch.randn(B, S, C), torch.randn(B, C), torch.randn(B, T, D)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 4:] = False  # a padded question
+    for ao2d in (False, True):
+        m = samf.SAMF(c_vis=C, d_text=D, d_proj=d, dim=3, ao2d=ao2d)
+        fused, F2, att = m(z2, z3, text, mask)
+        P2, P3, Pt = m.W_2d(z2), m.W_3d(z3), m.W_text(text)
+        alpha = torch.einsum("bsd,bd->bs", P2, P3).div(2).softmax(1)  # sqrt(d) = 2
+        beta = torch.einsum("btd,bd->bt", Pt, P3).div(2).masked_fill(~mask, -1e9).softmax(1)
+        parts = [P3, torch.einsum("bs,bsd->bd", alpha, P2), torch.einsum("bt,btd->bd", beta, Pt)]
+        torch.testing.assert_close(att["alpha"], alpha)
+        torch.testing.assert_close(att["beta"], beta)
+        assert att["alpha"].shape == (B, S) and att["beta"].shape == (B, T) and F2.shape == (B, S, d)
+        assert att["beta"][1, 4:].abs().max() == 0  # padding gets no weight
+        if ao2d:
+            gamma = torch.einsum("btd,bsd->bts", Pt, P2).div(2).softmax(2)  # over slices
+            torch.testing.assert_close(att["gamma"], gamma)
+            torch.testing.assert_close(att["gamma"].sum(2), torch.ones(B, T))
+            n = mask.sum(1, keepdim=True)
+            parts.append(torch.einsum("bt,bts,bsd->bd", mask / n, gamma, P2))  # Eq. 11: 1/T sum_t sum_s
+        torch.testing.assert_close(fused, m.W_fusion(torch.cat(parts, -1)))
+        assert fused.shape == (B, 3)
+
+
+@pytest.mark.parametrize("fusion", samf.FUSIONS)
+def test_answer_never_reaches_f_fused(fusion):
+    model, enc = tiny_model(fusion), _tiny_enc()
+    q = "Which of the following findings is present in this scan? Choices: A. Cardiomegaly B. Emphysema C. Atelectasis D. Lung nodule"
+    vol = torch.rand(2, 1, 8, 32, 32)
+    seen = []
+    model.fusion.register_forward_hook(lambda mod, inp, out: seen.append(out[0].detach()))
+    losses = [model(vol, *samf.tokenize([(q, a)] * 2, enc, 256)).item() for a in ("A. Cardiomegaly", "D. Lung nodule")]
+    assert losses[0] != losses[1]  # the answers differ, so the loss does
+    torch.testing.assert_close(seen[0], seen[1], atol=0, rtol=0)  # F_fused does not
+
+
+def _tiny_enc():
+    import data
+    return data.train_bpe([samf.INSTRUCTION, "Which of the following findings Choices: A. B. C. D. Cardiomegaly "
+                           "Emphysema Atelectasis Lung nodule"] * 3, 300)
+
+
+def test_dino_teacher_is_an_ema_and_gets_no_gradient():
+    cfg = cfg_of(TINY)
+    torch.manual_seed(0)
+    dino = samf.build_dino(cfg)
+    for p in dino.teacher.parameters():
+        p.data += 0.1 * torch.randn_like(p)  # teacher != student, so the EMA is visible
+    opt = torch.optim.SGD([p for p in dino.parameters() if p.requires_grad], lr=0.1)
+    loss = dino(torch.rand(4, 1, 32, 32))
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in [*dino.teacher.parameters(), *dino.teacher_head.parameters()])
+    assert any(p.grad.abs().sum() > 0 for p in dino.student.parameters())
+    assert dino.center.abs().sum() > 0  # the centre moved toward the teacher's mean output
+    opt.step()
+    old = [p.clone() for p in dino.teacher.parameters()]
+    dino.update_teacher(0.9)
+    for t_new, t_old, s in zip(dino.teacher.parameters(), old, dino.student.parameters()):
+        torch.testing.assert_close(t_new, 0.9 * t_old + 0.1 * s)
+
+
+def test_info_nce_by_hand():
+    u, v, tau = torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([[3.0, 4.0], [0.0, -1.0]]), 0.5
+    un = [[1, 0], [0, 1]]
+    vn = [[0.6, 0.8], [0, -1]]
+    sim = [[sum(a * b for a, b in zip(x, y)) / tau for y in vn] for x in un]  # [[1.2, 0], [1.6, -2]]
+    row = sum(-sim[i][i] + math.log(sum(math.exp(s) for s in sim[i])) for i in range(2)) / 2
+    col = sum(-sim[i][i] + math.log(sum(math.exp(sim[j][i]) for j in range(2))) for i in range(2)) / 2
+    assert samf.info_nce(u, v, tau).item() == pytest.approx((row + col) / 2, abs=1e-6)
+
+
+def test_warmup_views_come_from_different_planes():
+    cfg = cfg_of(TINY)
+    torch.manual_seed(0)
+    warm = samf.build_warmup(cfg)
+    vol = torch.rand(3, 1, 8, 32, 32)
+    loss = warm(vol)
+    loss.backward()
+    assert all(p.grad is None for p in warm.f_2d.parameters())  # f_2d frozen
+    assert all(p.grad is not None for p in warm.f_3d.parameters())
+    coronal = samf.plane_slices(vol, 1, 2, 4, 32)
+    torch.testing.assert_close(coronal[:, 0], torch.nn.functional.interpolate(vol[:, 0, :, 2][:, None], size=(32, 32),
+                                                                              mode="bilinear", align_corners=False)[:, 0])
+
+
+# ----------------------------------------------------------------------------- main(): stages, resume, predict, learning
+
+@pytest.mark.parametrize("stage", samf.STAGES)
+def test_each_stage_resumes_exactly(stage, tmp_path, monkeypatch):
+    iters = {"dino": "--dino_iters=4", "warmup": "--warmup_iters=4", "finetune": "--max_iters=4"}[stage]
+    argv = TINY + [f"--stage={stage}", iters, "--eval_interval=2", "--n_test=1", "--max_new_tokens=1"]
+    real_save, name = samf.save_checkpoint, samf.CKPT[stage]
+
+    def save_and_keep(path, state):  # keep the iteration-2 checkpoint of the straight run
+        real_save(path, state)
+        if state["iter_num"] == 2:
+            shutil.copy(path, tmp_path / "mid.pt")
+    monkeypatch.setattr(samf, "save_checkpoint", save_and_keep)
+    samf.main(argv + [f"--out_dir={tmp_path / 'a'}"])
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "mid.pt", tmp_path / "b" / name)
+    if stage == "finetune":
+        shutil.copy(tmp_path / "a" / "bpe.tiktoken", tmp_path / "b" / "bpe.tiktoken")
+    samf.main(argv + [f"--out_dir={tmp_path / 'b'}", "--init_from=resume"])
+    a, b = (torch.load(tmp_path / d / name, weights_only=True) for d in ("a", "b"))
+    assert a["iter_num"] == b["iter_num"] == 4
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=0, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """All three stages through one stage-less main() call, Ao2D."""
+    out = tmp_path_factory.mktemp("run")
+    res = samf.main(TINY + ["--fusion=ao2d", f"--out_dir={out}"])
+    return out, res
+
+
+def test_all_stages_run_and_report(trained):
+    out, res = trained
+    assert {p.name for p in out.iterdir()} >= {"dino.pt", "warmup.pt", "ckpt.pt", "metrics.json", "samples.txt", "log.jsonl"}
+    assert set(res["stage_seconds"]) == {"dino", "warmup", "finetune"}
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"model", "zero_visual", "chance", "prevalence_prior"} <= set(m["mcq"])
+    assert {"precision", "recall", "f1", "accuracy"} <= set(m["mcq"]["model"]) and "bleu1" in m["report"]["model"]
+    stages = [json.loads(l)["stage"] for l in (out / "log.jsonl").read_text().splitlines()]
+    assert stages[0] == "dino" and "warmup" in stages and stages[-1] == "finetune"
+    ck = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    assert ck["fusion.W_fusion.weight"].shape == (32, 4 * 32)  # Ao2D: four parts (Eq. 12)
+
+
+def test_samf_trains_a_step_and_freezing_flags_freeze(tmp_path, monkeypatch):
+    real_train, start = samf.train, {}
+
+    def keep_start(cfg, stage, model, *a, **k):
+        start.update({k: v.clone() for k, v in model.state_dict().items()})
+        return real_train(cfg, stage, model, *a, **k)
+    monkeypatch.setattr(samf, "train", keep_start)
+    samf.main(TINY + ["--stage=finetune", "--max_iters=1", "--freeze_vit=true", "--n_test=1", f"--out_dir={tmp_path}"])
+    after = torch.load(tmp_path / "ckpt.pt", weights_only=True)["model"]
+    assert after["fusion.W_fusion.weight"].shape == (32, 3 * 32)  # SAMF: three parts (Eq. 10)
+    assert all(torch.equal(start[k], after[k]) for k in start if k.startswith("f_2d."))  # frozen
+    for k in ("f_3d.cls", "fusion.W_3d.weight", "fusion.W_text.weight", "decoder.output.weight"):
+        assert not torch.equal(start[k], after[k]), k  # trained
+
+
+def test_mcq_metrics_by_hand():
+    m = samf.mcq_metrics(["A. x", "B. y", "nothing", "A."], ["A. x", "A. x", "C. z", "B. y"])
+    assert m["accuracy"] == 0.25
+    # A: tp 1, predicted 2, true 2 -> P 0.5 R 0.5 F 0.5; B: tp 0 (P 0, R 0); C: never predicted, R 0; D: absent
+    assert m["precision"] == pytest.approx(0.5 / 4) and m["recall"] == pytest.approx(0.5 / 4) and m["f1"] == pytest.approx(0.5 / 4)
+
+
+def test_predict_on_a_written_nifti(trained, tmp_path, capsys):
+    out, _ = trained
+    hu = np.full((40, 40, 24), -1000, np.int16)
+    hu[8:32, 10:30, 4:20] = 40
+    nib.save(nib.Nifti1Image(hu, np.diag([9.0, 9.0, 15.0, 1.0])), tmp_path / "scan.nii.gz")
+    q = "Which of the following findings is present in this scan? Choices: A. Cardiomegaly B. Emphysema C. Atelectasis D. Lung nodule"
+    answer = samf.main([f"--out_dir={out}", "--init_from=resume", f"--predict={tmp_path / 'scan.nii.gz'}", f"--question={q}"])
+    assert isinstance(answer, str) and answer in capsys.readouterr().out
+    from PIL import Image
+    assert Image.open(out / "scan_attention.png").size == (4 * 64, 64 + 2 * 50)  # slices, alpha and gamma bars
+    with pytest.raises(ValueError, match="--question: no 'Choices"):
+        samf.main([f"--out_dir={out}", "--init_from=resume", f"--predict={tmp_path / 'scan.nii.gz'}", "--question=Is it?"])
+
+
+def test_finetune_learns_a_tiny_problem(tmp_path):
+    samf.main(TINY + ["--stage=finetune", "--max_iters=60", "--eval_interval=30", "--learning_rate=1e-2", "--n_test=1",
+                      "--max_new_tokens=1", f"--out_dir={tmp_path}"])
+    logs = [json.loads(l) for l in (tmp_path / "log.jsonl").read_text().splitlines()]
+    # the report template: from ~ln(vocab) = 5.8 nats per token at initialisation to well under half of it
+    assert logs[-1]["val_loss_report"] < 0.45 * math.log(320) and logs[-1]["val_loss_report"] < logs[0]["val_loss_report"]
+    assert logs[-1]["train_loss"] < logs[0]["train_loss"]
