@@ -193,17 +193,28 @@ CACHE_BYTES = 2 * 2**30  # synthetic splits up to this size (float16) are render
 
 # Copied from ct_scroll._cast
 def _cast(key, value: str, default):
-    """Cast a command-line string to the type of the key's default; a wrong type is an error naming the key."""
+    """Cast a command-line string to the type of the key's default. An error naming the key: a wrong type, a
+    list of another length than the default's, a number that is not finite, or negative where the default is not
+    (a list whose default values are all positive must stay positive)."""
     try:
         if isinstance(default, bool):
             if value.lower() not in ("true", "false"):
                 raise ValueError
             return value.lower() == "true"
         if isinstance(default, tuple):  # comma lists -> tuples of int/float
-            return tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(",") if v.strip())
-        return type(default)(value)
+            out = tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(",") if v.strip())
+            if out and default and len(out) != len(default):
+                raise SystemExit(f"--{key}={value!r}: expected {len(default)} comma-separated values, like "
+                                 f"{','.join(map(str, default))}")
+            if not all(math.isfinite(v) for v in out) or (all(d > 0 for d in default) and any(v <= 0 for v in out)):
+                raise SystemExit(f"--{key}={value!r}: every value must be a positive finite number")
+            return out
+        out = type(default)(value)
     except ValueError:
         raise SystemExit(f"--{key}={value!r}: expected a value like {default!r}") from None
+    if isinstance(out, (int, float)) and (not math.isfinite(out) or (default >= 0 and out < 0)):
+        raise SystemExit(f"--{key}={value!r}: expected a finite number" + (" >= 0" if default >= 0 else ""))
+    return out
 
 
 # Copied from ct_scroll.parse_config
