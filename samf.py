@@ -397,17 +397,18 @@ def info_nce(u, v, tau: float):
 class Warmup(nn.Module):
     """Stage 2. forward(volume (B, 1, Z, Y, X)) -> InfoNCE between z_3d of S adjacent axial slices and z_3d of S
     adjacent coronal or sagittal slices (one random plane and random starts per batch) of the same volumes; f_2d is
-    frozen (no gradient, eval mode)."""
-    def __init__(self, f_2d: SliceEncoder, f_3d: Aggregator, *, n_slices: int, img: int, tau: float):
+    frozen (no gradient, eval mode); z_2d is standardised by norm_2d as in fine-tuning."""
+    def __init__(self, f_2d: SliceEncoder, norm_2d: nn.Module, f_3d: Aggregator, *, n_slices: int, img: int, tau: float):
         super().__init__()
-        self.f_2d, self.f_3d, self.S, self.img, self.tau = f_2d.requires_grad_(False), f_3d, n_slices, img, tau
+        self.f_2d, self.norm_2d, self.f_3d = f_2d.requires_grad_(False), norm_2d, f_3d
+        self.S, self.img, self.tau = n_slices, img, tau
 
     def view(self, volume, plane: int, start: int):
         B = volume.shape[0]
         s = plane_slices(volume, plane, start, self.S, self.img)  # (B, S, img, img)
         with torch.no_grad():
-            z = self.f_2d.eval()(s.reshape(B * self.S, 1, self.img, self.img)).view(B, self.S, -1)  # (B, S, C)
-        return self.f_3d(z)
+            z = self.f_2d.eval()(s.reshape(B * self.S, 1, self.img, self.img))  # (B * S, C)
+        return self.f_3d(self.norm_2d(z).view(B, self.S, -1))  # (B, S, C) -> (B, C)
 
     def forward(self, volume, planes=None):
         if volume.shape[2] < self.S:
@@ -514,7 +515,7 @@ def build_dino(cfg: dict) -> DINO:
 
 def build_warmup(cfg: dict) -> Warmup:
     m = build_model({**cfg, "llm": "", "dim": 8, "n_layers": 0, "n_heads": 1, "n_kv_heads": 1, "vocab_size": 8})
-    return Warmup(m.f_2d, m.f_3d, n_slices=cfg["n_slices"], img=cfg["vit_img"], tau=cfg["warmup_tau"])
+    return Warmup(m.f_2d, m.norm_2d, m.f_3d, n_slices=cfg["n_slices"], img=cfg["vit_img"], tau=cfg["warmup_tau"])
 
 
 # -----------------------------------------------------------------------------
@@ -1350,6 +1351,7 @@ def run_finetune(cfg, dev, ddp, world, master, rank):
             print(f"warning: {out / CKPT['dino']}: no DINO checkpoint; f_2d starts from random init")
         if cfg["ssl_warmup"] and (out / CKPT["warmup"]).is_file():
             load_part(model.f_3d, out / CKPT["warmup"], "f_3d.", cfg, AGG_KEYS)
+            load_part(model.norm_2d, out / CKPT["warmup"], "norm_2d.", cfg, AGG_KEYS)
         elif cfg["ssl_warmup"] and master:
             print(f"warning: {out / CKPT['warmup']}: no warm-up checkpoint; f_3d starts from random init")
     if cfg["predict"]:
