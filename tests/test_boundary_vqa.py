@@ -1,0 +1,357 @@
+"""boundary_vqa.py: Eq. 1 contour, question rewriting, DCFormer, MSSA, losses, frozen tower, main() end to end,
+resume, predict, bad input, and the RadGenome-ChestCT layout round trip."""
+import json
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import boundary_vqa as bv
+import data
+
+TINY = ["--preset=cpu", "--device=cpu", "--shape=8,16,16", "--enc_stem=2,2,2", "--enc_dims=8,8,16",
+        "--enc_depths=1,1,1", "--enc_kernel=3", "--mixer_tokens=2", "--proj_dim=16", "--text_dim=16",
+        "--text_layers=1", "--dims=16,24,32", "--layers=1,1,2", "--heads=2,2,2", "--kv_heads=1,1,1",
+        "--vocab_size=300", "--n_train=4", "--n_val=2", "--n_test=2", "--siglip_iters=2", "--siglip_batch=4",
+        "--max_iters=2", "--batch_size=4", "--eval_interval=1", "--num_workers=0", "--max_new_tokens=4",
+        "--warmup_iters=1", "--baselines=false"]
+
+
+def cfg_of(argv):
+    return bv.parse_config(argv, bv.DEFAULTS, bv.PRESETS)
+
+
+def run_dirs(tmp_path):
+    return [f"--out_dir={tmp_path / 'run'}", f"--cache_dir={tmp_path / 'cache'}"]
+
+
+# ----------------------------------------------------------------------------- Eq. 1 and the rewriting
+
+def disc(r, n=64, c=(32, 32)):
+    yy, xx = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    return (yy - c[0]) ** 2 + (xx - c[1]) ** 2 <= r * r
+
+
+def slow_outline(m):
+    """Eq. 1 by loops on one slice: pixels of the region with an 8-neighbour outside it, then a 3 x 3 dilation."""
+    Y, X = m.shape
+    edge = torch.zeros(Y, X, dtype=torch.bool)
+    for y in range(Y):
+        for x in range(X):
+            nb = [m[min(max(y + dy, 0), Y - 1), min(max(x + dx, 0), X - 1)] for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+            edge[y, x] = bool(m[y, x]) and sum(abs(int(v) - int(m[y, x])) for v in nb) > 0
+    out = torch.zeros(Y, X)
+    for y, x in edge.nonzero().tolist():
+        out[max(y - 1, 0): y + 2, max(x - 1, 0): x + 2] = 1
+    return out
+
+
+def test_contour_of_a_disc_is_a_ring_of_its_radius_3px_wide():
+    m = disc(12)[None].repeat(3, 1, 1)
+    m[1] = False  # a slice the region misses gets no outline
+    b = bv.boundary_prompt(m)
+    assert b[1].sum() == 0 and torch.equal(b[0], b[2])
+    torch.testing.assert_close(b[0], slow_outline(m[0]))  # Eq. (1) + dilation, vectorised == by loops
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    d = ((yy - 32.0) ** 2 + (xx - 32.0) ** 2).sqrt()
+    ring = b[0] > 0
+    assert d[ring].min() >= 12 - 3 and d[ring].max() <= 12 + 1.5  # 3 px around the edge (radius 12; a bit more
+    # on the diagonals, where the 8-neighbour boundary is a staircase), no further
+    assert ring[(d >= 12 - 1.5) & (d <= 12 + 0.5)].all()  # a closed band, not a dotted line
+    assert not ring[d < 9].any()  # the interior is suppressed
+    row = b[0, 32].nonzero()[:, 0].tolist()  # through the centre: two runs of 3-4 px (diagonal neighbours count)
+    assert row[0] in (19, 20) and 3 <= len([x for x in row if x < 32]) <= 4
+
+
+def test_only_the_largest_component_is_outlined():
+    m = (disc(10, c=(20, 20)) | disc(5, c=(50, 50)))[None]
+    b = bv.boundary_prompt(m)
+    assert b[0, 40:, 40:].sum() == 0 and b[0, :35, :35].sum() > 0
+    lc = bv.largest_component(m)
+    assert torch.equal(lc[0], disc(10, c=(20, 20)))
+
+
+def test_rewriting_and_prompt_none():
+    q = "Is there an abnormality in the left lung?"
+    assert bv.rewrite(q, "none") == q
+    r = bv.rewrite(q, "contour")
+    assert r.startswith(bv.SYSTEM) and r.endswith("Within the blue-outlined area of the CT volume, is there an "
+                                                  "abnormality in the left lung?")
+    assert bv.rewrite("Where is the lung nodule?", "contour").endswith("Inside the blue boundary, where is the lung nodule?")
+    x = bv.model_input(torch.rand(1, 4, 8, 8), None)
+    assert x.shape == (2, 4, 8, 8) and x[1].abs().sum() == 0
+
+
+def test_outline_region_comes_from_the_question_never_from_the_answer():
+    for i in range(40):
+        p = data.sample_patient(0, "train", i)
+        for q in data.make_questions(p):
+            r = bv.question_region(q)
+            if q["kind"] == "region":
+                assert r == q["region"]
+            else:  # a side would give away where (or whether) the finding is
+                assert r in ("lungs", "heart", "aorta", "mediastinum", "pleura", "esophagus"), (q, r)
+    with pytest.raises(ValueError, match="no_such_region"):
+        bv.region_mask({"masks": torch.zeros(2, 2, 2, dtype=torch.uint8), "name": "x"}, "no_such_region")
+
+
+# ----------------------------------------------------------------------------- model blocks
+
+def test_decomposed_conv_equals_dense_conv_with_summed_kernel():
+    torch.manual_seed(0)
+    dc = bv.DecomposedConv3d(3, 5)
+    x = torch.randn(2, 3, 6, 7, 8)
+    w, b = dc.dense_kernel()
+    torch.testing.assert_close(dc(x), F.conv3d(x, w, b, padding=2, groups=3), atol=1e-5, rtol=1e-5)
+
+
+def test_mssa_bias_is_shared_by_slice_offset_and_masks_the_answer():
+    torch.manual_seed(0)
+    mssa = bv.MSSA(16, 4, 3)
+    with torch.no_grad():
+        mssa.R.normal_()
+    pos = torch.tensor([0, 0, 1, 2, 3, 3])
+    offsets, vis_at = pos[:, None] - pos[None, :], torch.arange(1, 7)
+    bias = mssa.bias(offsets, vis_at, 10)  # (h, L, L)
+    for i in range(6):
+        for j in range(6):
+            torch.testing.assert_close(bias[:, 1 + i, 1 + j], mssa.R[:, offsets[i, j] + 3])
+    assert bias[:, 0].abs().sum() == 0 and bias[:, 7:].abs().sum() == 0  # text and BOS: no slice bias
+    x = torch.randn(1, 10, 16)
+    zmask = torch.tensor([[False] + [True] * 8 + [False]])  # BOS and the last (answer) position outside Z
+    y = mssa(x, zmask, offsets, vis_at)
+    assert y[0, 0].abs().sum() == 0 and y[0, 9].abs().sum() == 0
+    x2 = x.clone()
+    x2[0, 9] += 5  # the answer token cannot change what the prompt positions receive
+    torch.testing.assert_close(mssa(x2, zmask, offsets, vis_at), y)
+
+
+def test_focal_loss_gamma0_is_cross_entropy_and_alpha_balances():
+    logits, y = torch.randn(16, 2), torch.randint(0, 2, (16,))
+    torch.testing.assert_close(bv.focal_loss(logits, y, 0.0), F.cross_entropy(logits, y))
+    assert bv.focal_loss(logits, y, 2.0) < F.cross_entropy(logits, y)
+    a = bv.class_balanced_alpha([200, 100], 0.999)
+    assert a[1] > a[0] and math.isclose(float(a.mean()), 1.0, rel_tol=1e-6)
+
+
+def tiny_model(extra=()):
+    cfg = cfg_of(TINY + list(extra))
+    torch.manual_seed(0)
+    return cfg, bv.build_model(cfg)
+
+
+def test_frozen_tower_gets_no_gradient_and_the_decoder_does():
+    cfg, model = tiny_model()
+    x = torch.rand(2, 2, 8, 16, 16, requires_grad=False)
+    feats = model.tower(x)  # even with grad enabled, the tower's parameters are frozen
+    inputs, tmask = torch.randint(0, 290, (2, 5)), torch.ones(2, 5, dtype=torch.bool)
+    logits, yn = model(feats, inputs, tmask, torch.tensor([4, 4]))
+    (logits.logsumexp(-1).mean() + yn.sum()).backward()
+    assert all(p.grad is None for p in model.tower.parameters())
+    assert all(not p.requires_grad for p in model.tower.parameters())
+    assert model.adapter.weight.grad is not None and model.decoder.output.weight.grad is not None
+    fused = model.decoder.layers[0]
+    assert isinstance(fused, bv.SliceBlock) and fused.mssa.R.grad is not None and fused.ssa_gate.grad is not None
+
+
+def test_blind_twin_sees_zeros_and_kv_generation_matches_full_forward():
+    cfg, model = tiny_model(["--blind=true"])
+    feats = torch.randn(2, model.tower.n_visual, 16)
+    assert model.prefix(feats)[:, 1:].abs().sum() == 0
+    cfg, model = tiny_model()
+    model.eval()
+    with torch.no_grad():
+        model.decoder.layers[0].ssa_gate.fill_(0.5)
+        model.decoder.layers[0].mssa.R.normal_()
+    prompt = torch.randint(0, 290, (2, 6))
+    model.set_ctx(torch.ones_like(prompt, dtype=torch.bool))
+    new = bv.generate(model.decoder, prompt, model.prefix(feats), max_new_tokens=4, eos_id=299)
+    model.clear_ctx()
+    # the training forward (question marked, answer not) predicts the same tokens greedily
+    inputs = torch.cat([prompt, new[:, :-1]], 1)
+    tmask = torch.zeros_like(inputs, dtype=torch.bool)
+    tmask[:, :6] = True
+    with torch.no_grad():
+        logits, _ = model(feats, inputs, tmask, torch.tensor([5, 5]))
+    pred = logits[:, 5:].argmax(-1)
+    for b in range(2):
+        k = (new[b] == 299).nonzero()[:, 0].tolist()
+        n = k[0] + 1 if k else new.shape[1]
+        assert torch.equal(pred[b, :n], new[b, :n])
+
+
+def test_paper_decoder_sizes_grow():
+    cfg = cfg_of(["--preset=paper", "--device=cpu"])
+    n = []
+    for size in "sml":
+        with torch.device("meta"):
+            m = bv.build_model({**cfg, "decoder": size, "vocab_size": 151936})
+        n.append(sum(p.numel() for p in m.decoder.parameters()))
+    assert 0.3e9 < n[0] < n[1] < n[2] < 4e9, n
+
+
+def test_bootstrap_diff_hand_examples():
+    a = np.array([1, 0, 1, 1, 0, 1, 0, 1])
+    assert data.bootstrap_diff(a, a) == (0.0, 0.0)
+    assert data.bootstrap_diff(np.ones(10), np.zeros(10)) == (1.0, 1.0)
+    lo, hi = data.bootstrap_diff(np.r_[np.ones(60), np.zeros(40)], np.r_[np.ones(50), np.zeros(50)])
+    assert lo < 0.1 < hi and lo > -0.1
+
+
+# ----------------------------------------------------------------------------- learning, main, resume, predict
+
+def test_vqa_head_learns_an_answer_that_is_in_the_features():
+    """Yes iff the first visual feature is positive: the decoder + head learn it; the blind twin cannot."""
+    torch.manual_seed(0)
+    accs = {}
+    for blind in ("false", "true"):
+        cfg, model = tiny_model([f"--blind={blind}"])
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+        g = torch.Generator().manual_seed(1)
+        feats = torch.randn(256, model.tower.n_visual, 16, generator=g)
+        y = (feats[:, :, 0].mean(1) > 0).long()
+        inputs, tmask, last = torch.full((256, 3), 7), torch.ones(256, 3, dtype=torch.bool), torch.full((256,), 2)
+        for step in range(60):
+            i = torch.randint(0, 192, (32,), generator=g)
+            _, yn = model(feats[i], inputs[i], tmask[i], last[i])
+            loss = bv.focal_loss(yn, y[i], 2.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            _, yn = model(feats[192:], inputs[192:], tmask[192:], last[192:])
+        accs[blind] = (yn.argmax(-1) == y[192:]).float().mean().item()
+    assert accs["false"] > 0.8 and accs["true"] < 0.7, accs
+
+
+class _StopAfter:
+    """StopOnSigint stand-in: reports a Ctrl-C after `n` loop iterations (what a user's interrupt does)."""
+    n = 2
+
+    def __enter__(self):
+        self.reads = 0
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    @property
+    def stop(self):
+        self.reads += 1
+        return self.reads > self.n
+
+
+def test_main_end_to_end_resume_and_predict(tmp_path, capsys, monkeypatch):
+    res = bv.main(TINY + run_dirs(tmp_path) + ["--max_iters=4"])
+    out = tmp_path / "run"
+    for f in ("siglip.pt", "ckpt.pt", "metrics.json", "log.jsonl", "answers.txt", "bpe.tiktoken"):
+        assert (out / f).is_file(), f
+    assert set(res["rows"]["majority answer"]) >= {"closed", "region"}
+    siglip = torch.load(out / "siglip.pt", weights_only=True)["model"]
+    ref = torch.load(out / "ckpt.pt", weights_only=True)
+    for k, v in siglip.items():  # the VQA stage left the encoder and Mixer exactly as SigLIP made them
+        if k.startswith("tower."):
+            torch.testing.assert_close(ref["model"][k], v)
+    # interrupted after 2 of 4 steps (Ctrl-C saves), then resumed: the same weights as 4 steps straight
+    cut = [f"--out_dir={tmp_path / 'cut'}", f"--cache_dir={tmp_path / 'cache'}", f"--siglip_from={out / 'siglip.pt'}",
+           "--stage=vqa", "--max_iters=4"]
+    with monkeypatch.context() as mp:
+        mp.setattr(bv, "StopOnSigint", _StopAfter)
+        assert bv.main(TINY + cut) is None
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["iter_num"] == 2
+    bv.main(TINY + cut + ["--init_from=resume"])
+    resumed = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)
+    assert resumed["iter_num"] == ref["iter_num"] == 4
+    for k in ref["model"]:
+        torch.testing.assert_close(resumed["model"][k], ref["model"][k], msg=k)
+    # predict on a written NIfTI with a region mask
+    item = bv.get_items(cfg_of(TINY + run_dirs(tmp_path)), "test")[0]
+    hu = (item["volume"][0].float() * 1200 - 1000).numpy()
+    sp = [f / s for f, s in zip(data.FOV, (8, 16, 16))]
+    aff = np.diag([sp[2], sp[1], sp[0], 1.0])
+    ras = lambda a: np.ascontiguousarray(a[::-1, ::-1, ::-1].transpose(2, 1, 0))
+    nib.save(nib.Nifti1Image(ras(hu).astype(np.float32), aff), tmp_path / "scan.nii.gz")
+    m = bv.region_mask(item, "heart").numpy().astype(np.uint8)
+    nib.save(nib.Nifti1Image(ras(m), aff), tmp_path / "heart.nii.gz")
+    pred = TINY + run_dirs(tmp_path) + ["--init_from=resume", f"--predict={tmp_path / 'scan.nii.gz'}",
+                                        f"--mask={tmp_path / 'heart.nii.gz'}"]
+    ans = bv.main(pred + ["--question=Is there an abnormality in the heart?"])
+    assert ans in ("Yes", "No")
+    assert (out / "predict_scan.png").is_file()
+    assert isinstance(bv.main(pred + ["--question=Where is the lung nodule?"]), str)
+    # bad input: one line naming the file or flag, exit code 2
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), aff), tmp_path / "small.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros_like(ras(m)), aff), tmp_path / "empty.nii.gz")
+    for argv, words in (([f"--mask={tmp_path / 'small.nii.gz'}", "--question=Is it?"], ["small.nii.gz", "shape"]),
+                        ([f"--mask={tmp_path / 'empty.nii.gz'}", "--question=Is it?"], ["empty.nii.gz", "empty mask",
+                                                                                         "text alone"]),
+                        (["--question=Is it?", "--kind=riddle"], ["--kind", "unknown question kind"])):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            bv.main(pred[:-1] + argv if "--mask" in argv[0] else pred + argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and all(w in err for w in words), err
+
+
+def test_prompt_none_feeds_no_contour_anywhere(tmp_path, monkeypatch):
+    seen = []
+    orig = bv.BoundaryVQA.features
+
+    def spy(self, x):
+        seen.append(x[:, 1].abs().sum().item())
+        return orig(self, x)
+    monkeypatch.setattr(bv.BoundaryVQA, "features", spy)
+    bv.main(TINY + run_dirs(tmp_path) + ["--prompt=none", "--max_iters=1"])
+    assert seen and all(s == 0 for s in seen)
+    answers = (tmp_path / "run" / "answers.txt").read_text()
+    assert "blue" not in answers  # nor in the text
+    seen.clear()
+    bv.main(TINY + run_dirs(tmp_path) + ["--prompt=contour", "--max_iters=1", "--stage=vqa"])
+    assert seen and all(s > 0 for s in seen)
+
+
+def test_unknown_question_kind_is_named():
+    with pytest.raises(ValueError, match="unknown kind 'riddle'"):
+        bv.questions_of([{"name": "v1", "questions": [{"question": "Why?", "answer": "x", "kind": "riddle"}]}])
+
+
+# ----------------------------------------------------------------------------- RadGenome-ChestCT layout
+
+def test_radgenome_layout_round_trip(tmp_path):
+    root = data.write_radgenome_layout(tmp_path / "rg", 3, shape=(8, 16, 16), seed=0, n_valid=1)
+    ds = data.RadGenomeCT(root, "test", shape=(8, 16, 16), spacing=tuple(f / s for f, s in zip(data.FOV, (8, 16, 16))))
+    assert len(ds) == 1
+    it = ds[0]
+    assert it["volume"].shape == (1, 8, 16, 16) and set(it["region_masks"]) == set(data.RADGENOME_REGIONS)
+    p = data.sample_patient(0, "test", 0)
+    _, masks = data.render_phantom(p, (8, 16, 16))
+    heart = torch.isin(masks, torch.tensor(data.REGION_IDS["heart"], dtype=masks.dtype))
+    assert torch.equal(it["region_masks"]["heart"], heart)  # reoriented and read back voxel for voxel
+    presence = [q for q in it["questions"] if q["kind"] == "region"]
+    assert len(presence) == len(data.RADGENOME_REGIONS)
+    pos = [l for l, y in zip(data.LABELS, p["labels"]) if y]
+    for q in presence:
+        hit = any(data.finding_region(p, l) in (q["region"], "lungs" if "lung" in q["region"] else None) for l in pos)
+        assert q["answer"] == ("Yes" if hit else "No")
+        assert bv.question_region(q) == q["region"]
+    assert bv.outline_of(it, "heart").sum() > 0
+    train = data.RadGenomeCT(root, "train", shape=(8, 16, 16)) , data.RadGenomeCT(root, "val", shape=(8, 16, 16))
+    assert len(train[0]) + len(train[1]) == 3  # patients split between train and val, none lost
+    (root / "masks" / "seg_valid_1_a_1" / "heart.nii.gz").unlink()
+    with pytest.raises(data.BadVolume, match="heart"):
+        data.RadGenomeCT(root, "test", strict=True)
+
+
+def test_sentence_pairs_positive_for_every_volume_stating_the_finding():
+    items = [{"report": "The heart is enlarged (mild cardiomegaly). No pleural effusion is seen."},
+             {"report": "Mild cardiomegaly is present. A small pleural effusion is seen in the right hemithorax."},
+             {"report": "Heart size is within normal limits. There are no pulmonary nodules."}]
+    texts, z = bv.sentence_pairs(items, [0, 1, 2], torch.Generator().manual_seed(0), per_report=2)
+    assert len(texts) == 3  # the abnormal sentences only (report 0: 1, report 1: 2, report 2: none)
+    for j, t in enumerate(texts):
+        has_card = "cardiomegaly" in t.lower()
+        assert z[:, j].tolist() == ([1.0, 1.0, -1.0] if has_card else [-1.0, 1.0, -1.0]), (t, z[:, j])
