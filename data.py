@@ -506,6 +506,134 @@ class CTRATE(torch.utils.data.Dataset):
         raise BadVolume(f"{self.dir}: no readable volume in split {self.split}")
 
 # =============================================================================
+# RadGenome-ChestCT (for boundary_vqa.py)
+# =============================================================================
+
+# The layout read here (RadGenome-ChestCT reuses CT-RATE's volumes; its region masks and grounded QA come as):
+#   volumes/{train,valid}/<Volumename>                   HU volumes (header scaling applied)
+#   masks/seg_<volume>/<region>.nii.gz                   one binary mask per region, on the volume's grid
+#   radgenome_files/{train,validation}_region_vqa.csv    Volumename, Anatomy, Presence (Yes/No), Abnormality, Size (mm)
+# Questions come from templates per row: presence (kind "region", yes/no), "what abnormality" and "what size" (open).
+RADGENOME_QA = ("Volumename", "Anatomy", "Presence", "Abnormality", "Size")
+RADGENOME_REGIONS = ("right lung", "left lung", "heart", "aorta", "mediastinum", "pleura", "esophagus")
+
+
+def radgenome_questions(row: dict) -> list:
+    a, ab, size = row["Anatomy"].strip(), row["Abnormality"].strip(), row["Size"].strip()
+    present = row["Presence"].strip().capitalize()
+    if present not in ("Yes", "No"):
+        raise BadVolume(f"{row['Volumename']}: Presence must be Yes or No, found {row['Presence']!r}")
+    q = [dict(question=f"Is there an abnormality in the {a}?", answer=present, kind="region", region=a, grounded=True)]
+    if present == "Yes" and ab:
+        q.append(dict(question=f"What abnormality is seen in the {a}?", answer=ab.capitalize(), kind="open", region=a,
+                      grounded=True))
+        if size:
+            q.append(dict(question=f"What is the size of the {ab.lower()} in the {a}?", answer=f"{size} mm",
+                          kind="open", region=a, grounded=True))
+    return q
+
+
+class RadGenomeCT(torch.utils.data.Dataset):
+    """RadGenome-ChestCT's region-grounded QA: item = {volume (1, Z, Y, X), name, report (the region findings joined:
+    a stand-in for its grounded reports), questions, region_masks {region: bool (Z, Y, X)}}. Splits by patient as
+    CTRATE: train/val from the train rows (hash of the patient id), test = the validation rows. A row whose mask file
+    is missing or whose mask grid differs from the volume is skipped with a warning (strict=True: fatal)."""
+
+    def __init__(self, root, split, *, shape=(128, 256, 256), spacing=(1.5, 0.75, 0.75), window=(-1000, 200),
+                 norm="unit", strict=False, val_fraction=0.1):
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split={split!r}: expected train|val|test")
+        self.root, self.shape, self.spacing, self.window, self.norm = Path(root), shape, spacing, window, norm
+        self.strict, self.n_bad = strict, 0
+        self.folder = "valid" if split == "test" else "train"
+        path = self.root / "radgenome_files" / f"{'validation' if split == 'test' else 'train'}_region_vqa.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: missing; expected the RadGenome-ChestCT layout (data.RadGenomeCT)")
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in RADGENOME_QA if c not in (reader.fieldnames or [])]
+            if missing:
+                raise BadVolume(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
+            rows = list(reader)
+        self.vols = {}
+        for row in rows:
+            name = row["Volumename"]
+            patient = "_".join(name.split("_")[:2])
+            if split != "test" and _in_val(patient, val_fraction) != (split == "val"):
+                continue
+            try:
+                qs = radgenome_questions(row)
+                mask = self.root / "masks" / f"seg_{name.removesuffix('.nii.gz')}" / f"{row['Anatomy'].strip()}.nii.gz"
+                if not mask.is_file():
+                    raise BadVolume(f"{path}: {name}: region {row['Anatomy']!r} has no mask file {mask}")
+            except BadVolume as e:
+                self._bad(e)
+                continue
+            v = self.vols.setdefault(name, {"questions": [], "masks": {}})
+            v["questions"] += qs
+            v["masks"][row["Anatomy"].strip()] = mask
+        self.names = sorted(self.vols)
+
+    def _bad(self, e):
+        if self.strict:
+            raise e
+        self.n_bad += 1
+        print(f"warning: skipped {e}", file=sys.stderr)
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        name = self.names[i]
+        hu, sp = load_nifti(self.root / "volumes" / self.folder / name)
+        masks = {}
+        for region, path in self.vols[name]["masks"].items():
+            m, _ = load_nifti(path)
+            if m.shape != hu.shape:
+                raise BadVolume(f"{path}: mask shape {m.shape} differs from the volume's {hu.shape}")
+            size = [max(1, round(n * s / t)) for n, s, t in zip(m.shape, sp, self.spacing)]
+            m = F.interpolate(torch.as_tensor(m > 0.5).float()[None, None], size=size, mode="nearest")[0, 0]
+            masks[region] = crop_or_pad(m, self.shape, value=0.0) > 0.5
+        qs = self.vols[name]["questions"]
+        report = " ".join(f"{q['region'].capitalize()}: {q['answer'] if q['kind'] == 'open' else 'no abnormality'}."
+                          for q in qs if q["kind"] == "open" or q["answer"] == "No")
+        vol = preprocess(hu, sp, target_spacing=self.spacing, shape=self.shape, window=self.window, norm=self.norm)
+        return {"volume": vol[None], "name": name, "report": report, "questions": qs, "region_masks": masks}
+
+
+def write_radgenome_layout(out_dir, n, shape=(32, 64, 64), seed=0, *, n_valid=None):
+    """The phantom in RadGenomeCT's layout: n train and n_valid (default n // 4, at least 1) test patients, a mask per
+    RADGENOME_REGIONS name, one QA row per region (presence as the phantom's region questions decide it; the first
+    finding there and its size). Stored like write_ctrate_layout: RAS int16 HU with the affine."""
+    root = Path(out_dir)
+    spacing = [f / s for f, s in zip(FOV, shape)]
+    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+    ras = lambda t: t.flip(0, 1, 2).permute(2, 1, 0).contiguous().numpy()  # (z,y,x)=(I,P,L) -> (x,y,z)=(R,A,S)
+    for folder, split, count, csv_split in (("train", "train", n, "train"),
+                                            ("valid", "test", max(1, n // 4) if n_valid is None else n_valid, "validation")):
+        rows = []
+        for i in range(count):
+            p = sample_patient(seed, split, i)
+            hu, masks = render_phantom(p, shape)
+            name = f"{folder}_{i + 1}_a_1.nii.gz"
+            (root / "volumes" / folder).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(ras(hu.round().to(torch.int16)), affine), root / "volumes" / folder / name)
+            seg = root / "masks" / f"seg_{name.removesuffix('.nii.gz')}"
+            seg.mkdir(parents=True, exist_ok=True)
+            pos = [l for l, y in zip(LABELS, p["labels"]) if y]
+            for region in RADGENOME_REGIONS:
+                m = torch.isin(masks, torch.tensor(REGION_IDS[region], dtype=masks.dtype)).to(torch.uint8)
+                nib.save(nib.Nifti1Image(ras(m), affine), seg / f"{region}.nii.gz")
+                hits = [l for l in pos if finding_region(p, l) in (region, "lungs" if "lung" in region else None)]
+                size = p["attributes"][hits[0]].get("size", "") if hits else ""
+                rows.append([name, region, "Yes" if hits else "No", hits[0] if hits else "", size])
+        path = root / "radgenome_files" / f"{csv_split}_region_vqa.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([list(RADGENOME_QA), *rows])
+    return root
+
+# =============================================================================
 # Synthetic chest CT
 # =============================================================================
 
@@ -1698,6 +1826,16 @@ def bootstrap_auroc(y_true, y_score, n=1000, seed=0) -> tuple:
         aucs = [auroc(y[idx, k], p[idx, k]) for k in range(y.shape[1])]
         stats.append(np.nanmean(aucs) if not np.isnan(aucs).all() else np.nan)
     lo, hi = np.nanpercentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def bootstrap_diff(correct_a, correct_b, n=1000, seed=0) -> tuple:
+    """95% paired bootstrap interval of mean(a) - mean(b), two models' per-question 0/1 correctness on the SAME
+    questions: the questions are resampled with replacement, both models keep their answers to each one."""
+    a, b = _np(correct_a).astype(float), _np(correct_b).astype(float)
+    assert a.shape == b.shape and len(a) > 0, "paired bootstrap needs both models' scores on the same questions"
+    idx = np.random.default_rng(seed).integers(0, len(a), (n, len(a)))
+    lo, hi = np.percentile((a[idx] - b[idx]).mean(1), [2.5, 97.5])
     return float(lo), float(hi)
 
 
