@@ -207,11 +207,31 @@ def largest_component(m: torch.Tensor, max_iter: int = 10000) -> torch.Tensor:
     return ((lab == keep) & (keep > 0)).view(Z, Y, X)
 
 
+def fill_holes(m: torch.Tensor, max_iter: int = 10000) -> torch.Tensor:
+    """Per axial slice, the mask plus every background pixel not 4-connected to the slice border (vessels and
+    airways inside a lung are holes of its mask: without this each would get its own outline)."""
+    outside = torch.zeros_like(m)
+    outside[:, [0, -1], :], outside[:, :, [0, -1]] = ~m[:, [0, -1], :], ~m[:, :, [0, -1]]
+    for _ in range(max_iter):
+        p = F.pad(outside, (1, 1, 1, 1))
+        grown = (p[:, 1:-1, :-2] | p[:, 1:-1, 2:] | p[:, :-2, 1:-1] | p[:, 2:, 1:-1] | outside) & ~m
+        if torch.equal(grown, outside):
+            break
+        outside = grown
+    return ~outside
+
+
 def boundary_prompt(region: torch.Tensor) -> torch.Tensor:
     """Eq. (1) on every axial slice of a binary region mask (Z, Y, X) -> the outline (Z, Y, X) float in {0, 1}:
-    the largest component per slice; B = pixels with sum over N8 of |S_uv - S_xy| > 0 (Eq. 1), kept on the
-    region's side (one pixel wide); dilated to 3 px; the interior stays empty. Slices the region misses stay empty."""
-    s = largest_component(region.bool()).float()
+    the largest component per slice, its holes filled; B = pixels with sum over N8 of |S_uv - S_xy| > 0 (Eq. 1),
+    kept on the region's side (one pixel wide); dilated to 3 px; the interior stays empty (Sec. 3.1: "suppresses all
+    interior voxels"). Slices the region misses stay empty."""
+    s = largest_component(region.bool())
+    if s.any():  # on the bounding box (+1 px so the border is outside)
+        (z0, y0, x0), (z1, y1, x1) = s.nonzero().amin(0).tolist(), (s.nonzero().amax(0) + 1).tolist()
+        y0, x0, y1, x1 = max(y0 - 1, 0), max(x0 - 1, 0), y1 + 1, x1 + 1
+        s[z0:z1, y0:y1, x0:x1] = fill_holes(s[z0:z1, y0:y1, x0:x1])
+    s = s.float()
     p = F.pad(s[None], (1, 1, 1, 1), mode="replicate")[0]  # the image border is not an edge
     Y, X = s.shape[1:]
     diff = sum((p[:, 1 + dy: 1 + dy + Y, 1 + dx: 1 + dx + X] - s).abs()

@@ -54,7 +54,7 @@ def test_contour_of_a_disc_is_a_ring_of_its_radius_3px_wide():
     m[1] = False  # a slice the region misses gets no outline
     b = bv.boundary_prompt(m)
     assert b[1].sum() == 0 and torch.equal(b[0], b[2])
-    torch.testing.assert_close(b[0], slow_outline(m[0]))  # Eq. (1) + dilation, vectorised == by loops
+    torch.testing.assert_close(b[0], slow_outline(m[0]))  # Eq. (1) + dilation, vectorised == by loops (no holes)
     yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
     d = ((yy - 32.0) ** 2 + (xx - 32.0) ** 2).sqrt()
     ring = b[0] > 0
@@ -64,6 +64,13 @@ def test_contour_of_a_disc_is_a_ring_of_its_radius_3px_wide():
     assert not ring[d < 9].any()  # the interior is suppressed
     row = b[0, 32].nonzero()[:, 0].tolist()  # through the centre: two runs of 3-4 px (diagonal neighbours count)
     assert row[0] in (19, 20) and 3 <= len([x for x in row if x < 32]) <= 4
+
+
+def test_holes_get_no_outline_only_the_outer_contour():
+    m = disc(12)[None].clone()
+    m[0, 30:34, 30:34] = False  # a vessel inside the lung: a hole of its mask
+    torch.testing.assert_close(bv.boundary_prompt(m), bv.boundary_prompt(disc(12)[None]))
+    assert torch.equal(bv.fill_holes(m), disc(12)[None])
 
 
 def test_only_the_largest_component_is_outlined():
