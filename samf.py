@@ -112,9 +112,10 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import data as shared
-from data import (FOV, LABELS, StopOnSigint, append_jsonl, choice_correct, collate, get_dataset, load_bpe,
-                  load_checkpoint, load_llama3_tokenizer, load_nifti, preprocess, report_metrics, rng_state, save_bpe,
-                  save_checkpoint, set_rng_state, setup_ddp, train_bpe)
+from data import (FOV, LABELS, BadConfig, InputError, StopOnSigint, append_jsonl, choice_correct, collate, get_dataset,
+                  load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, preprocess, report_metrics, resume_cleanup,
+                  rng_state, run, save_bpe, save_checkpoint, set_rng_state, setup_ddp, train_bpe)
+from data import StepTimer, forward_flops  # per-step data wait vs compute, samples/s, TFLOP/s, MFU
 
 # -----------------------------------------------------------------------------
 preset = ""  # cpu | paper; empty: paper on CUDA, cpu otherwise
@@ -123,7 +124,7 @@ dtype = "bfloat16"  # autocast dtype on CUDA (bfloat16 | float32); CPU always ru
 compile = False  # torch.compile the model
 seed = 1337  # model init, batch order and synthetic patients
 data = "synthetic"  # synthetic | a prepared cache folder | a CT-RATE root
-out_dir = "out/samf"  # dino.pt, warmup.pt, ckpt.pt, log.jsonl, metrics.json, samples.txt, bpe.tiktoken, PNGs
+out_dir = "out/samf"  # dino.pt, warmup.pt, ckpt.pt, log.jsonl (log_dino/log_warmup.jsonl), metrics.json, samples.txt, bpe.tiktoken, PNGs
 init_from = "scratch"  # scratch | resume (the checkpoint of --stage)
 stage = ""  # dino | warmup | finetune; empty: the missing stages in order (dino if no dino.pt, warmup, finetune)
 fusion = "samf"  # samf (Eq. 10) | ao2d (+ Attention over 2D slices, Eq. 11-12)
@@ -164,6 +165,8 @@ lora_alpha = 64  # LoRA alpha
 lora_dropout = 0.1  # LoRA dropout
 max_text_len = 512  # question + answer tokens
 mcq_aug = True  # training MCQs: letters reshuffled, the absent options redrawn from the patient's absent labels
+label_iters = 0  # the first fine-tuning steps train f_2d + f_3d + a linear head on z_3d on the 18 training labels alone (BCE), before the decoder joins; 0 = the paper
+aux_weight = 0.0  # weight of that label BCE beside the text loss afterwards; 0 = the paper (text loss only)
 freeze_vit = False  # Table 3: f_2d frozen during fine-tuning
 freeze_aggregator = False  # Table 3: f_3d frozen during fine-tuning
 max_iters = 30000  # stage 3 optimizer steps (not in the paper)
@@ -184,6 +187,7 @@ predict = ""  # path to a .nii.gz: its report, or the answer to --question (with
 question = ""  # with --predict: an M3D multiple-choice question ("... Choices: A. x B. y C. z D. w")
 param_counts = False  # build the model on the meta device, print parameter counts of f_2d, f_3d, fusion, decoder; exit
 strict = False  # a bad volume in a dataset is fatal instead of skipped
+rescale = "auto"  # --predict: stored values -> HU by the header | none | auto (header or header - 1024, by the air level)
 debug = False  # tracebacks instead of one-line errors
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
@@ -199,7 +203,7 @@ PRESETS = {
 }
 MODEL_KEYS = ("fusion", "shape", "n_slices", "vit_img", "vit_patch", "vit_stem", "vit_dim", "vit_depth", "vit_heads",
               "agg_depth", "agg_heads", "slice_tokens", "d_proj", "llm", "dim", "n_layers", "n_heads", "n_kv_heads",
-              "vocab_size", "lora_r", "lora_alpha", "lora_dropout", "max_text_len")
+              "vocab_size", "lora_r", "lora_alpha", "lora_dropout", "max_text_len", "label_iters", "aux_weight")
 FUSIONS = ("samf", "ao2d")
 STAGES = ("dino", "warmup", "finetune")
 INSTRUCTION = "Write the findings of this chest CT."
@@ -278,7 +282,7 @@ def centre_slices(volume, n: int, img: int):
     """The n centre axial slices (the authors' code: 24 around the middle) -> (B, n, img, img)."""
     Z = volume.shape[2]
     if Z < n:
-        raise ValueError(f"--n_slices={n}: the volume has only {Z} axial slices (--shape={','.join(map(str, volume.shape[2:]))})")
+        raise BadConfig(f"--n_slices={n}: the volume has only {Z} axial slices (--shape={','.join(map(str, volume.shape[2:]))})")
     return plane_slices(volume, 0, (Z - n) // 2, n, img)
 
 
@@ -427,7 +431,7 @@ class Warmup(nn.Module):
 
     def forward(self, volume, planes=None):
         if volume.shape[2] < self.S:
-            raise ValueError(f"--n_slices={self.S}: the volume has only {volume.shape[2]} axial slices")
+            raise BadConfig(f"--n_slices={self.S}: the volume has only {volume.shape[2]} axial slices")
         plane = int(torch.randint(1, 3, ())) if planes is None else planes
         starts = [int(torch.randint(0, volume.shape[2 + p] - self.S + 1, ())) for p in (0, plane)]
         return info_nce(self.view(volume, 0, starts[0]), self.view(volume, plane, starts[1]), self.tau)
@@ -462,7 +466,9 @@ class SAMFModel(nn.Module):
     """volume (B, 1, Z, Y, X) + question -> visual tokens [F_fused, F_2d] (B, n_visual, dim) -> decoder.
     forward(volume, *texts): texts are one or more (q_ids, q_mask, inputs, targets) groups about the same volumes
     (a report and a multiple-choice example share one pass of f_2d and f_3d); returns the mean over groups of the
-    cross-entropy of their answer tokens. inputs start with <BOS>; the visual tokens go right after it."""
+    cross-entropy of their answer tokens. inputs start with <BOS>; the visual tokens go right after it. labels (B, 18)
+    or None: with a label head (--label_iters, --aux_weight), its BCE on z_3d is added (x aux_weight), or is the
+    whole loss when no texts are given (the label phase)."""
     def __init__(self, cfg: dict, decoder):
         super().__init__()
         assert cfg["fusion"] in FUSIONS, f"--fusion={cfg['fusion']!r}: expected one of {FUSIONS}"
@@ -476,6 +482,8 @@ class SAMFModel(nn.Module):
         self.slice_out = nn.Identity() if d_proj == dim else nn.Linear(d_proj, dim)
         self.decoder = decoder
         self.n_visual = 1 + (self.S if self.slice_tokens else 0)
+        self.aux_weight = cfg["aux_weight"]  # --label_iters / --aux_weight: a linear 18-label head on z_3d (not in the paper)
+        self.label_head = nn.Linear(cfg["vit_dim"], len(LABELS)) if cfg["label_iters"] or cfg["aux_weight"] else None
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -497,14 +505,19 @@ class SAMFModel(nn.Module):
         vis = fused[:, None] if not self.slice_tokens else torch.cat([fused[:, None], self.slice_out(F_2d)], dim=1)
         return vis, att
 
-    def forward(self, volume, *texts):
+    def forward(self, volume, labels, *texts):
         z, losses = self.encode(volume), []
+        bce = None if labels is None or self.label_head is None else \
+            F.binary_cross_entropy_with_logits(self.label_head(z[1]), labels.float())  # 18 training labels (B, 18)
+        if not texts:  # --label_iters: the label phase, before the decoder joins
+            return bce
         for q_ids, q_mask, inputs, targets in zip(*[iter(texts)] * 4):
             vis, _ = self.visual_tokens(volume, q_ids, q_mask, z)
             prefix = torch.cat([self.decoder.tok_embeddings(inputs[:, :1]), vis.to(self.decoder.output.weight.dtype)], 1)
             logits = self.decoder(inputs[:, 1:], prefix)[:, prefix.shape[1]:]  # text after <BOS> (B, T - 1, V)
             losses.append(F.cross_entropy(logits.flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-1))
-        return sum(losses) / len(losses)
+        loss = sum(losses) / len(losses)
+        return loss if bce is None or not self.aux_weight else loss + self.aux_weight * bce
 
 
 def build_model(cfg: dict) -> nn.Module:
@@ -856,18 +869,18 @@ CHOICE = re.compile(r"([A-Z])\. (.+?)(?= [A-Z]\. |$)")
 def parse_choices(question: str, what="--question") -> dict:
     """'... Choices: A. x B. y C. z D. w' -> {"A": "x", ...}; anything else is an error naming `what`."""
     if "Choices:" not in question:
-        raise ValueError(f"{what}: no 'Choices: A. .. B. .. C. .. D. ..' in {question!r}; this model answers M3D "
+        raise InputError(f"{what}: no 'Choices: A. .. B. .. C. .. D. ..' in {question!r}; this model answers M3D "
                          "multiple-choice questions (leave --question empty for a report)")
     options = dict(CHOICE.findall(question.split("Choices:", 1)[1].strip()))
     if sorted(options) != list("ABCD"):
-        raise ValueError(f"{what}: expected the four options A-D after 'Choices:', found {sorted(options) or 'none'}")
+        raise InputError(f"{what}: expected the four options A-D after 'Choices:', found {sorted(options) or 'none'}")
     return options
 
 
 def answer_letter(answer: str, what="answer") -> str:
     m = re.match(r"\s*([A-Za-z])\.", answer)
     if not m or m.group(1) not in "ABCD":
-        raise ValueError(f"{what}: {answer!r} is not an answer 'X. text' with the letter X in A-D")
+        raise InputError(f"{what}: {answer!r} is not an answer 'X. text' with the letter X in A-D")
     return m.group(1)
 
 
@@ -950,8 +963,10 @@ def tokenize(qa: list, enc, max_text_len: int):
 
 
 def get_batch(ds, idx, tasks, enc, cfg, dev, train=True):
-    """tasks: 0 report, 1 multiple choice -> (volume, then q_ids, q_mask, inputs, targets of each task) on dev."""
-    items, out = [ds[i] for i in idx], []
+    """tasks: 0 report, 1 multiple choice -> (volume, labels, then q_ids, q_mask, inputs, targets of each task) on dev;
+    tasks () is the label phase: (volume, labels). Labels of training scans only: the test code passes None."""
+    items = [ds[i] for i in idx]
+    out = [torch.stack([it["labels"] for it in items]).to(dev)]
     for task in tasks:
         qa = [(INSTRUCTION, it["report"]) if task == 0 else choice_of(it, train and cfg["mcq_aug"]) for it in items]
         out += [t.to(dev) for t in tokenize(qa, enc, cfg["max_text_len"])]
@@ -993,7 +1008,8 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=N
     if cfg["compile"]:
         model = torch.compile(model)
     if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[int(dev.split(":")[1])] if "cuda" in dev else None)
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[int(dev.split(":")[1])] if "cuda" in dev else None,
+                                                    find_unused_parameters=stage == "finetune" and cfg["label_iters"] > 0)
     if master:
         print(f"stage {stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters "
               f"({sum(p.numel() for p in params) / 1e6:.2f}M trained), {describe}, {iters} steps")
@@ -1005,7 +1021,13 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=N
                           if not cfg["llm"] or not k.startswith("decoder.") or ".lora_" in k}, "optimizer": opt.state_dict(),
                 "iter_num": iter_num, "best_val_loss": best_val, "config": cfg, "rng": rng_state()})
 
-    bad_steps, t0, steps, loss_sum = 0, time.time(), 0, 0.0
+    with torch.random.fork_rng():  # FLOPs of one micro-batch (forward x 3), without moving the RNG (exact resume)
+        first = batch_fn(iter_num, 0)
+        fps = 3 * forward_flops(raw, *first) / first[0].shape[0]
+    timer = StepTimer(dev, fps)  # data wait vs compute, samples/s, TFLOP/s, MFU: means since the last eval
+    timer.stats()  # the first call measures the device's peak FLOP/s, outside the first timed window
+    log = Path(cfg["out_dir"]) / ("log.jsonl" if stage == "finetune" else f"log_{stage}.jsonl")
+    bad_steps, steps, loss_sum = 0, 0, 0.0
     pbar = tqdm(total=iters, initial=iter_num, disable=not master, desc=stage)
     with StopOnSigint() as sig:
         while iter_num < iters and not sig.stop:
@@ -1014,8 +1036,10 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=N
             losses = []
             for j in range(accum):
                 sync = nullcontext() if not ddp or j == accum - 1 else model.no_sync()
+                with timer.data():
+                    inputs = batch_fn(iter_num, j)
                 with ctx, sync:
-                    loss = model(*batch_fn(iter_num, j))
+                    loss = model(*inputs)
                     (loss / accum).backward()
                 losses.append(loss.item())
             norm = nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
@@ -1032,20 +1056,22 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=N
             opt.zero_grad(set_to_none=True)
             iter_num += 1
             steps += 1
+            timer.step(inputs[0].shape[0] * accum)
             loss_sum += sum(losses) / len(losses)
             pbar.update(1)
             if master:
                 pbar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
             if iter_num % interval == 0 or iter_num == iters:
-                dt = time.time() - t0
+                perf = timer.stats()
                 rec = {"stage": stage, "iter": iter_num, "train_loss": loss_sum / steps, **evaluate(),
-                       "lr": opt.param_groups[0]["lr"], "ms_per_step": 1000 * dt / steps}
+                       "lr": opt.param_groups[0]["lr"], **perf}
                 best_val = min(best_val, rec.get("val_loss", float("inf")))
                 if master:
                     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-                    append_jsonl(Path(cfg["out_dir"]) / "log.jsonl", rec)
+                    append_jsonl(log, rec)
                 save()
-                t0, steps, loss_sum = time.time(), 0, 0.0
+                steps, loss_sum = 0, 0.0
+                timer.reset()
     pbar.close()
     if sig.stop:
         save()
@@ -1106,7 +1132,7 @@ def load_part(module, path, prefix: str, cfg, keys):
     bad = [k for k in keys if tuple(np.atleast_1d(ck["config"].get(k))) != tuple(np.atleast_1d(cfg[k]))]
     if bad:
         theirs, ours = (" ".join(f"--{k}={c[k]}" for k in bad) for c in (ck["config"], cfg))
-        raise ValueError(f"{path}: trained with {theirs}; this run has {ours} (use its settings or run that stage again)")
+        raise InputError(f"{path}: trained with {theirs}; this run has {ours} (use its settings or run that stage again)")
     module.load_state_dict({k[len(prefix):]: v for k, v in ck["model"].items() if k.startswith(prefix)})
 
 
@@ -1152,11 +1178,11 @@ def test_loss(model, ds, enc, cfg, dev, ctx, task: int, shuffle: bool) -> float:
     model.eval()
     total, micro = 0.0, max(1, cfg["batch_size"] // cfg["grad_accum"])
     for i in range(0, len(ds), micro):
-        vol, *text = get_batch(ds, list(range(i, min(i + micro, len(ds)))), (task,), enc, cfg, dev, train=False)
+        vol, _, *text = get_batch(ds, list(range(i, min(i + micro, len(ds)))), (task,), enc, cfg, dev, train=False)
         if shuffle:
             vol = torch.stack([ds[(j + 1) % len(ds)]["volume"] for j in range(i, i + len(vol))]).to(dev).float()
         with ctx:
-            total += model(vol, *text).item() * len(vol)
+            total += model(vol, None, *text).item() * len(vol)
     model.train()
     return total / len(ds)
 
@@ -1177,6 +1203,13 @@ def final_eval(cfg, model, enc, dev, ctx, train_ds) -> dict:
     if hasattr(shared, "clinical_metrics"):
         res["ce"] = {"model": shared.clinical_metrics(gen, y_test), "zero_visual": shared.clinical_metrics(gen0, y_test),
                      **shared.ce_baselines(y_train, y_test, seed=0)}
+    if model.label_head is not None:  # how well z_3d carries each finding: test AUROC of the label head
+        model.eval()
+        with torch.no_grad(), ctx:
+            p = torch.cat([model.label_head(model.encode(vols(list(range(i, min(i + bs, len(test_ds))))))[1]).float()
+                           for i in range(0, len(test_ds), bs)]).sigmoid().cpu().numpy()
+        model.train()
+        res["label_auroc"] = {l: shared.auroc(y_test[:, j], p[:, j]) for j, l in enumerate(LABELS)}
     res["report_loss"] = {"own": test_loss(model, test_ds, enc, cfg, dev, ctx, 0, False),
                           "shuffled": test_loss(model, test_ds, enc, cfg, dev, ctx, 0, True)}
     lines = [f"--- {test_ds[i]['name']}\nGENERATED: {g}\nREFERENCE: {r}\n" for i, (g, r) in enumerate(zip(gen, refs))]
@@ -1219,6 +1252,10 @@ def print_results(res):
             print(f"{name:<18}" + "".join(f"{m[k]:>8.3f}" for k in ("precision", "recall", "f1", "micro_f1")))
     else:
         print("clinical efficacy: data.clinical_metrics is not available in this data.py")
+    if "label_auroc" in res:
+        au = res["label_auroc"]
+        print(f"label head on z_3d, test AUROC: macro {np.nanmean(list(au.values())):.3f}; " +
+              ", ".join(f"{k} {v:.2f}" for k, v in sorted(au.items(), key=lambda kv: -kv[1])[:6]))
     print(f"report loss: own volumes {res['report_loss']['own']:.4f}, shuffled volumes {res['report_loss']['shuffled']:.4f}")
     if "mcq" in res:
         print("multiple choice (accuracy: M3D's rule; precision / recall / F1: macro over the letters A-D):")
@@ -1253,7 +1290,7 @@ def attention_png(x, att, cfg, path):
 def predict_file(cfg, model, enc, dev, path, question: str) -> str:
     if question:
         parse_choices(question)
-    vol, sp = load_nifti(path)
+    vol, sp = load_ct(path, cfg["rescale"])
     x = preprocess(vol, sp, target_spacing=target_spacing(cfg), shape=tuple(cfg["shape"]), window=(-1000, 200), norm="unit")
     text, att = generate_answers(model, x[None, None].to(dev).float(), [question or INSTRUCTION], enc, cfg, nullcontext(),
                                  16 if question else cfg["max_new_tokens"])
@@ -1282,13 +1319,14 @@ def param_counts(cfg) -> dict:
 
 def check_config(cfg):
     for key, ok in (("stage", cfg["stage"] in ("",) + STAGES), ("fusion", cfg["fusion"] in FUSIONS),
-                    ("init_from", cfg["init_from"] in ("scratch", "resume")), ("vit_stem", cfg["vit_stem"] in ("patch", "conv"))):
+                    ("init_from", cfg["init_from"] in ("scratch", "resume")), ("vit_stem", cfg["vit_stem"] in ("patch", "conv")),
+                    ("rescale", cfg["rescale"] in ("auto", "header", "none"))):
         if not ok:
-            raise ValueError(f"--{key}={cfg[key]!r}: not one of the allowed values (see --help)")
+            raise BadConfig(f"--{key}={cfg[key]!r}: not one of the allowed values (see --help)")
     if cfg["n_slices"] > cfg["shape"][0]:
-        raise ValueError(f"--n_slices={cfg['n_slices']}: the volume has only {cfg['shape'][0]} axial slices (--shape)")
+        raise BadConfig(f"--n_slices={cfg['n_slices']}: the volume has only {cfg['shape'][0]} axial slices (--shape)")
     if cfg["vit_img"] % cfg["vit_patch"]:
-        raise ValueError(f"--vit_img={cfg['vit_img']}: not a multiple of --vit_patch={cfg['vit_patch']}")
+        raise BadConfig(f"--vit_img={cfg['vit_img']}: not a multiple of --vit_patch={cfg['vit_patch']}")
 
 
 def resume_ckpt(cfg, stage, master):
@@ -1298,6 +1336,8 @@ def resume_ckpt(cfg, stage, master):
     if changed and master:
         print(f"resume: model keys come from the checkpoint, ignoring {changed}")
     cfg.update({k: ckpt["config"][k] for k in MODEL_KEYS})
+    if stage == "finetune" and master and not cfg["predict"]:
+        resume_cleanup(cfg["out_dir"], ckpt["iter_num"])  # a ckpt.pt.tmp of a killed save, log lines past the checkpoint
     return ckpt
 
 
@@ -1381,7 +1421,7 @@ def run_finetune(cfg, dev, ddp, world, master, rank):
 
     def batch(it, j):  # every volume of the micro-batch with its report and its multiple-choice question
         idx = stream(len(train_ds), ((it * cfg["grad_accum"] + j) * world + rank) * micro, micro, cfg["seed"])
-        return get_batch(train_ds, idx, tasks, enc, cfg, dev)
+        return get_batch(train_ds, idx, tasks if it >= cfg["label_iters"] else (), enc, cfg, dev)
 
     def evaluate():
         res = {f"val_loss_{['report', 'mcq'][t]}": test_loss(model, val_ds, enc, cfg, dev, nullcontext(), t, False)
@@ -1405,10 +1445,10 @@ def main(argv=None):
     out = Path(cfg["out_dir"])
     if cfg["predict"]:
         if cfg["init_from"] != "resume":
-            raise ValueError("--predict: needs a trained run: add --init_from=resume (and its --out_dir)")
+            raise BadConfig("--predict: needs a trained run: add --init_from=resume (and its --out_dir)")
         return run_finetune(cfg, dev, ddp, world, master, rank)
     if cfg["question"]:
-        raise ValueError("--question: only used with --predict=scan.nii.gz")
+        raise BadConfig("--question: only used with --predict=scan.nii.gz")
     out.mkdir(parents=True, exist_ok=True)
     if cfg["stage"]:
         stages = [cfg["stage"]]
@@ -1437,10 +1477,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one line, exit code 2 (--debug=true: the traceback)
-        if any(a in ("--debug=true", "--debug") for a in sys.argv):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run(main)

@@ -115,7 +115,7 @@ def test_answer_never_reaches_f_fused(fusion):
     vol = torch.rand(2, 1, 8, 32, 32)
     seen = []
     model.fusion.register_forward_hook(lambda mod, inp, out: seen.append(out[0].detach()))
-    losses = [model(vol, *samf.tokenize([(q, a)] * 2, enc, 256)).item() for a in ("A. Cardiomegaly", "D. Lung nodule")]
+    losses = [model(vol, None, *samf.tokenize([(q, a)] * 2, enc, 256)).item() for a in ("A. Cardiomegaly", "D. Lung nodule")]
     assert losses[0] != losses[1]  # the answers differ, so the loss does
     torch.testing.assert_close(seen[0], seen[1], atol=0, rtol=0)  # F_fused does not
 
@@ -204,13 +204,16 @@ def trained(tmp_path_factory):
 
 def test_all_stages_run_and_report(trained):
     out, res = trained
-    assert {p.name for p in out.iterdir()} >= {"dino.pt", "warmup.pt", "ckpt.pt", "metrics.json", "samples.txt", "log.jsonl"}
+    assert {p.name for p in out.iterdir()} >= {"dino.pt", "warmup.pt", "ckpt.pt", "metrics.json", "samples.txt", "log.jsonl",
+                                               "log_dino.jsonl", "log_warmup.jsonl"}
     assert set(res["stage_seconds"]) == {"dino", "warmup", "finetune"}
     m = json.loads((out / "metrics.json").read_text())
     assert {"model", "zero_visual", "chance", "prevalence_prior"} <= set(m["mcq"])
     assert {"precision", "recall", "f1", "accuracy"} <= set(m["mcq"]["model"]) and "bleu1" in m["report"]["model"]
-    stages = [json.loads(l)["stage"] for l in (out / "log.jsonl").read_text().splitlines()]
-    assert stages[0] == "dino" and "warmup" in stages and stages[-1] == "finetune"
+    for name, stage in (("log_dino.jsonl", "dino"), ("log_warmup.jsonl", "warmup"), ("log.jsonl", "finetune")):
+        recs = [json.loads(l) for l in (out / name).read_text().splitlines()]
+        assert {r["stage"] for r in recs} == {stage}
+        assert all(r["samples_per_s"] > 0 and r["tflops"] > 0 and 0 <= r["data_frac"] <= 1 for r in recs)  # StepTimer
     ck = torch.load(out / "ckpt.pt", weights_only=True)["model"]
     assert ck["fusion.W_fusion.weight"].shape == (32, 4 * 32)  # Ao2D: four parts (Eq. 12)
 
@@ -228,6 +231,19 @@ def test_samf_trains_a_step_and_freezing_flags_freeze(tmp_path, monkeypatch):
     assert all(torch.equal(start[k], after[k]) for k in start if k.startswith("f_2d."))  # frozen
     for k in ("f_3d.cls", "fusion.W_3d.weight", "fusion.W_text.weight", "decoder.output.weight"):
         assert not torch.equal(start[k], after[k]), k  # trained
+
+
+def test_label_phase_and_aux_loss_by_hand():
+    """--label_iters: without texts the loss is the label head's BCE on z_3d alone; --aux_weight adds it to the text
+    loss; labels=None (every evaluation) leaves the text loss alone."""
+    torch.manual_seed(0)
+    model = samf.build_model(cfg_of(TINY + ["--label_iters=2", "--aux_weight=0.5"])).eval()
+    enc, vol, y = _tiny_enc(), torch.rand(2, 1, 8, 32, 32), torch.tensor([[1.0] + [0.0] * 17, [0.0] * 17 + [1.0]])
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(model.label_head(model.encode(vol)[1]), y)
+    torch.testing.assert_close(model(vol, y), bce)
+    text = samf.tokenize([(samf.INSTRUCTION, "No findings.")] * 2, enc, 256)
+    torch.testing.assert_close(model(vol, y, *text), model(vol, None, *text) + 0.5 * bce)
+    assert samf.build_model(cfg_of(TINY)).label_head is None  # the paper: no label head
 
 
 def test_mcq_metrics_by_hand():
