@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import hilt
 
 # A tiny run: patch (8, 16, 16) so HR 64 x 64 x 32 -> 4 x 4 x 4 = 64 HR tokens and LR 32 x 32 x 16 -> 8 queries.
 TINY = ["--preset=cpu", "--device=cpu", "--hr=64,64,32", "--lr=32,32,16", "--patch=8,16,16", "--vit_dim=32",
         "--vit_depth=1", "--vit_heads=2", "--dim=32", "--n_layers=1", "--n_heads=2", "--n_kv_heads=1",
         "--vocab_size=320", "--n_train=6", "--n_val=2", "--n_test=2", "--max_new_tokens=6", "--batch_size=2",
-        "--grad_accum=2"]
+        "--grad_accum=2", "--pretrain_iters=0"]  # the cpu preset's hybrid E_V and aux label loss, no label-only phase
 
 
 # ----------------------------------------------------------------------------- CLI and token counts
@@ -27,7 +28,7 @@ def cfg_of(argv):
 
 def test_cli_hr_is_h_w_d_with_depth_last():
     for argv in (["--hr", "512,512,256"], ["--hr=512,512,256"]):
-        cfg = cfg_of(argv + ["--device=cpu"])
+        cfg = cfg_of(argv + ["--device=cpu", "--preset=paper"])  # the paper's patch (the cpu preset halves it)
         assert cfg["hr"] == (512, 512, 256)
         assert hilt.zyx(cfg["hr"]) == (256, 512, 512)  # the volume tensor is (z, y, x) = (D, H, W)
         patch, grid, n_visual = hilt.token_grids(cfg)
@@ -35,13 +36,13 @@ def test_cli_hr_is_h_w_d_with_depth_last():
     with pytest.raises(SystemExit, match="valid keys"):
         cfg_of(["--no_such_key=1"])
     with pytest.raises(ValueError, match="multiple of the patch"):
-        hilt.token_grids(cfg_of(["--hr=500,512,256", "--device=cpu"]))
+        hilt.token_grids(cfg_of(["--hr=500,512,256", "--device=cpu", "--preset=paper"]))
 
 
 @pytest.mark.parametrize("hr", [(128, 128, 128), (128, 128, 64), (256, 256, 128), (384, 384, 192), (512, 512, 256)])
 def test_decoder_sees_64_visual_tokens_at_every_hr(hr):
     """The paper-size model on the meta device (no memory): HILT and random queries give 64 tokens, all_tokens grows."""
-    for mode in ("hilt", "random_queries", "all_tokens"):
+    for mode in ("hilt", "random_queries", "all_tokens", "lr_only"):
         cfg = cfg_of(["--preset=paper", "--device=cpu", f"--mode={mode}", "--hr=" + ",".join(map(str, hr))])
         with torch.device("meta"):
             model = hilt.build_model(cfg)
@@ -64,7 +65,7 @@ def test_modes_train_their_encoder(mode):
     loss = model(x, ids, ids)
     loss.backward()
     assert torch.isfinite(loss) and model.encoder.patch_embed.weight.grad.abs().sum() > 0
-    assert model.n_visual == {"hilt": 8, "random_queries": 8, "all_tokens": 64, "slices2d": 64}[mode]  # slices2d: 8 x 8 in-plane patches
+    assert model.n_visual == {"hilt": 8, "random_queries": 8, "all_tokens": 64, "slices2d": 64, "lr_only": 8}[mode]  # slices2d: 8 x 8 in-plane patches
     if mode == "random_queries":
         assert model.queries.grad.abs().sum() > 0
 
@@ -235,7 +236,7 @@ def test_predict_on_a_written_nifti(trained, tmp_path, capsys):
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
-    argv = TINY + ["--max_iters=4", "--eval_interval=2", "--max_new_tokens=1", "--n_test=1"]
+    argv = TINY + ["--max_iters=4", "--eval_interval=2", "--max_new_tokens=1", "--n_test=1", "--pretrain_iters=1"]
     real_save, saved = hilt.save_checkpoint, {}
 
     def save_and_keep(path, state):  # keep the iteration-2 checkpoint of the straight run
@@ -274,3 +275,148 @@ def test_learns_a_tiny_problem(tmp_path):
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     # from ln(vocab) ~ 5.8 nats per token at initialisation to a fraction of it: the report template is learned
     assert logs[-1]["val_loss"] < 0.5 * math.log(320) and logs[-1]["train_loss"] < logs[0]["train_loss"]
+
+
+# ----------------------------------------------------------------------------- issue 15: the encoder, CE, the image probe
+
+def test_hybrid_stem_keeps_the_token_grid():
+    """--encoder=hybrid puts a stride-2 CNN under E_V's blocks; the token grid (and so Eq. 3 and the 64 visual
+    tokens) is the pure ViT's; the paper preset keeps the paper's pure ViT."""
+    assert cfg_of(["--preset=paper", "--device=cpu"])["encoder"] == "vit"
+    assert hilt.ConvStem((16, 32, 64, 128), (8, 16, 16)).cell == (1, 1, 1)  # z halves 3 times, y and x 4 times
+    assert hilt.ConvStem((16, 32, 64, 128), (16, 32, 32)).cell == (1, 2, 2)  # the rest is the token embedding's
+    x = torch.randn(2, 1, 32, 64, 64)
+    for patch in ((8, 16, 16), (16, 32, 32)):
+        grid = tuple(s // p for s, p in zip(x.shape[2:], patch))
+        vit = hilt.ViT3D(grid=grid, patch=patch, dim=32, depth=1, heads=2)
+        hybrid = hilt.ViT3D(grid=grid, patch=patch, dim=32, depth=1, heads=2, stem_channels=(4, 8, 8, 16))
+        assert vit(x).shape == hybrid(x).shape == (2, math.prod(grid), 32)
+    cfg = cfg_of(TINY + ["--encoder=hybrid", "--label_prompt=false"])  # without the findings token: 8 visual tokens
+    model = hilt.build_model(cfg)
+    assert model.visual_tokens(torch.rand(2, 1, *hilt.zyx(cfg["hr"]))).shape == (2, 8, 32)
+    with pytest.raises(AssertionError, match="--encoder"):
+        hilt.build_model(cfg_of(TINY + ["--encoder=resnet"]))
+
+
+def test_pretrain_phase_trains_the_encoder_alone_and_restarts_the_schedule():
+    cfg = cfg_of(TINY + ["--encoder=hybrid"])
+    torch.manual_seed(0)
+    model = hilt.build_model(cfg)
+    labels = torch.zeros(2, 18)
+    labels[0, 2] = 1
+    loss = model(torch.rand(2, 1, *hilt.zyx(cfg["hr"])), None, None, labels)  # inputs None: labels only
+    loss.backward()
+    z = model.features(torch.rand(2, 1, *hilt.zyx(cfg["hr"]))).detach()
+    assert math.isclose(loss.item(), F.binary_cross_entropy_with_logits(model.label_head(z.mean(1)), labels).item(),
+                        rel_tol=0.5)  # a BCE, not a language loss (~ln vocab)
+    assert all(p.grad is None for p in model.decoder.parameters()) and model.encoder.stem.net[0].weight.grad is not None
+    assert model.label_head.weight.grad.abs().sum() > 0
+    cfg.update(max_iters=200, pretrain_iters=100, warmup_ratio=0.1, learning_rate=1.0)
+    lrs = [hilt.get_lr(it, cfg) for it in range(200)]
+    assert lrs[0] == lrs[100] == 0.1 and lrs[9] == lrs[109] == 1.0  # each phase warms up over its own 10 steps
+    assert lrs[99] == pytest.approx(1 / 90) and lrs[199] == pytest.approx(1 / 90)  # and decays to ~0 at its end
+    inputs, targets = torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 5, dtype=torch.long)
+    vol = torch.rand(2, 1, *hilt.zyx(cfg["hr"]))
+    model.eval()  # frozen Standardize statistics: the three calls see the same features
+    lm = model(vol, inputs, targets)
+    assert model(vol, inputs, targets, labels, 0.5).item() == pytest.approx(
+        lm.item() + 0.5 * model(vol, None, None, labels).item(), rel=1e-5)  # the aux label loss beside it
+
+
+def test_shifted_batch_pairs_reports_with_other_volumes():
+    cfg = cfg_of(TINY)
+    ds = [{"volume": torch.full((1, 2, 2, 2), float(i)), "labels": torch.full((18,), float(i)), "report": f"r{i}",
+           "name": str(i)} for i in range(4)]
+    enc = hilt.get_tokenizer(cfg, ["r0 r1 r2 r3"] * 4, save=False)
+    own = hilt.get_batch(ds, [0, 1, 2, 3], enc, cfg, "cpu")
+    other = hilt.get_batch(ds, [0, 1, 2, 3], enc, cfg, "cpu", shift=2)
+    assert own[0].flatten(1)[:, 0].tolist() == [0, 1, 2, 3] and other[0].flatten(1)[:, 0].tolist() == [2, 3, 0, 1]
+    assert torch.equal(own[1], other[1]) and torch.equal(own[3], other[3])  # the same reports and labels
+
+
+def test_linear_probe_reads_a_linear_label():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 16, generator=g)
+    y = torch.stack([(x[:, 0] > 0).float(), (x[:, 1] + x[:, 2] > 0.5).float()], 1)
+    p = hilt.linear_probe(x[:150], y[:150], x[150:])
+    assert hilt.macro_auroc(y[150:].numpy(), p.numpy())[0] > 0.95
+
+
+def test_final_eval_prints_ce_beside_baselines_and_the_image_probe(trained, capsys):
+    out, res = trained
+    saved = json.loads((out / "metrics.json").read_text())
+    assert set(saved["ce"]) == {"model", "all_normal", "prevalence_random", "all_positive"}
+    for m in saved["ce"].values():
+        assert {"precision", "recall", "f1", "micro_f1", "per_label"} <= set(m) and len(m["per_label"]) == 18
+    y = np.array([p["labels"] for p in (data.sample_patient(1337, "test", i) for i in range(2))])
+    assert saved["ce"]["all_normal"]["f1"] == 0 and saved["ce"]["all_positive"]["recall"] == pytest.approx(
+        np.mean(y.sum(0) > 0))  # recall 1 on every finding present in the 2 test scans, 0 on the others
+    assert set(saved["image_probe"]) == {"own_volume_loss", "shuffled_volume_loss", "gap"}
+    assert saved["image_probe"]["own_volume_loss"] != saved["image_probe"]["shuffled_volume_loss"]
+    assert 1 <= saved["distinct_reports"] <= 2 and saved["peak_rss_mb"]["main"] > 0
+    assert 0 <= saved["encoder_auroc"]["linear_probe"] <= 1 or math.isnan(saved["encoder_auroc"]["linear_probe"])
+
+
+def test_lr_only_never_sees_the_hr_view():
+    """--mode=lr_only (issue 15 item 5's baseline): the LR view's tokens alone; detail only HR holds cannot reach it."""
+    cfg = cfg_of(TINY + ["--mode=lr_only"])
+    torch.manual_seed(0)
+    model = hilt.build_model(cfg).eval()
+    x = torch.rand(1, 1, *hilt.zyx(cfg["hr"]))
+    lr = torch.nn.functional.interpolate(x, size=hilt.zyx(cfg["lr"]), mode="trilinear", align_corners=False)
+    torch.testing.assert_close(model.features(x), model.encoder(lr))  # E_V of the LR view, nothing else
+    assert model.features(x).shape == (1, 8, cfg["vit_dim"])
+
+
+def test_standardize_uses_running_statistics_over_scans():
+    """--standardize: per position and channel, minus a running mean over scans, over a running std; a scan's output
+    never depends on the other scans of its batch (no batch statistics in the output)."""
+    std = hilt.Standardize(3, 2, momentum=0.5)
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(1, 3, 2, generator=g) * 100  # a large per-position offset, small variation across scans
+    a = pos + torch.randn(8, 3, 2, generator=g)
+    out = std(a)  # the first batch sets the statistics
+    torch.testing.assert_close(out.mean(0), torch.zeros(3, 2), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.std(0, unbiased=False), torch.ones(3, 2), atol=1e-3, rtol=0)
+    b = pos + torch.randn(8, 3, 2, generator=g)
+    out_b = std(b)
+    torch.testing.assert_close(std.mean, 0.5 * a.mean(0) + 0.5 * b.mean(0))  # then a running mean
+    std.eval()
+    first, alone = std(b)[0], std(b[:1])[0]
+    torch.testing.assert_close(first, alone)  # eval: frozen, per scan
+    torch.testing.assert_close(out_b, std(b))  # training normalised with the statistics it had just updated
+    assert std.count == 2
+
+
+def test_label_prompt_is_the_truth_in_training_and_the_heads_calls_at_test():
+    """--label_prompt: one more prefix token. Training feeds the true labels (teacher forcing); at test the token is
+    the label head's calls on the volume's own features, so labels passed at test time change nothing."""
+    cfg = cfg_of(TINY + ["--label_prompt=true"])
+    torch.manual_seed(0)
+    model = hilt.build_model(cfg)
+    vol, ids = torch.rand(2, 1, *hilt.zyx(cfg["hr"])), torch.randint(0, 300, (2, 10))
+    ones, zeros = torch.ones(2, 18), torch.zeros(2, 18)
+    model.eval()
+    assert model.visual_tokens(vol).shape == (2, model.n_visual + 1, cfg["dim"])
+    at_test = model(vol, ids, ids)
+    assert model(vol, ids, ids, ones).item() == at_test.item() == model(vol, ids, ids, zeros).item()
+    z = model.features(vol)
+    calls = (model.label_head(z.mean(1)) >= 0).float()
+    torch.testing.assert_close(model.visual_tokens(vol)[:, -1], model.label_embed(calls))
+    model.train()
+    model.standardize.eval()  # keep the running statistics fixed between the two calls
+    assert model(vol, ids, ids, ones).item() != model(vol, ids, ids, zeros).item()  # training: the given labels
+
+
+def test_refit_label_head_is_the_linear_probe_folded_back():
+    cfg = cfg_of(TINY + ["--label_prompt=true"])
+    torch.manual_seed(0)
+    model = hilt.build_model(cfg)
+    g = torch.Generator().manual_seed(1)
+    ds = [{"volume": torch.rand(1, *hilt.zyx(cfg["hr"]), generator=g), "labels": (torch.rand(18, generator=g) < 0.3).float(),
+           "report": "r", "name": str(i)} for i in range(24)]
+    hilt.refit_label_head(model, ds, "cpu", hilt.nullcontext())
+    x = hilt.mean_features(model, ds, "cpu", hilt.nullcontext())
+    y = hilt.labels_of(ds)
+    want = hilt.linear_probe(x, y, x)
+    torch.testing.assert_close(torch.sigmoid(model.label_head(x)).detach(), want, atol=1e-4, rtol=1e-3)
