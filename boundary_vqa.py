@@ -1298,7 +1298,7 @@ def run_vqa(cfg, tower_state, items, val_items, test_items, enc, dev, ddp, rank,
     res = {"prompt": cfg["prompt"], "blind": cfg["blind"], "decoder": cfg["llm"] or cfg["decoder"],
            "scores": score(test_qs, preds), "train_s": time.time() - t0, "peak_mb": peak_memory_mb(dev),
            "n_params": sum(p.numel() for p in model.decoder.parameters())}
-    (Path(cfg["out_dir"]) / "metrics.json").write_text(json.dumps(res, indent=2))
+    (Path(cfg["out_dir"]) / "vqa_metrics.json").write_text(json.dumps(res, indent=2))  # this variant alone
     lines = [f"{test_items[i]['name']} [{q['kind']}, outline: {q['outline']}] {q['question']}\n  answer: {p}  "
              f"reference: {q['answer']}" for (i, q), p in zip(test_qs, preds)]
     (Path(cfg["out_dir"]) / "answers.txt").write_text("\n".join(lines) + "\n")
@@ -1396,7 +1396,7 @@ def table(cfg):
             if r.returncode:
                 print(f"{size} {pr}: failed\n{r.stderr[-2000:]}")
                 continue
-            rows.append(json.loads((out / "metrics.json").read_text()))
+            rows.append(json.loads((out / "vqa_metrics.json").read_text()))
             s = rows[-1]["scores"]
             print(f"{size} {pr:<8} closed {s.get('closed', 0):.3f} region {s.get('region', 0):.3f} BLEU-4 "
                   f"{s.get('bleu4', 0):.3f} ROUGE-L {s.get('rougeL', 0):.3f} METEOR {s.get('meteor', 0):.3f} "

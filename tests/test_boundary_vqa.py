@@ -254,7 +254,7 @@ class _StopAfter:
 def test_main_end_to_end_resume_and_predict(tmp_path, capsys, monkeypatch):
     res = bv.main(TINY + run_dirs(tmp_path) + ["--max_iters=4"])
     out = tmp_path / "run"
-    for f in ("siglip.pt", "ckpt.pt", "metrics.json", "log.jsonl", "answers.txt", "bpe.tiktoken"):
+    for f in ("siglip.pt", "ckpt.pt", "metrics.json", "vqa_metrics.json", "log.jsonl", "answers.txt", "bpe.tiktoken"):
         assert (out / f).is_file(), f
     assert set(res["rows"]["majority answer"]) >= {"closed", "region"}
     siglip = torch.load(out / "siglip.pt", weights_only=True)["model"]
