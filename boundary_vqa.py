@@ -80,11 +80,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (FOV, LABELS, REGION_IDS, SPECIAL_TOKENS, BadVolume, RadGenomeCT, StopOnSigint, SyntheticCT,
-                  append_jsonl, bootstrap_diff, choice_correct, crop_or_pad, load_bpe, load_checkpoint,
-                  load_llama3_tokenizer, load_nifti, preprocess, report_labels, report_metrics, rng_state, save_bpe,
-                  save_checkpoint, set_rng_state, setup_ddp, train_bpe, vqa_closed_accuracy, sample_patient,
-                  finding_region, _finding_name)
+from data import (FOV, LABELS, REGION_IDS, SPECIAL_TOKENS, BadConfig, BadVolume, InputError, RadGenomeCT,
+                  StepTimer, StopOnSigint, SyntheticCT, append_jsonl, bootstrap_diff, choice_correct, crop_or_pad,
+                  forward_flops, load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, load_nifti, preprocess,
+                  report_labels, report_metrics, resume_cleanup, rng_state, run, save_bpe, save_checkpoint,
+                  set_rng_state, setup_ddp, train_bpe, vqa_closed_accuracy, sample_patient, finding_region,
+                  _finding_name)
 
 # -----------------------------------------------------------------------------
 preset = ""  # cpu | paper; empty: paper on CUDA, cpu otherwise
@@ -150,6 +151,7 @@ predict = ""  # a .nii.gz to answer --question about (with --init_from=resume an
 mask = ""  # the region's mask (.nii.gz, nonzero = region) on the --predict volume's grid
 question = ""  # the question for --predict
 kind = ""  # closed | open | choice | region for --predict; empty: closed when it is a yes/no question, else open
+rescale = "auto"  # --predict: stored values -> HU by the header | none | auto (header or header - 1024, by the air level)
 strict = False  # a bad volume in a dataset is fatal instead of skipped
 debug = False  # tracebacks instead of one-line errors
 # -----------------------------------------------------------------------------
@@ -253,10 +255,10 @@ def region_mask(item: dict, region: str) -> torch.Tensor:
     """Bool (Z, Y, X) mask of a region named by a question: a RadGenome mask file, or synthetic ids (data.REGION_IDS)."""
     if "region_masks" in item:
         if region not in item["region_masks"]:
-            raise ValueError(f"{item['name']}: region {region!r} has no mask; found {sorted(item['region_masks'])}")
+            raise InputError(f"{item['name']}: region {region!r} has no mask; found {sorted(item['region_masks'])}")
         return item["region_masks"][region].bool()
     if region not in REGION_IDS:
-        raise ValueError(f"region {region!r} does not exist; known regions: {sorted(REGION_IDS)}")
+        raise InputError(f"region {region!r} does not exist; known regions: {sorted(REGION_IDS)}")
     return torch.isin(item["masks"], torch.tensor(REGION_IDS[region], dtype=item["masks"].dtype))
 
 
@@ -863,7 +865,7 @@ def build_model(cfg: dict) -> nn.Module:
         bos = enc.encode_single_token("<|begin_of_text|>")
     else:
         if cfg["decoder"] not in "sml" or len(cfg["decoder"]) != 1:
-            raise ValueError(f"--decoder={cfg['decoder']!r}: expected s, m or l")
+            raise BadConfig(f"--decoder={cfg['decoder']!r}: expected s, m or l")
         i = "sml".index(cfg["decoder"])
         dec = Decoder(ModelArgs(dim=cfg["dims"][i], n_layers=cfg["layers"][i], n_heads=cfg["heads"][i],
                                 n_kv_heads=cfg["kv_heads"][i], vocab_size=cfg["vocab_size"], max_seq_len=seq))
@@ -931,7 +933,7 @@ def questions_of(items: list) -> list:
     for i, it in enumerate(items):
         for q in it["questions"]:
             if q.get("kind") not in KINDS:
-                raise ValueError(f"{it['name']}: question {q.get('question')!r} has unknown kind {q.get('kind')!r}; "
+                raise InputError(f"{it['name']}: question {q.get('question')!r} has unknown kind {q.get('kind')!r}; "
                                  f"expected one of {KINDS}")
             out.append((i, {**q, "outline": question_region(q)}))
     return out
@@ -1016,14 +1018,19 @@ def get_lr(it: int, lr: float, warmup: int, iters: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (it - warmup) / max(1, iters - warmup))))
 
 
-def train_loop(cfg, tag, model, opt, n_items, loss_fn, val_fn, save, *, iters, lr, warmup, micro, start, dev, ddp,
-               rank, world, master):
+def train_loop(cfg, tag, model, opt, n_items, batch_fn, loss_fn, val_fn, save, *, iters, lr, warmup, micro, start,
+               dev, ddp, rank, world, master, model_args=lambda b: b):
     """AdamW steps with grad accumulation, clipping and the non-finite guard; val + checkpoint every eval_interval.
-    loss_fn(module, idx) -> loss; val_fn() -> val loss; save(iter_num, best) writes the checkpoint."""
+    batch_fn(idx) -> batch (tuple, first item batched; model(*model_args(batch)) is a forward); loss_fn(module, batch) -> loss; val_fn() -> val loss;
+    save(iter_num, best) writes the checkpoint. The log line has data wait, samples/s and MFU (data.StepTimer)."""
     params = [p for g in opt.param_groups for p in g["params"]]
     fwd = nn.parallel.DistributedDataParallel(model, device_ids=[int(dev.split(":")[1])] if "cuda" in dev else None
                                               ) if ddp else model
-    iter_num, best, bad, t0, loss_sum, n_sum = start, float("inf"), 0, time.time(), 0.0, 0
+    with torch.random.fork_rng():  # FLOPs of one sample (forward x 3), without moving the RNG (exact resume)
+        first = batch_fn(stream(n_items, 0, micro, cfg["seed"]))
+        timer = StepTimer(dev, 3 * forward_flops(model, *model_args(first)) / first[0].shape[0])
+    timer.stats()  # the first call measures the device's peak FLOP/s, outside the first timed window
+    iter_num, best, bad, loss_sum, n_sum = start, float("inf"), 0, 0.0, 0
     pbar = tqdm(total=iters, initial=iter_num, disable=not master, desc=tag)
     with StopOnSigint() as sig:
         while iter_num < iters and not sig.stop:
@@ -1033,8 +1040,10 @@ def train_loop(cfg, tag, model, opt, n_items, loss_fn, val_fn, save, *, iters, l
             for j in range(cfg["grad_accum"]):
                 idx = stream(n_items, ((iter_num * cfg["grad_accum"] + j) * world + rank) * micro, micro, cfg["seed"])
                 sync = nullcontext() if not ddp or j == cfg["grad_accum"] - 1 else fwd.no_sync()
+                with timer.data():
+                    batch = batch_fn(idx)
                 with sync:
-                    loss = loss_fn(fwd, idx)
+                    loss = loss_fn(fwd, batch)
                     (loss / cfg["grad_accum"]).backward()
                 losses.append(loss.item())
             norm = nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
@@ -1048,20 +1057,23 @@ def train_loop(cfg, tag, model, opt, n_items, loss_fn, val_fn, save, *, iters, l
                     raise RuntimeError("5 non-finite steps in a row: stopping (lower the learning rate?)")
             opt.zero_grad(set_to_none=True)
             iter_num += 1
+            timer.step(micro * cfg["grad_accum"])
             loss_sum, n_sum = loss_sum + sum(losses) / len(losses), n_sum + 1
             pbar.update(1)
             if master:
                 pbar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
             if iter_num % cfg["eval_interval"] == 0 or iter_num == iters:
+                perf = timer.stats()
                 val = val_fn()
                 best = min(best, val)
                 rec = {"stage": tag, "iter": iter_num, "train_loss": loss_sum / n_sum, "val_loss": val,
-                       "lr": opt.param_groups[0]["lr"], "ms_per_step": 1000 * (time.time() - t0) / n_sum}
+                       "lr": opt.param_groups[0]["lr"], **perf}
                 if master:
                     tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-                    append_jsonl(Path(cfg["out_dir"]) / "log.jsonl", rec)
+                    append_jsonl(Path(cfg["out_dir"]) / ("log.jsonl" if tag == "vqa" else f"log_{tag}.jsonl"), rec)
                     save(iter_num, best)
-                t0, loss_sum, n_sum = time.time(), 0.0, 0
+                loss_sum, n_sum = 0.0, 0
+                timer.reset()
     pbar.close()
     if sig.stop and master:
         save(iter_num, best)
@@ -1115,24 +1127,24 @@ def train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master):
         print(f"SigLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(items)} volumes with their reports' sentences, {cfg['siglip_iters']} steps of {cfg['siglip_batch']}")
 
-    def loss_on(fwd, its, idx, g):
+    def batch_on(its, idx, g):  # -> x (B, 2, Z, Y, X), ids (N, T), pad (N, T), z (B, N) or None
         x = torch.stack([siglip_x(its[i], g, cfg["siglip_contour"]) for i in idx]).to(dev)
         texts, z = sentence_pairs(its, idx, g)
-        return fwd(x, *text_batch(enc, texts, dev), None if z is None else z.to(dev))
+        return (x, *text_batch(enc, texts, dev), None if z is None else z.to(dev))
 
-    def loss_fn(fwd, idx):
-        return loss_on(fwd, items, idx, torch.Generator().manual_seed(idx[0] * 7919 + len(idx)))
+    def batch_fn(idx):
+        return batch_on(items, idx, torch.Generator().manual_seed(idx[0] * 7919 + len(idx)))
 
     @torch.no_grad()
     def val_fn():
-        return loss_on(model, val_items, list(range(min(len(val_items), cfg["siglip_batch"]))),
-                       torch.Generator().manual_seed(0)).item()
+        return model(*batch_on(val_items, list(range(min(len(val_items), cfg["siglip_batch"]))),
+                               torch.Generator().manual_seed(0))).item()
 
     def save(it, best):
         save_checkpoint(Path(cfg["out_dir"]) / "siglip.pt", {"model": model.state_dict(), "iter_num": it,
                                                               "config": cfg, "val_loss": best})
     save_cfg = {**cfg, "eval_interval": max(1, cfg["siglip_iters"] // 3), "grad_accum": 1}
-    train_loop(save_cfg, "siglip", model, opt, len(items), loss_fn, val_fn, save, iters=cfg["siglip_iters"],
+    train_loop(save_cfg, "siglip", model, opt, len(items), batch_fn, lambda fwd, b: fwd(*b), val_fn, save, iters=cfg["siglip_iters"],
                lr=cfg["siglip_lr"], warmup=max(1, cfg["siglip_iters"] // 10), micro=micro, start=0, dev=dev, ddp=ddp,
                rank=rank, world=world, master=master)
     return model
@@ -1185,9 +1197,9 @@ def train_vqa(cfg, model, items, val_items, enc, dev, ddp, rank, world, master, 
               f"{model.tower.n_visual} visual tokens, SSA/MSSA in blocks 0..{cfg['ssa_layers'] - 1}, "
               f"{len(qs)} train / {len(val_qs)} val questions, class weights No/Yes {alpha.tolist()}")
 
-    def loss_fn(fwd, idx):
+    def loss_fn(fwd, batch):
         with ctx:
-            return vqa_losses(fwd, vqa_batch([qs[i] for i in idx], cache, enc, cfg, dev), alpha, cfg, lora)
+            return vqa_losses(fwd, batch, alpha, cfg, lora)
 
     @torch.no_grad()
     def val_fn():
@@ -1203,9 +1215,10 @@ def train_vqa(cfg, model, items, val_items, enc, dev, ddp, rank, world, master, 
             "model": {k: v for k, v in model.state_dict().items() if k not in frozen or not cfg["llm"]},
             "optimizer": opt.state_dict(), "iter_num": it, "best_val_loss": best, "config": cfg, "rng": rng_state()})
     model.train()
-    stopped = train_loop(cfg, "vqa", model, opt, len(qs), loss_fn, val_fn, save, iters=cfg["max_iters"],
+    stopped = train_loop(cfg, "vqa", model, opt, len(qs), lambda idx: vqa_batch([qs[i] for i in idx], cache, enc, cfg, dev),
+                         loss_fn, val_fn, save, iters=cfg["max_iters"],
                          lr=cfg["learning_rate"], warmup=cfg["warmup_iters"], micro=micro, start=start, dev=dev,
-                         ddp=ddp, rank=rank, world=world, master=master)
+                         ddp=ddp, rank=rank, world=world, master=master, model_args=lambda b: (b[0], b[1], b[3], b[4]))
     return ctx, stopped
 
 
@@ -1336,7 +1349,7 @@ def montage(volume, outline, path, n: int = 12):
 def question_kind(cfg) -> str:
     if cfg["kind"]:
         if cfg["kind"] not in KINDS:
-            raise ValueError(f"--kind={cfg['kind']!r}: unknown question kind; expected one of {KINDS}")
+            raise BadConfig(f"--kind={cfg['kind']!r}: unknown question kind; expected one of {KINDS}")
         return cfg["kind"]
     if "Choices:" in cfg["question"]:
         return "choice"
@@ -1347,25 +1360,28 @@ def question_kind(cfg) -> str:
 @torch.no_grad()
 def predict_file(cfg, model, enc, dev) -> str:
     if not cfg["question"].strip():
-        raise ValueError("--question: empty; pass the question to answer, e.g. --question=\"Is there an abnormality "
+        raise BadConfig("--question: empty; pass the question to answer, e.g. --question=\"Is there an abnormality "
                          "in the left lung?\"")
     kind = question_kind(cfg)
-    raw, sp = load_nifti(cfg["predict"])
+    raw, sp = load_ct(cfg["predict"], cfg["rescale"])
     spacing = tuple(f / s for f, s in zip(FOV, cfg["shape"]))
     vol = preprocess(raw, sp, target_spacing=spacing, shape=tuple(cfg["shape"]), window=(-1000, 200), norm="unit")
     outline = None
     if cfg["prompt"] == "contour":
         if not cfg["mask"]:
-            raise ValueError("--mask: missing; a --prompt=contour model needs the region's mask (.nii.gz)")
-        m, _ = load_nifti(cfg["mask"])
+            raise BadConfig("--mask: missing; a --prompt=contour model needs the region's mask (.nii.gz)")
+        m, _ = load_nifti(cfg["mask"])  # BadVolume naming the file if unreadable
         if m.shape != raw.shape:
-            raise ValueError(f"{cfg['mask']}: mask shape {tuple(m.shape)} differs from the volume's {tuple(raw.shape)} "
+            raise BadVolume(f"{cfg['mask']}: mask shape {tuple(m.shape)} differs from the volume's {tuple(raw.shape)} "
                              f"({cfg['predict']}); the mask must be on the scan's grid")
+        if not np.isin(vals := np.unique(m), (0, 1)).all():
+            raise BadVolume(f"{cfg['mask']}: not a binary mask (values {vals[:6].tolist()}{' ...' if len(vals) > 6 else ''}"
+                            f"); expected 0 outside and 1 inside one region")
         size = [max(1, round(n * s / t)) for n, s, t in zip(m.shape, sp, spacing)]
         m = F.interpolate(torch.as_tensor(m > 0.5).float()[None, None], size=size, mode="nearest")[0, 0]
         region = crop_or_pad(m, tuple(cfg["shape"]), value=0.0) > 0.5
         if not region.any():
-            raise ValueError(f"{cfg['mask']}: empty mask: no axial slice intersects the region (after resampling to "
+            raise BadVolume(f"{cfg['mask']}: empty mask: no axial slice intersects the region (after resampling to "
                              f"{tuple(cfg['shape'])}), so there is no outline to draw and the prompt would be the text "
                              f"alone; pass a mask with voxels, or use a --prompt=none model")
         outline = boundary_prompt(region)
@@ -1492,21 +1508,12 @@ def get_tokenizer(cfg, items=None, save=True):
 
 def main(argv=None):
     cfg = parse_config(argv, DEFAULTS, PRESETS)
-    try:
-        return run(cfg)
-    except (ValueError, FileNotFoundError, BadVolume) as e:
-        if cfg["debug"]:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def run(cfg):
     if cfg["table"]:
         return table(cfg)
-    for key, ok in (("stage", ("all", "siglip", "vqa")), ("prompt", ("contour", "none")), ("init_from", ("scratch", "resume"))):
+    for key, ok in (("stage", ("all", "siglip", "vqa")), ("prompt", ("contour", "none")), ("init_from", ("scratch", "resume")),
+                    ("rescale", ("auto", "header", "none"))):
         if cfg[key] not in ok:
-            raise ValueError(f"--{key}={cfg[key]!r}: expected one of {ok}")
+            raise BadConfig(f"--{key}={cfg[key]!r}: expected one of {ok}")
     ddp, rank, world, dev, master = setup_ddp(cfg["device"])
     if master:
         print(f"preset {cfg['preset']}, device {dev}" + ("" if world == 1 else f", DDP world {world}"))
@@ -1518,9 +1525,11 @@ def run(cfg):
         if changed and master:
             print(f"resume: model keys come from the checkpoint, ignoring {changed}")
         cfg.update({k: ckpt["config"][k] for k in MODEL_KEYS})
+        if not cfg["predict"]:
+            resume_cleanup(out, ckpt["iter_num"])  # a ckpt.pt.tmp of a killed save, log lines past the checkpoint
     if cfg["predict"]:
         if ckpt is None:
-            raise ValueError("--predict needs a trained run: add --init_from=resume (and its --out_dir)")
+            raise BadConfig("--predict needs a trained run: add --init_from=resume (and its --out_dir)")
         enc = get_tokenizer(cfg)
         model = build_model(cfg).to(dev)
         model.load_state_dict(ckpt["model"], strict=not cfg["llm"])
@@ -1577,4 +1586,4 @@ def run(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -2,6 +2,7 @@
 resume, predict, bad input, and the RadGenome-ChestCT layout round trip."""
 import json
 import math
+import sys
 
 import nibabel as nib
 import numpy as np
@@ -251,11 +252,24 @@ class _StopAfter:
         return self.reads > self.n
 
 
+def cli(argv, monkeypatch, capsys):
+    """The script as a user runs it (`run(main)`): -> exit code, stderr."""
+    monkeypatch.setattr(sys, "argv", ["boundary_vqa.py", *argv])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        data.run(bv.main)
+    return e.value.code, capsys.readouterr().err
+
+
 def test_main_end_to_end_resume_and_predict(tmp_path, capsys, monkeypatch):
     res = bv.main(TINY + run_dirs(tmp_path) + ["--max_iters=4"])
     out = tmp_path / "run"
-    for f in ("siglip.pt", "ckpt.pt", "metrics.json", "vqa_metrics.json", "log.jsonl", "answers.txt", "bpe.tiktoken"):
+    for f in ("siglip.pt", "ckpt.pt", "metrics.json", "vqa_metrics.json", "log.jsonl", "log_siglip.jsonl",
+              "answers.txt", "bpe.tiktoken"):
         assert (out / f).is_file(), f
+    for f in ("log.jsonl", "log_siglip.jsonl"):  # data.StepTimer's numbers in every log line
+        recs = [json.loads(line) for line in (out / f).read_text().splitlines()]
+        assert recs and all(r["samples_per_s"] > 0 and 0 <= r["data_frac"] <= 1 and r["mfu"] > 0 for r in recs), f
     assert set(res["rows"]["majority answer"]) >= {"closed", "region"}
     siglip = torch.load(out / "siglip.pt", weights_only=True)["model"]
     ref = torch.load(out / "ckpt.pt", weights_only=True)
@@ -269,7 +283,13 @@ def test_main_end_to_end_resume_and_predict(tmp_path, capsys, monkeypatch):
         mp.setattr(bv, "StopOnSigint", _StopAfter)
         assert bv.main(TINY + cut) is None
     assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["iter_num"] == 2
+    # a kill between the log line and the checkpoint's rename: a stale .tmp and a log line past the checkpoint
+    (tmp_path / "cut" / "ckpt.pt.tmp").write_bytes(b"partial")
+    data.append_jsonl(tmp_path / "cut" / "log.jsonl", {"stage": "vqa", "iter": 3, "stale": True})
     bv.main(TINY + cut + ["--init_from=resume"])
+    assert not (tmp_path / "cut" / "ckpt.pt.tmp").exists()
+    iters = [json.loads(line)["iter"] for line in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()]
+    assert iters == [1, 2, 3, 4] and "stale" not in (tmp_path / "cut" / "log.jsonl").read_text()
     resumed = torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)
     assert resumed["iter_num"] == ref["iter_num"] == 4
     for k in ref["model"]:
@@ -292,16 +312,17 @@ def test_main_end_to_end_resume_and_predict(tmp_path, capsys, monkeypatch):
     # bad input: one line naming the file or flag, exit code 2
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), aff), tmp_path / "small.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros_like(ras(m)), aff), tmp_path / "empty.nii.gz")
+    nib.save(nib.Nifti1Image(ras(m) * 3, aff), tmp_path / "labels.nii.gz")
+    (tmp_path / "junk.nii.gz").write_bytes(b"not a nifti")
     for argv, words in (([f"--mask={tmp_path / 'small.nii.gz'}", "--question=Is it?"], ["small.nii.gz", "shape"]),
                         ([f"--mask={tmp_path / 'empty.nii.gz'}", "--question=Is it?"], ["empty.nii.gz", "empty mask",
                                                                                          "text alone"]),
+                        ([f"--mask={tmp_path / 'labels.nii.gz'}", "--question=Is it?"], ["labels.nii.gz", "not a binary"]),
+                        ([f"--mask={tmp_path / 'junk.nii.gz'}", "--question=Is it?"], ["junk.nii.gz", "unreadable"]),
+                        (["--question=Is it?", "--rescale=hu"], ["--rescale"]),
                         (["--question=Is it?", "--kind=riddle"], ["--kind", "unknown question kind"])):
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            bv.main(pred[:-1] + argv if "--mask" in argv[0] else pred + argv)
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert err.startswith("error: ") and all(w in err for w in words), err
+        code, err = cli(pred[:-1] + argv if "--mask" in argv[0] else pred + argv, monkeypatch, capsys)
+        assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and all(w in err for w in words), err
 
 
 def test_prompt_none_feeds_no_contour_anywhere(tmp_path, monkeypatch):
