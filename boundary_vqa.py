@@ -7,49 +7,38 @@ arXiv:2502.05091), SigLIP (Zhai et al., ICCV 2023), LoRA (Hu et al., arXiv:2106.
 ICCV 2017), RadGenome-ChestCT (Zhang et al., arXiv:2404.16754).
 
 What this file implements (M the binary mask of the QUESTION's region, x one CT volume):
-    Eq. 1     B = {(x, y) : sum_{(u,v) in N8(x,y)} |M_uv - M_xy| > 0} on every axial slice; its side inside M (one
-              pixel wide) dilated to 3 px, the largest connected component of M per slice kept, the interior left
-              empty. Drawn as its own input channel: input = [CT, B] (the paper's blue outline on a grey CT).
-              Sec. 3.3: a system instruction + "Within the blue-outlined area of the CT volume," ("Inside the blue
-              boundary," before a wh-question). --prompt=none drops the channel (zeros) AND the text.
-    Sec. 3.2  DCFormer: decomposed depthwise conv  DC(x) = K_z * x + K_y * x + K_x * x  (kernels (k,1,1), (1,k,1),
-              (1,1,k)), MetaFormer blocks x + DC(n(x)), x + MLP(n(x)), a stem and stride-2 downsamplings; the dual-
-              stream MLP-Mixer projector: tokens of the last two stages, per slice a token-mixing MLP (in-plane
-              positions -> m tokens) and a channel-mixing MLP, concatenated -> V (N_s x d), each token knowing its
-              slice. --stage=siglip pre-trains both against a small text encoder with the sigmoid loss
-              L = -1/B sum_ij log sigmoid(z_ij (t x_i.y_j + b)); --stage=vqa freezes them.
-    Eq. 2     SSA(V, T) = (V T^T / sqrt(d)) T, added to V through a learned gate g (zero at init): V <- V + g SSA.
-    Eq. 3-4   MSSA(Z) = concat_i softmax(Q_i K_i^T / sqrt(d_k) + R) V_i  W_O over Z = [V; T], h = 4, R[i, j] a
-              learnable bias per head indexed by the slice offset s_i - s_j of two visual tokens (0 for text).
-              Both sit in the first k = `ssa_layers` decoder blocks, before the block's own causal attention, and
-              update only the prompt positions [V; T] (never the answer), so generation and training agree.
-    Sec. 4    L = FL_cb(head(h_last), y) + NLL(open answer tokens) + 1e-4 ||LoRA||^2, FL = -a_y (1 - p_y)^2 log p_y
-              with class-balanced a (effective number, beta 0.999); AdamW (0.9, 0.98), weight decay 2e-2 on LoRA only,
-              warm-up then cosine.
+    Eq. 1     B = {(x, y) : sum_{(u,v) in N8(x,y)} |M_uv - M_xy| > 0} per axial slice, on M's largest component per
+              slice with its holes filled (vessels, airways); its side inside M dilated to 3 px, interior empty; drawn
+              as the second input channel [CT, B] (the paper's blue outline). Sec. 3.3: a system instruction +
+              "Within the blue-outlined area of the CT volume," ("Inside the blue boundary," before a wh-question).
+              --prompt=none drops the channel (zeros) AND the text. The region is the one the question names
+              (closed: the finding's organ, "lungs" for lung findings), never the side where the finding is.
+    Sec. 3.2  DCFormer: DC(x) = K_z * x + K_y * x + K_x * x (depthwise (k,1,1), (1,k,1), (1,1,k)) in MetaFormer blocks;
+              the dual-stream MLP-Mixer over the last two stages (per slice: token- then channel-mixing MLP) -> V
+              (N_s x d). --stage=siglip pre-trains both with L = -1/B sum_ij log sigmoid(z_ij (t x_i.y_j + b));
+              --stage=vqa freezes them.
+    Eq. 2     SSA(V, T) = (V T^T / sqrt(d)) T, added through a zero-initialised gate g: V <- V + g SSA.
+    Eq. 3-4   MSSA(Z) = concat_i softmax(Q_i K_i^T / sqrt(d_k) + R) V_i W_O over Z = [V; T], h = 4, R a learnable
+              bias per head indexed by the slice offset of two visual tokens (0 for text). Both sit in the first
+              k = ssa_layers decoder blocks, before the block's causal attention, and update only [V; T].
+    Sec. 4    L = FL_cb(head(h_last), y) + NLL(open answer tokens) + 1e-4 ||LoRA||^2, FL = -a_y (1 - p_y)^2 log p_y,
+              a class-balanced (effective number, beta 0.999); AdamW (0.9, 0.98), weight decay 2e-2 on LoRA only.
 
-Decoder (DESIGN §5): hilt.py's Llama-3 decoder, copied below. Three from-scratch sizes --decoder=s|m|l (the paper's
-Qwen-2.5 0.5B/1.5B/3B shapes at --preset=paper; 96/160/256-d at cpu), trained fully; --llm=path loads a Meta-format
-Llama frozen with LoRA r 16 (the paper used Qwen-2.5, which this repo cannot load without transformers).
+Decoder (DESIGN §5): hilt.py's Llama-3 decoder, copied below; from-scratch sizes --decoder=s|m|l (the paper's
+Qwen-2.5 0.5B/1.5B/3B shapes at --preset=paper), or --llm=path: a Meta-format Llama frozen with LoRA r 16 (the paper
+used Qwen-2.5, which this repo cannot load without transformers).
 
 Deviations, on purpose:
-- SigLIP pre-training here is ours (the paper reuses Med3DVLM's weights): a small text encoder on report SENTENCES,
-  a sentence being a positive for every volume whose report states its findings (whole-report pairs at batch 32 stayed
-  at the constant solution), b initialised at -log(batch); half of its volumes carry the outline of a random region
-  so the outline channel's filters are trained (the paper's encoder never saw an outline: it was pretrained on CT).
-- The cpu preset leaves out the constant system instruction (--system_prompt=false: ~100 tokens carrying no
-  information, tripling the sequence); the paper preset keeps it.
-- Eq. 1 runs on the region's mask with its holes filled (vessels and airways are holes of a lung mask).
-- The frozen features are standardised per (token, channel) with training-set statistics before the adapter.
-- Training scans get extra yes/no questions from their own labels (every finding, every region; --extra_questions):
-  ~3 per scan leave the decoder with the question prior. Test questions are data.make_questions' own.
-- The Mixer maps to a fixed width (proj_dim) and a trainable Linear adapts it to each decoder (the paper's decoders
-  differ in width, so something must); the encoder and Mixer stay frozen.
-- Open answers are NOT given the paper's "Within the blue boundary," prefix: it would lift BLEU/ROUGE of the prompt
-  group by a constant string, not by reading the scan. Closed (yes/no, region) questions are answered by the
-  classification head; multiple choice and open ones by generation.
-- The contour comes from the mask of the region the question names (closed: the finding's organ, "lungs" for lung
-  findings; region questions: the named region; open and choice: the organ, never the side where the finding is).
-- Eq. 2 and 3 are written without a softmax; SSA is kept literal (with a gate), MSSA is read as the attention it is.
+- SigLIP pre-training is ours (the paper reuses Med3DVLM's weights): report SENTENCES, each a positive for every
+  volume whose report states its findings (whole-report pairs at batch 32 stayed at the constant solution), b
+  starting at -log(batch); half its volumes carry a random region's outline so that channel's filters train.
+- The cpu preset drops the constant system instruction (--system_prompt=false: ~100 tokens, no information).
+- The frozen features are standardised per (token, channel) with training-set statistics, then a trained Linear
+  adapts the fixed Mixer width (proj_dim) to each decoder.
+- Training scans get extra yes/no questions from their own labels (--extra_questions); test questions are
+  data.make_questions' own.
+- Open answers do NOT get the paper's "Within the blue boundary," prefix (a constant string would lift one group's
+  BLEU/ROUGE). Yes/no questions are answered by the classification head, choice and open ones by generation.
 
 Commands:
     python boundary_vqa.py                          # cpu: render, SigLIP, VQA (contour), no-prompt and question-only twins
@@ -308,16 +297,6 @@ class DecomposedConv3d(nn.Module):
     def forward(self, x):
         return sum(conv(x) for conv in self.convs)
 
-    def dense_kernel(self) -> tuple:
-        """(weight (C, 1, k, k, k), bias (C,)) of the equivalent dense depthwise conv (the test's slow twin)."""
-        k = self.convs[0].kernel_size[0]
-        w = torch.zeros(self.convs[0].weight.shape[0], 1, k, k, k)
-        c = k // 2
-        w[:, :, :, c, c] += self.convs[0].weight[:, :, :, 0, 0]
-        w[:, :, c, :, c] += self.convs[1].weight[:, :, 0, :, 0]
-        w[:, :, c, c, :] += self.convs[2].weight[:, :, 0, 0, :]
-        return w, sum(conv.bias for conv in self.convs)
-
 
 class DCBlock(nn.Module):
     """MetaFormer block with the decomposed conv as token mixer: x + DC(n(x)), then x + MLP(n(x))."""
@@ -410,8 +389,6 @@ class SigLIP(nn.Module):
         super().__init__()
         self.tower, self.text = tower, text
         self.t_prime, self.b = nn.Parameter(torch.tensor(math.log(10.0))), nn.Parameter(torch.tensor(-10.0))
-        # (b = -10 suits the paper's 32k batches; at a few dozen pairs it starts far below the prior log-odds and the
-        #  first steps only collapse the embeddings, so train_siglip sets b = -log(pairs per volume))
 
     def forward(self, x, ids, pad, z=None):
         """x (B, 2, Z, Y, X), texts (N, T); z (B, N) in {-1, 1}: which texts belong to which volume (default: the
@@ -515,20 +492,17 @@ class BoundaryVQA(nn.Module):
         return torch.cat([bos, vis.to(bos.dtype)], dim=1)  # (B, 1 + N_s, dim)
 
     def set_ctx(self, tmask):
-        """tmask (B, T) marks the question tokens; the prompt Z is the N_s visual positions plus them."""
-        B, n = tmask.shape[0], self.tower.n_visual
-        full_t = torch.cat([tmask.new_zeros(B, 1 + n), tmask], dim=1)  # (B, L)
-        zmask = full_t.clone()
-        zmask[:, 1: 1 + n] = True
-        vis_at = torch.arange(1, 1 + n, device=tmask.device)
+        """tmask (B, T) marks the question tokens; the prompt Z is the N_s visual positions plus them. None: clear."""
+        ctx = None
+        if tmask is not None:
+            B, n = tmask.shape[0], self.tower.n_visual
+            full_t = torch.cat([tmask.new_zeros(B, 1 + n), tmask], dim=1)  # (B, L)
+            zmask = full_t.clone()
+            zmask[:, 1: 1 + n] = True
+            ctx = (zmask, full_t, self.offsets, torch.arange(1, 1 + n, device=tmask.device))
         for layer in self.decoder.layers:
             if isinstance(layer, SliceBlock):
-                layer.ctx = (zmask, full_t, self.offsets, vis_at)
-
-    def clear_ctx(self):
-        for layer in self.decoder.layers:
-            if isinstance(layer, SliceBlock):
-                layer.ctx = None
+                layer.ctx = ctx
 
     def forward(self, feats, inputs, tmask, last):
         """-> LM logits of the text positions (B, T, vocab), yes/no logits (B, 2) read at position `last` (B,)."""
@@ -536,7 +510,7 @@ class BoundaryVQA(nn.Module):
         try:
             logits = self.decoder(inputs, self.prefix(feats))
         finally:
-            self.clear_ctx()
+            self.set_ctx(None)
         P = 1 + self.tower.n_visual
         h = self._h[torch.arange(len(last)), P + last]  # (B, dim), the final norm's output at the last question token
         return logits[:, P:], self.head(h.float())
@@ -1119,7 +1093,7 @@ def train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master):
     """Stage 1: DCFormer + Mixer (+ a text encoder) on (volume, report sentence) pairs with the sigmoid loss."""
     torch.manual_seed(cfg["seed"])
     model = build_siglip(cfg).to(dev)
-    with torch.no_grad():
+    with torch.no_grad():  # b = -10 suits 32k-pair batches; at a few dozen it only collapses the first steps
         model.b.fill_(-math.log(cfg["siglip_batch"]))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["siglip_lr"], betas=(0.9, 0.98), weight_decay=1e-4)
     micro = cfg["siglip_batch"] // world
@@ -1255,7 +1229,7 @@ def answer(model, enc, cfg, samples, cache, dev, ctx) -> list:
                     new = generate(model.decoder, prompt_ids, model.prefix(feats), max_new_tokens=cfg["max_new_tokens"],
                                    eos_id=eos)
             finally:
-                model.clear_ctx()
+                model.set_ctx(None)
             for (j, _), row in zip(part, new.tolist()):
                 out[j] = enc.decode(row[: row.index(eos)] if eos in row else row).strip()
     return out
@@ -1264,26 +1238,21 @@ def answer(model, enc, cfg, samples, cache, dev, ctx) -> list:
 def score(samples, preds) -> dict:
     """Per kind: accuracy (closed, region: exact yes/no; choice: M3D's letter rule); open: BLEU-4, ROUGE-L, METEOR."""
     res = {}
-    for kind in ("closed", "region"):
-        js = [j for j, (_, q) in enumerate(samples) if q["kind"] == kind]
-        if js:
-            res[kind] = vqa_closed_accuracy([preds[j] for j in js], [samples[j][1]["answer"] for j in js])
-    js = [j for j, (_, q) in enumerate(samples) if q["kind"] == "choice"]
-    if js:
-        res["choice"] = float(np.mean([choice_correct(preds[j], samples[j][1]["answer"]) for j in js]))
-    js = [j for j, (_, q) in enumerate(samples) if q["kind"] == "open"]
-    if js:
-        m = report_metrics([preds[j] for j in js], [[samples[j][1]["answer"]] for j in js])
-        res.update(bleu4=m["bleu4"], rougeL=m["rougeL"], meteor=m["meteor"])
+    for kind in KINDS:
+        p = [preds[j] for j, (_, q) in enumerate(samples) if q["kind"] == kind]
+        ref = [q["answer"] for _, q in samples if q["kind"] == kind]
+        if p and kind == "open":
+            m = report_metrics(p, [[r] for r in ref])
+            res.update(bleu4=m["bleu4"], rougeL=m["rougeL"], meteor=m["meteor"])
+        elif p:
+            res[kind] = float(np.mean([choice_correct(a, r) for a, r in zip(p, ref)])) if kind == "choice" else \
+                vqa_closed_accuracy(p, ref)
     return res
 
 
 def correct(samples, preds, kind) -> np.ndarray:
-    return np.array([_yn(p) == _yn(q["answer"]) for (_, q), p in zip(samples, preds) if q["kind"] == kind], dtype=float)
-
-
-def _yn(s: str) -> str:
-    return s.strip().lower().rstrip(".")
+    yn = lambda s: s.strip().lower().rstrip(".")
+    return np.array([yn(p) == yn(q["answer"]) for (_, q), p in zip(samples, preds) if q["kind"] == kind], dtype=float)
 
 
 def peak_memory_mb(dev: str) -> float:
@@ -1486,8 +1455,6 @@ def parse_config(argv, defaults, presets):
         if key != "preset":
             cfg[key] = _cast(key, value, cfg[key])
     return cfg
-
-
 
 
 def get_tokenizer(cfg, items=None, save=True):

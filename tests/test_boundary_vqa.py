@@ -112,7 +112,12 @@ def test_decomposed_conv_equals_dense_conv_with_summed_kernel():
     torch.manual_seed(0)
     dc = bv.DecomposedConv3d(3, 5)
     x = torch.randn(2, 3, 6, 7, 8)
-    w, b = dc.dense_kernel()
+    k, c = 5, 2  # the equivalent dense depthwise kernel: the three 1-D kernels summed into a cross
+    w = torch.zeros(3, 1, k, k, k)
+    w[:, :, :, c, c] += dc.convs[0].weight[:, :, :, 0, 0]
+    w[:, :, c, :, c] += dc.convs[1].weight[:, :, 0, :, 0]
+    w[:, :, c, c, :] += dc.convs[2].weight[:, :, 0, 0, :]
+    b = sum(conv.bias for conv in dc.convs).detach()
     torch.testing.assert_close(dc(x), F.conv3d(x, w, b, padding=2, groups=3), atol=1e-5, rtol=1e-5)
 
 
@@ -177,7 +182,7 @@ def test_blind_twin_sees_zeros_and_kv_generation_matches_full_forward():
     prompt = torch.randint(0, 290, (2, 6))
     model.set_ctx(torch.ones_like(prompt, dtype=torch.bool))
     new = bv.generate(model.decoder, prompt, model.prefix(feats), max_new_tokens=4, eos_id=299)
-    model.clear_ctx()
+    model.set_ctx(None)
     # the training forward (question marked, answer not) predicts the same tokens greedily
     inputs = torch.cat([prompt, new[:, :-1]], 1)
     tmask = torch.zeros_like(inputs, dtype=torch.bool)
