@@ -179,10 +179,9 @@ def _max3(x: torch.Tensor) -> torch.Tensor:
 
 
 def largest_component(m: torch.Tensor, max_iter: int = 10000) -> torch.Tensor:
-    """Per axial slice, the largest 8-connected component of a bool mask (Z, Y, X). Vectorised label propagation:
-    every foreground pixel starts with its own index and takes the max over its 8-neighbourhood (and, to converge in
-    fewer rounds, the label of the pixel its label names) until nothing changes: each component ends up labelled by
-    its largest index. Runs on the mask's bounding box (its cost is the box's size times the longest path)."""
+    """Per axial slice, the largest 8-connected component of a bool mask (Z, Y, X), on its bounding box. Label
+    propagation: each pixel takes the max label of its 8-neighbourhood and of the pixel its label names (pointer
+    jumping) until nothing changes, so a component ends up labelled by its largest index."""
     if not m.any():
         return m.clone()
     (z0, y0, x0), (z1, y1, x1) = m.nonzero().amin(0).tolist(), (m.nonzero().amax(0) + 1).tolist()
@@ -914,10 +913,8 @@ def questions_of(items: list) -> list:
 
 
 def extra_questions(items: list, split: str, seed: int) -> list:
-    """More training supervision from the phantom's own labels and rules (the test set keeps make_questions' 8 per
-    scan): "Is there <finding> in this scan?" for all 18 findings, "Is there an abnormality in the <region>?" for
-    the 7 regions, answered as data.make_questions answers them. Without these a scan gives ~3 yes/no answers and
-    the decoder learns the question prior long before it learns to read a finding (README)."""
+    """Training scans only: the closed question of all 18 findings and the region question of all 7 regions, answered
+    by data.make_questions' rules (~3 yes/no answers per scan left the decoder with the question prior)."""
     out = []
     for i, it in enumerate(items):
         p = sample_patient(seed, split, i)
@@ -1056,7 +1053,7 @@ def train_loop(cfg, tag, model, opt, n_items, batch_fn, loss_fn, val_fn, save, *
 
 def siglip_x(item, g: torch.Generator, p: float):
     """A SigLIP input: the CT, and with probability p the outline of one of its regions (so that channel learns)."""
-    regions = sorted(item["outlines"]) if "outlines" in item else sorted(item["region_masks"])
+    regions = sorted(item["outlines"] if "outlines" in item else item["region_masks"])
     r = regions[int(torch.randint(len(regions), (), generator=g))]
     use = float(torch.rand((), generator=g)) < p
     return model_input(item["volume"].float(), outline_of(item, r) if use else None)
@@ -1155,11 +1152,11 @@ def train_vqa(cfg, model, items, val_items, enc, dev, ddp, rank, world, master, 
     opt = torch.optim.AdamW([{"params": lora, "weight_decay": cfg["weight_decay"]}, {"params": other, "weight_decay": 0.0}],
                             lr=cfg["learning_rate"], betas=(0.9, 0.98), fused="cuda" in dev)
     micro = cfg["batch_size"] // world // cfg["grad_accum"]
-    assert micro >= 1, "batch_size must be at least world size * grad_accum"
-    start = 0
+    if micro < 1:
+        raise BadConfig(f"--batch_size={cfg['batch_size']}: below the world size ({world}) x --grad_accum")
+    start = 0 if ckpt is None else ckpt["iter_num"]
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
-        start = ckpt["iter_num"]
         set_rng_state(ckpt["rng"])
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" and "cuda" in dev else nullcontext()
     if cfg["compile"]:
@@ -1516,8 +1513,8 @@ def main(argv=None):
             return None
     if ddp:
         torch.distributed.barrier()
-    sig = load_checkpoint(siglip_path)["model"] if ckpt is None else None
-    tower_state = None if sig is None else {k[len("tower."):]: v for k, v in sig.items() if k.startswith("tower.")}
+    src = load_checkpoint(siglip_path)["model"] if ckpt is None else ckpt["model"]  # the twins' frozen tower
+    tower_state = {k[len("tower."):]: v for k, v in src.items() if k.startswith("tower.")}
     test_items = get_items(cfg, "test")
     variants = [dict(cfg)]
     if cfg["baselines"]:
@@ -1526,8 +1523,6 @@ def main(argv=None):
                      {**cfg, "blind": True, "out_dir": str(out / "question_only")}]
     results = []
     for k, v in enumerate(variants):
-        if k and tower_state is None:
-            tower_state = {kk[len("tower."):]: t for kk, t in ckpt["model"].items() if kk.startswith("tower.")}
         if v["out_dir"] != cfg["out_dir"]:
             Path(v["out_dir"]).mkdir(parents=True, exist_ok=True)
             save_bpe(enc, Path(v["out_dir"]) / "bpe.tiktoken") if master and not cfg["llm"] else None
