@@ -264,6 +264,8 @@ def rewrite(question: str, prompt: str, system: bool = True) -> str:
 ORGAN = {"Medical material": "mediastinum", "Arterial wall calcification": "aorta", "Cardiomegaly": "heart",
          "Pericardial effusion": "heart", "Coronary artery wall calcification": "heart", "Hiatal hernia": "esophagus",
          "Lymphadenopathy": "mediastinum", "Pleural effusion": "pleura"}
+KEYWORDS = {"device": "mediastinum", "pericardial": "heart", "hiatal": "esophagus", "lymph": "mediastinum",
+            "pleural": "pleura"}  # open questions that name a finding in other words (in ORGAN's order)
 
 
 def question_region(q: dict) -> str:
@@ -274,10 +276,8 @@ def question_region(q: dict) -> str:
     for label in sorted(LABELS, key=len, reverse=True):
         if label.lower() in text and q["kind"] in ("closed", "open"):
             return ORGAN.get(label, "lungs")
-    for label, organ in ORGAN.items():  # "medical device", "short axis of the largest enlarged lymph node", ...
-        if any(w in text for w in {"Medical material": ["device"], "Lymphadenopathy": ["lymph"],
-                                   "Hiatal hernia": ["hiatal"], "Pericardial effusion": ["pericardial"],
-                                   "Pleural effusion": ["pleural"]}.get(label, [])) and q["kind"] != "choice":
+    for word, organ in KEYWORDS.items():  # "medical device", "short axis of the largest enlarged lymph node", ...
+        if word in text and q["kind"] != "choice":
             return organ
     return "lungs"
 
