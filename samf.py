@@ -86,6 +86,13 @@ below the prevalence-random baseline 0.177. DINO lowers its loss (6.12 -> 5.74) 
 beat the random-init encoder's. With 750 fine-tuning steps (3x) the scan starts to lower the loss (answers 0.609 own
 vs 0.651 shuffled; reports' micro CE F1 0.29) while the MCQ accuracy stays at 0.383 = the image-blind twins. The method
 is implemented; at this budget it does not yet read the image well enough to pick the letter.
+With the label signal (--label_iters=200 --max_iters=450 --aux_weight=1: 200 label steps, then the same 250 text
+steps; same dino.pt and warm-up) z_3d carries the large findings (label head test AUROC cardiomegaly 0.97, pericardial
+effusion 0.90, pleural effusion 0.80; macro 0.58) and the reports start to read the scan for one of them (cardiomegaly
+written 5 times, 5 right, prevalence 0.16; CE macro F1 0.035), but the MCQ accuracy does not move (0.312 vs 0.305
+zeroed, 0.305 another scan, 0.367 prior); with 500 text steps 0.383 vs 0.375 / 0.367 / 0.367. Even an oracle that
+knew cardiomegaly, pericardial and pleural effusion exactly and used the prior otherwise would score 0.484 on these
+questions (+0.12 over the prior): the 3-layer decoder from scratch, not the image side, is what caps the letter.
 
 Commands:
     python samf.py                                           # cpu preset on CPU: dino -> warmup -> finetune -> eval
