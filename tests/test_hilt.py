@@ -415,8 +415,14 @@ def test_refit_label_head_is_the_linear_probe_folded_back():
     g = torch.Generator().manual_seed(1)
     ds = [{"volume": torch.rand(1, *hilt.zyx(cfg["hr"]), generator=g), "labels": (torch.rand(18, generator=g) < 0.3).float(),
            "report": "r", "name": str(i)} for i in range(24)]
-    hilt.refit_label_head(model, ds, "cpu", hilt.nullcontext())
+    hilt.refit_label_head(model, ds, "cpu", hilt.nullcontext(), thresholds=False)
     x = hilt.mean_features(model, ds, "cpu", hilt.nullcontext())
     y = hilt.labels_of(ds)
     want = hilt.linear_probe(x, y, x)
     torch.testing.assert_close(torch.sigmoid(model.label_head(x)).detach(), want, atol=1e-4, rtol=1e-3)
+    # with thresholds: the calls are the probe's p >= its best-F1 threshold on these scans
+    hilt.refit_label_head(model, ds, "cpu", hilt.nullcontext())
+    t = data.best_f1_thresholds(y.numpy(), want.numpy())
+    calls = (model.label_head(x) >= 0).detach().numpy()
+    near = np.abs(want.numpy() - t) < 1e-3  # a probability within float error of its threshold may go either way
+    assert ((calls == (want.numpy() >= t)) | near).all()
