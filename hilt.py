@@ -103,7 +103,7 @@ from tqdm import tqdm
 from data import (FOV, LABELS, StopOnSigint, SyntheticCT, append_jsonl, auroc, best_f1_thresholds, ce_baselines, clinical_metrics, collate,
                   get_dataset, load_bpe, load_checkpoint, load_llama3_tokenizer, load_ct, make_report, preprocess,
                   report_metrics, rng_state, save_bpe, save_checkpoint, set_rng_state, setup_ddp, train_bpe)
-from data import Interrupted, run  # run(main): the repo's errors as one line `error: ...`, exit 2; Ctrl-C exits 130
+from data import BadConfig, Interrupted, check_out_dir, resume_cleanup, run  # run(main): the repo's errors as one line `error: ...`, exit 2; Ctrl-C exits 130
 from data import StepTimer, forward_flops  # per-step data wait vs compute, TFLOP/s, MFU
 from kernels import cross_attention
 
@@ -1122,9 +1122,32 @@ def bench(cfg):
 
 # -----------------------------------------------------------------------------
 
+def check_config(cfg):
+    """What parses but cannot work stops here, before any work, naming the key."""
+    if cfg["mode"] not in MODES:
+        raise BadConfig(f"--mode={cfg['mode']}: expected one of {', '.join(MODES)}")
+    if cfg["init_from"] not in ("scratch", "resume"):
+        raise BadConfig(f"--init_from={cfg['init_from']}: expected one of scratch, resume")
+    if cfg["encoder"] not in ENCODERS:
+        raise BadConfig(f"--encoder={cfg['encoder']}: expected one of {', '.join(ENCODERS)}")
+    for key in ("max_iters", "eval_interval", "batch_size", "grad_accum", "n_train", "n_val", "n_test"):
+        if cfg[key] < 1:
+            raise BadConfig(f"--{key}={cfg[key]}: must be at least 1")
+    if cfg["data"] != "synthetic" and not os.path.isdir(cfg["data"]):
+        raise BadConfig(f"--data={cfg['data']}: not 'synthetic' and not a folder (a CT-RATE root or a prepared cache)")
+    if cfg["predict"] and cfg["init_from"] != "resume":
+        raise BadConfig("--predict needs a trained run: add --init_from=resume (and its --out_dir)")
+    if cfg["predict"] and not os.path.isfile(cfg["predict"]):
+        raise BadConfig(f"--predict={cfg['predict']}: no such file")
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise BadConfig(f"--device={cfg['device']}: CUDA is not available here (--device=cpu)")
+    check_out_dir(cfg["out_dir"])
+
+
 def main(argv=None):
     t_start = time.time()
     cfg = parse_config(argv, DEFAULTS, PRESETS)
+    check_config(cfg)
     if cfg["bench"]:
         return bench(cfg)
     ddp, rank, world, dev, master = setup_ddp(cfg["device"])
@@ -1137,10 +1160,8 @@ def main(argv=None):
         if changed and master:
             print(f"resume: model keys come from the checkpoint, ignoring {changed}")
         cfg.update({k: ckpt["config"][k] for k in MODEL_KEYS})
-    elif cfg["init_from"] != "scratch":
-        raise ValueError(f"--init_from={cfg['init_from']!r}: expected scratch or resume")
-    if cfg["predict"] and ckpt is None:
-        raise ValueError("--predict needs a trained run: add --init_from=resume (and its --out_dir)")
+        if master and not cfg["predict"]:
+            resume_cleanup(cfg["out_dir"], ckpt["iter_num"])  # a ckpt.pt.tmp of a killed save, log lines past it
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     train_ds = None if cfg["predict"] else get_split(cfg, "train")
     train_reports = None if train_ds is None or ckpt is not None else reports_of(train_ds)

@@ -245,6 +245,9 @@ FLAGS = [  # (script, flags, words of the error)
     (FZ, ["--batch_size=0"], "--batch_size=0: must be at least 1"),
     (FZ, ["--alpha=big"], "--alpha='big'"),
     (FZ, ["--patch=7"], "--patch=7: must divide"),
+    (H, ["--eval_interval=0"], "--eval_interval=0: must be at least 1"),
+    (H, ["--mode=bogus"], "--mode=bogus: expected one of hilt"),
+    (H, ["--predict=scan.nii.gz"], "--predict needs a trained run"),
 ]
 
 
@@ -263,9 +266,16 @@ def test_hilt_hr_with_four_values_is_refused():
 
 def test_unwritable_out_dir_is_refused_up_front(tmp_path):
     (tmp_path / "file").write_text("x")  # a file where a folder should be (root ignores chmod, so this stands in)
-    for script in (C, FZ):
+    for script in (C, FZ, H):
         with pytest.raises(BadConfig, match="--out_dir=.*not writable"):
             script.main(TINY[:1] + [f"--out_dir={tmp_path / 'file' / 'run'}"])
+
+
+@pytest.mark.parametrize("script", [C, FZ, H], ids=lambda s: s.__name__)
+def test_a_corrupt_checkpoint_is_a_named_error(tmp_path, script):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint" * 64)  # e.g. a file cut short by a full disk
+    with pytest.raises(BadVolume, match="ckpt.pt: not a readable checkpoint"):
+        script.main(TINY[:1] + ["--init_from=resume", f"--out_dir={tmp_path}"])
 
 
 def test_fusion_resnet_weights_load(tmp_path):
