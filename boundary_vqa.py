@@ -69,7 +69,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (FOV, LABELS, REGION_IDS, SPECIAL_TOKENS, BadConfig, BadVolume, InputError, RadGenomeCT,
+from data import (FOV, LABELS, REGION_IDS, SPECIAL_TOKENS, BadConfig, BadVolume, InputError, Interrupted, RadGenomeCT,
                   StepTimer, StopOnSigint, SyntheticCT, append_jsonl, bootstrap_diff, choice_correct, crop_or_pad,
                   forward_flops, load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, load_nifti, preprocess,
                   report_labels, report_metrics, resume_cleanup, rng_state, run, save_bpe, save_checkpoint,
@@ -1046,8 +1046,10 @@ def train_loop(cfg, tag, model, opt, n_items, batch_fn, loss_fn, val_fn, save, *
                 loss_sum, n_sum = 0.0, 0
                 timer.reset()
     pbar.close()
-    if sig.stop and master:
-        save(iter_num, best)
+    if sig.stop:  # saved, then out through run(main): exit code 130, and no later stage or twin starts
+        if master:
+            save(iter_num, best)
+        raise Interrupted(f"{tag}: checkpoint saved in {cfg['out_dir']}; continue with --stage={tag} --init_from=resume")
     return sig.stop
 
 

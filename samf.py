@@ -129,7 +129,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import data as shared
-from data import (FOV, LABELS, BadConfig, InputError, StopOnSigint, append_jsonl, choice_correct, collate, get_dataset,
+from data import (FOV, LABELS, BadConfig, InputError, Interrupted, StopOnSigint, append_jsonl, choice_correct, collate, get_dataset,
                   load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, preprocess, report_metrics, resume_cleanup,
                   rng_state, run, save_bpe, save_checkpoint, set_rng_state, setup_ddp, train_bpe)
 from data import StepTimer, forward_flops  # per-step data wait vs compute, samples/s, TFLOP/s, MFU
@@ -1094,8 +1094,10 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=N
                 steps, loss_sum = 0, 0.0
                 timer.reset()
     pbar.close()
-    if sig.stop:
+    if sig.stop:  # saved, then out through run(main): exit code 130, and no later stage starts on a cut-short one
         save()
+        raise Interrupted(f"stage {stage}: checkpoint saved in {cfg['out_dir']}; continue with --stage={stage} "
+                          f"--init_from=resume")
     return raw, ctx, sig.stop
 
 
