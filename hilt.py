@@ -73,7 +73,7 @@ Deviations, on purpose:
 Commands:
     python hilt.py --preset=cpu                              # CPU: trains, evaluates, prints reports vs references,
                                                              # CE vs image-blind callers, own- vs other-volume loss
-    python hilt.py --hr 512,512,256 --max_iters=1 --n_train=2 --n_val=2 --n_test=2   # 4096 HR tokens, 2.9 GB RSS
+    python hilt.py --hr 512,512,256                          # the headline: paper preset (CUDA's default), 4096 HR tokens
     python hilt.py --mode=all_tokens|random_queries|slices2d  # Table 3's rows; --mode=lr_only: no HR view at all
     python hilt.py --llm=/path/to/Meta-Llama-3-8B-Instruct/original   # paper preset on CUDA: LoRA on Llama 3
     torchrun --standalone --nproc_per_node=2 hilt.py         # DDP
