@@ -3,7 +3,7 @@
 Sections, in reading order:
   Volumes      the repo's error types and run(main) (one line `error: ...`, exit 2), load_nifti, load_ct (--predict's
                loader: rescale auto|header|none, plausibility checks), preprocess (resample, crop/pad, HU window, norm)
-  CT-RATE      the real on-disk layout and CSVs (../shared/ctrate_format.md), rescale modes
+  CT-RATE      the real on-disk layout and CSVs (the Hugging Face dataset ibrahimhamamci/CT-RATE), rescale modes
   Synthetic    a procedural chest CT phantom with 18 findings and anatomy masks (the default dataset)
   Cache        prepare() -> preprocessed int16 memmaps + an index, PreparedCT reads them; get_dataset, collate
   Text         the phantom's report and question templates, byte-level BPE on tiktoken, the Llama-3 tokenizer
@@ -343,7 +343,7 @@ def _probe(path):
 
 
 class CTRATE(torch.utils.data.Dataset):
-    """CT-RATE from its on-disk layout (../shared/ctrate_format.md): volumes under dataset/{train,valid}[_fixed]/,
+    """CT-RATE from its on-disk layout: volumes under dataset/{train,valid}[_fixed]/,
     labels, Findings_EN reports and metadata CSVs joined by VolumeName. Splits: train/val = the train folder split
     by patient (a hash of the patient id, val_fraction of patients to val), test = the valid folder.
 
@@ -1166,7 +1166,7 @@ def _ribs(cv, p, body, cx, cy, ry, depth, dia):
 
 
 class SyntheticCT(torch.utils.data.Dataset):
-    """The procedural chest CT (../shared/synthetic.md): item i of a split is one patient, rendered on the fly at
+    """The procedural chest CT: item i of a split is one patient, rendered on the fly at
     `shape` over the fixed FOV, identical for the same (seed, split, i, shape) on any machine. Splits never share a
     patient (the split is part of every seed). `difficulty` in [0, 1] weakens findings and raises noise."""
 
@@ -1199,7 +1199,7 @@ class SyntheticCT(torch.utils.data.Dataset):
 
 
 def write_ctrate_layout(out_dir, n, shape=(64, 128, 128), seed=0, *, v2=False, n_valid=None):
-    """The phantom on disk exactly like CT-RATE (../shared/ctrate_format.md): n 'train' patients in dataset/train/,
+    """The phantom on disk exactly like CT-RATE: n 'train' patients in dataset/train/,
     n_valid 'test' patients in dataset/valid/ (every 4th patient with a second reconstruction _a_2), the labels,
     reports and metadata CSVs. Volumes are int16 stored = HU + 1024 with header slope 1 / intercept 0 and the
     rescale in the metadata CSV, like the original release; v2=True writes *_fixed folders already in HU (the

@@ -1,4 +1,4 @@
-"""The synthetic chest CT phantom (data.py, section "Synthetic chest CT"; spec ../shared/synthetic.md).
+"""The synthetic chest CT phantom (data.py, section "Synthetic chest CT").
 
 Small shapes throughout; one test renders 240x480x480 (the small-nodule resolution property needs 0.75 mm voxels).
 """
