@@ -7,6 +7,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import StopAfter
 import torch
 import torch.nn.functional as F
 
@@ -240,23 +241,6 @@ def test_vqa_head_learns_an_answer_that_is_in_the_features():
     assert accs["false"] > 0.8 and accs["true"] < 0.7, accs
 
 
-class _StopAfter:
-    """StopOnSigint stand-in: reports a Ctrl-C after `n` loop iterations (what a user's interrupt does)."""
-    n = 2
-
-    def __enter__(self):
-        self.reads = 0
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    @property
-    def stop(self):
-        self.reads += 1
-        return self.reads > self.n
-
-
 def cli(argv, monkeypatch, capsys):
     """The script as a user runs it (`run(main)`): -> exit code, stderr."""
     monkeypatch.setattr(sys, "argv", ["boundary_vqa.py", *argv])
@@ -285,7 +269,7 @@ def test_main_end_to_end_resume_and_predict(tmp_path, capsys, monkeypatch):
     cut = [f"--out_dir={tmp_path / 'cut'}", f"--cache_dir={tmp_path / 'cache'}", f"--siglip_from={out / 'siglip.pt'}",
            "--stage=vqa", "--max_iters=4"]
     with monkeypatch.context() as mp:
-        mp.setattr(bv, "StopOnSigint", _StopAfter)
+        mp.setattr(bv, "StopOnSigint", StopAfter)
         with pytest.raises(data.Interrupted, match="checkpoint saved"):  # run(main) turns it into exit code 130
             bv.main(TINY + cut)
     assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["iter_num"] == 2

@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import StopAfter
 import torch
 
 import data
@@ -195,27 +196,10 @@ def test_each_stage_resumes_exactly(stage, tmp_path, monkeypatch):
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=0, rtol=0)
 
 
-class _StopAfter:
-    """StopOnSigint stand-in: reports a Ctrl-C after `n` reads of `stop` (what a user's interrupt does)."""
-    n = 2
-
-    def __enter__(self):
-        self.reads = 0
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    @property
-    def stop(self):
-        self.reads += 1
-        return self.reads > self.n
-
-
 def test_ctrl_c_saves_then_stops_the_run(tmp_path, monkeypatch):
     """Ctrl-C in the DINO stage saves its checkpoint and ends the run (run(main) -> exit code 130): the warm-up and
     fine-tuning stages must not start on a cut-short f_2d."""
-    monkeypatch.setattr(samf, "StopOnSigint", _StopAfter)
+    monkeypatch.setattr(samf, "StopOnSigint", StopAfter)
     with pytest.raises(data.Interrupted, match="--stage=dino --init_from=resume"):
         samf.main(TINY + ["--dino_iters=4", f"--out_dir={tmp_path}"])
     assert torch.load(tmp_path / samf.CKPT["dino"], weights_only=True)["iter_num"] == 2
