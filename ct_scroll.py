@@ -11,9 +11,10 @@ axial slices, each read by a ResNet-18 as a 3-channel image:
 80 visual tokens with three pre-norm Transformer encoders (LayerNorm, 8-head attention, residual, LayerNorm,
 GeGLU feed-forward, residual):
     h^u = f_SB(h) = (f_CRA->CAU o f_CAU->CRA o f_G)(h)                                     Eq. (2)
-f_G is global; f_CAU->CRA lets token i see itself and the q-1 tokens above it (cranial, smaller z): keys
-i-q+1..i, window (q-1, 0); f_CRA->CAU lets it see itself and the q-1 tokens below it: keys i..i+q-1, window (0, q-1)
-(Figure 3 b, c). The tokens are aggregated and classified by an MLP Psi (512->128->18, ReLU, Dropout 0.5):
+f_G is global; f_CAU->CRA and f_CRA->CAU are sliding windows of q tokens (Figure 3 b, c), oriented as in the
+authors' code, which produced the paper's numbers: their volumes run inferior -> superior along axis 0, and their
+f_CAU->CRA (`get_lower_mask`) lets token i see itself and the q-1 tokens on the caudal side. Here z = 0 is cranial,
+so f_CAU->CRA is keys i..i+q-1, window (0, q-1), and f_CRA->CAU (itself and the q-1 cranial tokens) is (q-1, 0). The tokens are aggregated and classified by an MLP Psi (512->128->18, ReLU, Dropout 0.5):
     y_hat = Psi(sum_i h_i^u)                                                                Eq. (3)
 trained with binary cross-entropy. Thresholds: per label, the one maximising F1 on validation.
 
@@ -43,7 +44,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,10 +53,12 @@ import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
 
-from data import (LABELS, BadConfig, Interrupted, StopOnSigint, append_jsonl, best_f1_thresholds, bootstrap_auroc,
-                  check_out_dir, classification_metrics, collate, get_dataset, load_checkpoint, load_ct, preprocess,
-                  resume_cleanup, rng_state, run, save_checkpoint, set_rng_state, setup_ddp)
-from data import StepTimer  # per-step data wait vs compute, TFLOP/s, MFU against this device's peak
+from data import (LABELS, BadConfig, Interrupted, best_f1_thresholds, bootstrap_auroc, check_out_dir,
+                  classification_metrics, collate, get_dataset, load_checkpoint, load_ct, preprocess, resume_cleanup, run,
+                  save_checkpoint, setup_ddp)
+# the training loop's shared parts (data.py, Runs): the same in every script
+from data import (StepTimer, StopOnSigint, Stream, autocast_ctx, gather_rng, log_eval, make_loader, optimizer_step,
+                  restore_rng, to_device, wrap_model)
 from kernels import sliding_window_attention
 
 # -----------------------------------------------------------------------------
@@ -71,7 +74,7 @@ init_from = "scratch"  # scratch | resume (from out_dir/ckpt.pt)
 max_iters = 50000  # optimizer steps
 eval_interval = 1000  # steps between validation passes (and checkpoints)
 log_interval = 50  # steps between progress-bar loss updates
-batch_size = 4  # volumes per micro-step per process
+batch_size = 4  # volumes per optimizer step, over all processes and micro-steps
 grad_accum = 1  # micro-steps per optimizer step
 learning_rate = 1e-4  # peak AdamW learning rate
 min_lr = 0.0  # cosine floor
@@ -117,21 +120,21 @@ PRESETS = {
 
 def interaction_windows(interactions: str, q: int) -> list:
     """The (left, right) attention windows of the three encoders that replace each other in Table 2.
-    Token i attends keys i-left..i+right (None = unbounded). z = 0 is the most cranial slice, so "above" (cranial)
-    means smaller indices: f_CAU->CRA (each token sees itself and the q-1 tokens above it, Figure 3b) is the
-    lower-triangular band (q-1, 0), the authors' `get_lower_mask`; f_CRA->CAU (itself and the q-1 below, Figure 3c)
-    is (0, q-1), their `get_upper_mask`. q = 0 means global."""
+    Token i attends keys i-left..i+right (None = unbounded); q = 0 means global. Anatomy as in the authors' code:
+    their axis 0 runs from the feet up, so their lower-triangular masks (`get_lower_mask`: f_CAU->CRA and the causal
+    ablation) let a token see the caudal side; here z = 0 is the most cranial slice, so the caudal side is larger
+    indices: f_CAU->CRA is (0, q-1), causal is (0, None), and f_CRA->CAU (their `get_upper_mask`) is (q-1, 0)."""
     G = (None, None)
     if interactions == "none":
         return []
-    if interactions == "causal":
-        return [(None, 0)] * 3
+    if interactions == "causal":  # each token sees itself and everything caudal to it
+        return [(0, None)] * 3
     if interactions == "global":
         return [G] * 3
     if interactions == "global_local":  # standard (symmetric) sliding windows after a global layer
         return [G] + [(q // 2, q // 2) if q else G] * 2
-    if interactions == "scrolling":  # Eq. (2): f_G, then f_CAU->CRA, then f_CRA->CAU
-        return [G, (q - 1, 0) if q else G, (0, q - 1) if q else G]
+    if interactions == "scrolling":  # Eq. (2): f_G, then f_CAU->CRA (caudal window), then f_CRA->CAU (cranial)
+        return [G, (0, q - 1) if q else G, (q - 1, 0) if q else G]
     raise ValueError(f"interactions must be none|causal|global|global_local|scrolling, got {interactions!r}")
 
 
@@ -278,9 +281,9 @@ def build_model(cfg: dict) -> CTScroll:
     return model
 
 
-def flops_per_sample(cfg: dict) -> float:
-    """Forward FLOPs of one volume, counted by torch.utils.flop_counter on the meta device (no memory used);
-    convolutions and matmuls count 2 per multiply-accumulate."""
+def flops_per_sample(model, cfg: dict, dev=None) -> float:
+    """Forward FLOPs of one volume, counted by torch.utils.flop_counter on a copy of the model built on the meta
+    device (no memory used, `model` itself is not run); convolutions and matmuls count 2 per multiply-accumulate."""
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         model = build_model({**cfg, "resnet_weights": ""})
@@ -294,29 +297,7 @@ def flops_per_sample(cfg: dict) -> float:
 # Data
 # =============================================================================
 
-class IndexStream(torch.utils.data.Sampler):
-    """Sample indices for steps start..: epoch e is randperm(n) under seed + e, so the order depends only on the
-    position in the stream, and a resumed run sees exactly the batches the uninterrupted run would have seen.
-    Under DDP, rank r takes every world-th micro-batch."""
-
-    def __init__(self, n, seed, start, count, rank, world, batch_size):
-        self.n, self.seed, self.start, self.count = n, seed, start, count
-        self.rank, self.world, self.bs = rank, world, batch_size
-
-    def __len__(self):
-        return self.count * self.bs
-
-    def __iter__(self):
-        perm, epoch = None, -1
-        for b in range(self.start, self.start + self.count):
-            for pos in range((b * self.world + self.rank) * self.bs, (b * self.world + self.rank + 1) * self.bs):
-                if pos // self.n != epoch:
-                    epoch = pos // self.n
-                    perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
-                yield perm[pos % self.n]
-
-
-def make_dataset(cfg, split):
+def get_split(cfg, split):
     n = {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_test"]}[split]
     ds = get_dataset(cfg["data"], split, n=n, shape=tuple(cfg["shape"]), spacing=tuple(cfg["spacing"]),
                      window=tuple(cfg["hu_window"]), norm=cfg["norm"], seed=cfg["seed"], strict=cfg["strict"])
@@ -332,18 +313,22 @@ def make_dataset(cfg, split):
     return ds
 
 
-def loader(ds, cfg, sampler=None):
-    """Its own generator: starting an iterator draws a worker seed, which must not come from the global RNG that
-    dropout uses (an eval would shift the training run's dropout, and a resumed run would differ)."""
-    workers = 0 if isinstance(ds, list) else cfg["num_workers"]
-    return torch.utils.data.DataLoader(ds, batch_size=cfg["batch_size"], sampler=sampler, num_workers=workers,
-                                       collate_fn=collate, pin_memory=cfg["device"] != "cpu",
-                                       generator=torch.Generator().manual_seed(cfg["seed"]))
+def loader(ds, cfg, batch_sampler):
+    return make_loader(ds, batch_sampler, collate, cfg["num_workers"], cfg["seed"], pin_memory=cfg["device"] != "cpu")
+
+
+def eval_batches(n: int, size: int) -> list:
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
 
 # =============================================================================
 # Train
 # =============================================================================
+
+def configure_optimizer(model, cfg, dev):
+    return torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"],
+                             betas=(0.9, 0.999), fused="cuda" in str(dev))
+
 
 def get_lr(it, cfg):
     """Linear warm-up to learning_rate, then cosine down to min_lr at max_iters (the paper's schedule)."""
@@ -353,11 +338,9 @@ def get_lr(it, cfg):
     return cfg["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg["learning_rate"] - cfg["min_lr"])
 
 
-def autocast_ctx(cfg, dev):
-    if "cuda" in str(dev):
-        return torch.autocast("cuda", dtype={"bfloat16": torch.bfloat16, "float16": torch.float16,
-                                              "float32": torch.float32}[cfg["dtype"]])
-    return nullcontext()
+def compute_loss(model, batch, it, cfg):
+    """Binary cross-entropy over the 18 labels."""
+    return F.binary_cross_entropy_with_logits(model(batch["volume"]).float(), batch["labels"])
 
 
 @torch.no_grad()
@@ -365,7 +348,7 @@ def predict_split(model, ds, cfg, dev, ctx):
     """Scores of every volume of a split: (labels (N, 18), probabilities (N, 18)), plus the mean BCE."""
     model.eval()
     ys, ps, losses = [], [], []
-    for batch in loader(ds, cfg):
+    for batch in loader(ds, cfg, eval_batches(len(ds), cfg["batch_size"])):
         x, y = batch["volume"].to(dev), batch["labels"].to(dev)
         with ctx:
             logits = model(x).float()
@@ -377,104 +360,78 @@ def predict_split(model, ds, cfg, dev, ctx):
     return y, p, sum(losses) / len(y)
 
 
-def train(cfg, model, dev, ddp, rank, world, master, ckpt):
-    """The loop: returns (raw model, optimizer state, ...). Checkpoints at every eval; exact resume."""
-    ctx = autocast_ctx(cfg, dev)
+def evaluate(model, ds, cfg, dev, ctx) -> dict:
+    y, p, loss = predict_split(model, ds, cfg, dev, ctx)
+    return {"val_loss": loss, "val_auroc": classification_metrics(y, p, np.full(y.shape[1], 0.5))["auroc"]}
+
+
+def model_state(model, cfg) -> dict:
+    return model.state_dict()
+
+
+def train(cfg, model, train_ds, val_ds, dev, ddp, rank, world, master, ckpt=None):
+    """nanoGPT's loop, the same code in every script of this repo except the paper's parts (configure_optimizer,
+    get_lr, compute_loss, evaluate): grad_accum micro-batches per optimizer step, DDP syncing gradients on the last;
+    a step skipped when the gradient is not finite; every eval_interval steps, at the end and on Ctrl-C, an eval on
+    rank 0, a log line and a checkpoint that --init_from=resume continues from exactly.
+    Returns (raw model, autocast context, stopped by Ctrl-C)."""
+    ctx = autocast_ctx(cfg["dtype"], dev)
     raw = model
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"],
-                            betas=(0.9, 0.999), fused="cuda" in str(dev))
-    it, best = 0, -1.0
+    opt = configure_optimizer(raw, cfg, dev)
+    iter_num, best_val = 0, float("inf")
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
-        it, best = ckpt["iter_num"], ckpt["best_val_auroc"]
-    if cfg["compile"]:
-        model = torch.compile(model)
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if "cuda" in str(dev) else None)
-    train_ds = make_dataset(cfg, "train")
-    val_ds = make_dataset(cfg, "val") if master else None
-    steps = max(0, cfg["max_iters"] - it)
-    micro = cfg["grad_accum"]
-    batches = iter(loader(train_ds, cfg, IndexStream(len(train_ds), cfg["seed"], it * micro, steps * micro, rank,
-                                                      world, cfg["batch_size"])))
-    fps = flops_per_sample(cfg) * 3  # forward + backward
-    bad, t0, n_seen = 0, time.time(), 0
-    timer = StepTimer(dev, fps)  # means since the last eval, per process
+        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+    model = wrap_model(raw, dev, ddp, cfg["compile"])
+    micro = cfg["batch_size"] // world // cfg["grad_accum"]  # batch_size is per optimizer step
+    batches = iter(loader(train_ds, cfg, Stream(len(train_ds), micro, cfg["seed"], iter_num, cfg["max_iters"],
+                                                cfg["grad_accum"], rank, world)))
+    timer = StepTimer(dev, 3 * flops_per_sample(raw, cfg, dev))  # forward + backward = 3 forwards
     timer.stats()  # the first call measures the device's peak FLOP/s: here, not inside the first timed window
-    pbar = tqdm(total=cfg["max_iters"], initial=it, disable=not master, desc="train", dynamic_ncols=True)
-    state = lambda: {"model": raw.state_dict(), "optimizer": opt.state_dict(), "iter_num": it,
-                     "best_val_auroc": best, "config": cfg, "rng": gather_rng(ddp, world)}
-    if ckpt is not None:  # restored last, right before the loop, so nothing above can consume it
-        set_rng_state(ckpt["rng"][rank] if len(ckpt["rng"]) == world else ckpt["rng"][0])
+    if ckpt is not None:  # restored last, right before the loop, so nothing above can draw from it
+        restore_rng(ckpt["rng"], rank)
+    bad_steps, loss_sum, n_steps = 0, 0.0, 0
+    pbar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master, desc="train", dynamic_ncols=True)
     with StopOnSigint() as sig:
-        while it < cfg["max_iters"]:
-            lr = get_lr(it, cfg)
+        while iter_num < cfg["max_iters"] and not sig.stop:
+            # this step's learning rate
+            lr = get_lr(iter_num, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            loss_sum = 0.0
-            for m in range(micro):
+            # forward and backward over grad_accum micro-batches; DDP all-reduces the gradients on the last one
+            for micro_step in range(cfg["grad_accum"]):
                 with timer.data():
-                    batch = next(batches)
-                    x, y = batch["volume"].to(dev, non_blocking=True), batch["labels"].to(dev, non_blocking=True)
+                    batch = to_device(next(batches), dev)
                 if ddp:
-                    model.require_backward_grad_sync = m == micro - 1
+                    model.require_backward_grad_sync = micro_step == cfg["grad_accum"] - 1
                 with ctx:
-                    loss = F.binary_cross_entropy_with_logits(model(x).float(), y) / micro
-                loss.backward()
-                loss_sum += loss.item()
-            finite = torch.tensor(float(math.isfinite(loss_sum)), device=dev)
-            if ddp:
-                torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-            if finite.item() < 1:
-                bad += 1
-                opt.zero_grad(set_to_none=True)
-                print(f"warning: non-finite loss at step {it} on rank {rank}; step skipped ({bad} in a row)")
-                if bad >= 5:
-                    raise RuntimeError("5 non-finite losses in a row: stopping (lower --learning_rate?)")
-            else:
-                bad = 0
-                if cfg["grad_clip"]:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            it += 1
-            n_seen += x.shape[0] * micro * world
-            timer.step(x.shape[0] * micro)
+                    loss = compute_loss(model, batch, iter_num, cfg)
+                (loss / cfg["grad_accum"]).backward()
+                loss_sum += loss.item() / cfg["grad_accum"]
+            # clip and step; a non-finite gradient skips the step on every rank
+            bad_steps = optimizer_step(opt, raw.parameters(), cfg["grad_clip"], bad_steps, iter_num)
+            iter_num, n_steps = iter_num + 1, n_steps + 1
+            timer.step(micro * cfg["grad_accum"])
             pbar.update(1)
-            if master and (it % cfg["log_interval"] == 0 or it == cfg["max_iters"]):
-                pbar.set_postfix_str(f"loss {loss_sum:.4f} lr {lr:.2e} {timer.line(timer.stats())}")
-            stop = sig.stop
-            if it % cfg["eval_interval"] == 0 or it == cfg["max_iters"] or stop:
-                snap = state()  # taken before evaluation so that resuming replays exactly
-                perf = timer.stats()
+            if master and iter_num % cfg["log_interval"] == 0:
+                pbar.set_postfix_str(f"loss {loss.item():.4f} lr {lr:.2e}")
+            # eval on rank 0, log, checkpoint: every eval_interval steps, at the end, on Ctrl-C
+            if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"] or sig.stop:
+                rng, perf = gather_rng(ddp, world), timer.stats()
                 if master:
-                    y, p, vloss = predict_split(raw, val_ds, cfg, dev, ctx)
-                    vauc = classification_metrics(y, p, np.full(y.shape[1], 0.5))["auroc"]
-                    best = max(best, vauc)
-                    snap["best_val_auroc"] = best
-                    append_jsonl(os.path.join(cfg["out_dir"], "log.jsonl"),
-                                 {"iter": it, "train_loss": loss_sum, "val_loss": vloss, "val_auroc": vauc, "lr": lr,
-                                  "time_s": round(time.time() - t0, 1), **perf})
-                    tqdm.write(f"step {it}: train loss {loss_sum:.4f}, val loss {vloss:.4f}, val macro AUROC {vauc:.4f}, "
-                               f"{timer.line(perf)}")
-                    save_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"), snap)
+                    val = evaluate(raw, val_ds, cfg, dev, ctx)
+                    best_val = min(best_val, val["val_loss"])
+                    log_eval(Path(cfg["out_dir"]) / "log.jsonl",
+                             {"iter": iter_num, "train_loss": loss_sum / n_steps, **val, "lr": lr, **perf})
+                    save_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt", {
+                        "model": model_state(raw, cfg), "optimizer": opt.state_dict(), "iter_num": iter_num,
+                        "best_val_loss": best_val, "config": cfg, "rng": rng})
                 if ddp:
                     torch.distributed.barrier()
+                loss_sum, n_steps = 0.0, 0
                 timer.reset()
-            if stop:
-                break
     pbar.close()
-    return raw, ctx, val_ds, sig.stop
-
-
-def gather_rng(ddp, world):
-    states = [None] * world
-    if ddp:
-        torch.distributed.all_gather_object(states, rng_state())
-    else:
-        states[0] = rng_state()
-    return states
-
+    return raw, ctx, sig.stop
 
 # =============================================================================
 # Eval
@@ -482,10 +439,9 @@ def gather_rng(ddp, world):
 
 def final_eval(cfg, model, dev, ctx, val_ds):
     """The paper's protocol: per-label thresholds maximising F1 on validation, then every metric on test."""
-    val_ds = val_ds if val_ds is not None else make_dataset(cfg, "val")
     yv, pv, _ = predict_split(model, val_ds, cfg, dev, ctx)
     th = best_f1_thresholds(yv, pv)
-    yt, pt, tloss = predict_split(model, make_dataset(cfg, "test"), cfg, dev, ctx)
+    yt, pt, tloss = predict_split(model, get_split(cfg, "test"), cfg, dev, ctx)
     m = classification_metrics(yt, pt, th)
     keys = ["auroc", "accuracy", "f1", "weighted_f1", "precision", "recall"]
     print(f"\ntest ({len(yt)} volumes; thresholds from {len(yv)} validation volumes)")
@@ -662,6 +618,8 @@ def main(argv=None):
     cfg = parse_config(argv, DEFAULTS, PRESETS)
     check_config(cfg)
     ddp, rank, world, dev, master = setup_ddp(cfg["device"])
+    if cfg["batch_size"] % (world * cfg["grad_accum"]):
+        raise BadConfig(f"--batch_size={cfg['batch_size']}: must divide by the {world} processes x --grad_accum")
     ckpt = None
     if cfg["init_from"] == "resume":
         ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
@@ -688,8 +646,9 @@ def main(argv=None):
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"CT-Scroll: reduction {cfg['reduction']}, interactions {cfg['interactions']}, window {cfg['window'] or 'global'}, "
               f"aggregation {cfg['aggregation']}: {n / 1e6:.2f}M trainable parameters, "
-              f"{flops_per_sample(cfg) / 1e12:.4f} TFLOPs per volume {tuple(cfg['shape'])}")
-    model, ctx, val_ds, stopped = train(cfg, model, dev, ddp, rank, world, master, ckpt)
+              f"{flops_per_sample(model, cfg) / 1e12:.4f} TFLOPs per volume {tuple(cfg['shape'])}")
+    train_ds, val_ds = get_split(cfg, "train"), get_split(cfg, "val") if master else None
+    model, ctx, stopped = train(cfg, model, train_ds, val_ds, dev, ddp, rank, world, master, ckpt)
     res = final_eval(cfg, model, dev, ctx, val_ds) if master and not stopped else None
     if ddp:
         torch.distributed.barrier()

@@ -15,6 +15,7 @@ Axes everywhere are (z, y, x) = (I, P, L): slice 0 is the top, row 0 anterior, c
 """
 import base64
 import collections
+import contextlib
 import csv
 import functools
 import hashlib
@@ -2274,6 +2275,104 @@ class StepTimer:
         if "mfu" in rec:
             s += f" {rec['tflops']:.3g} TFLOP/s MFU {rec['mfu']:.1%} of {rec['peak_tflops']:.4g}"
         return s + (f" peak {rec['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in rec else "")
+
+
+# ---- the training loop's shared parts: every script's train() is nanoGPT's loop built from these -------------------
+
+class Stream(torch.utils.data.Sampler):
+    """The training batches, as a DataLoader batch_sampler. Micro-batch k (k = step * grad_accum + micro_step) of
+    rank r holds positions (k * world + r) * micro ... + micro of an endless stream of shuffled epochs, epoch e being
+    randperm(n) under the seed seed * 1000 + e. A function of (seed, position) alone: a run resumed at step s draws
+    exactly the batches the uninterrupted run would have drawn, and no two ranks share a position. `batch_size` in
+    every script is per optimizer step: micro = batch_size // world // grad_accum items per micro-batch."""
+
+    def __init__(self, n: int, micro: int, seed: int, start_step: int, max_steps: int, grad_accum: int = 1,
+                 rank: int = 0, world: int = 1):
+        self.n, self.micro, self.seed, self.ga, self.rank, self.world = n, micro, seed, grad_accum, rank, world
+        self.first, self.last = start_step * grad_accum, max_steps * grad_accum  # micro-batch indices
+
+    def __len__(self):
+        return max(0, self.last - self.first)
+
+    def __iter__(self):
+        perm, epoch = None, -1
+        for k in range(self.first, self.last):
+            batch = []
+            for pos in range((k * self.world + self.rank) * self.micro, (k * self.world + self.rank + 1) * self.micro):
+                if pos // self.n != epoch:
+                    epoch = pos // self.n
+                    perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+                batch.append(int(perm[pos % self.n]))
+            yield batch
+
+
+def make_loader(ds, batch_sampler, collate_fn, num_workers: int, seed: int, pin_memory: bool = False):
+    """A DataLoader over ds. A list (volumes kept in RAM) is read in this process; a dataset object by num_workers
+    processes. Its own generator: starting an iterator draws a worker seed, which must not come from the global RNG
+    that dropout uses (an eval would shift the training run's dropout, and a resumed run would differ)."""
+    return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, collate_fn=collate_fn,
+                                       num_workers=0 if isinstance(ds, list) else num_workers, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def to_device(batch: dict, dev) -> dict:
+    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def autocast_ctx(dtype: str, dev):
+    """bf16/fp16 autocast on CUDA as --dtype says; fp32 on CPU (bf16 matmul is slow there)."""
+    if "cuda" not in str(dev) or dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+
+
+def wrap_model(raw, dev, ddp: bool, compile: bool = False, find_unused: bool = False):
+    """torch.compile (optional), then DistributedDataParallel under torchrun. The loop trains the wrapped model and
+    saves and evaluates the raw one."""
+    model = torch.compile(raw) if compile else raw
+    if ddp:
+        ids = [torch.device(dev).index] if "cuda" in str(dev) else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+    return model
+
+
+def optimizer_step(opt, params, grad_clip: float, bad_steps: int, step: int) -> int:
+    """Clip the gradient norm to grad_clip (0: measure it only) and step, unless the norm is non-finite: then skip
+    the step (a warning) and count it; 5 in a row stop the run. The gradients are already all-reduced, so every DDP
+    rank takes the same decision. Returns the new count of consecutive bad steps."""
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    if torch.isfinite(norm):
+        opt.step()
+        bad_steps = 0
+    else:
+        bad_steps += 1
+        tqdm.write(f"warning: step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+        if bad_steps >= 5:
+            raise RuntimeError("5 non-finite steps in a row: stopping (lower --learning_rate?)")
+    opt.zero_grad(set_to_none=True)
+    return bad_steps
+
+
+def gather_rng(ddp: bool, world: int) -> list:
+    """Every rank's RNG state (a collective under DDP: all ranks call it), for the checkpoint."""
+    states = [None] * world
+    if ddp:
+        torch.distributed.all_gather_object(states, rng_state())
+    else:
+        states[0] = rng_state()
+    return states
+
+
+def restore_rng(states: list, rank: int):
+    """This rank's RNG state from a checkpoint (a run resumed on another world size: rank r takes state r mod n)."""
+    set_rng_state(states[rank % len(states)])
+
+
+def log_eval(path, rec: dict):
+    """One eval line: printed as key=value above the progress bar and appended to log.jsonl."""
+    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
+                        if v is not None))
+    append_jsonl(path, rec)
 
 
 def forward_flops(model, *args) -> float:

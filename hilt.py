@@ -90,7 +90,7 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from functools import lru_cache
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -100,11 +100,13 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import (FOV, LABELS, StopOnSigint, SyntheticCT, append_jsonl, auroc, best_f1_thresholds, ce_baselines, clinical_metrics, collate,
+from data import (FOV, LABELS, SyntheticCT, auroc, best_f1_thresholds, ce_baselines, clinical_metrics, collate,
                   get_dataset, load_bpe, load_checkpoint, load_llama3_tokenizer, load_ct, make_report, preprocess,
-                  report_metrics, rng_state, save_bpe, save_checkpoint, set_rng_state, setup_ddp, train_bpe)
+                  report_metrics, save_bpe, save_checkpoint, setup_ddp, train_bpe)
 from data import BadConfig, Interrupted, check_out_dir, resume_cleanup, run  # run(main): the repo's errors as one line `error: ...`, exit 2; Ctrl-C exits 130
-from data import StepTimer, forward_flops  # per-step data wait vs compute, TFLOP/s, MFU
+# the training loop's shared parts (data.py, Runs): the same in every script
+from data import (StepTimer, StopOnSigint, Stream, autocast_ctx, forward_flops, gather_rng, log_eval, make_loader,
+                  optimizer_step, restore_rng, to_device, wrap_model)
 from kernels import cross_attention
 
 # -----------------------------------------------------------------------------
@@ -144,6 +146,7 @@ lora_dropout = 0.1  # LoRA dropout (Table 5)
 max_text_len = 512  # instruction + report tokens (Table 5: maximum sequence length 512)
 max_iters = 424975  # optimizer steps (100 epochs of CT-RATE's 70% split, 16,999 volumes, at batch 4)
 eval_interval = 2000  # steps between validation loss + checkpoint
+log_interval = 10  # steps between progress-bar loss updates
 batch_size = 4  # total batch per optimizer step (split across DDP ranks, then into grad_accum micro-batches)
 grad_accum = 2  # micro-batches per optimizer step (Table 5)
 learning_rate = 1e-4  # AdamW (Table 5)
@@ -160,7 +163,7 @@ bench = False  # time and peak memory of one training step vs HR size for hilt a
 strict = False  # a bad volume in a dataset is fatal instead of skipped
 rescale = "auto"  # --predict: stored values -> HU by the header | none | auto (header or header - 1024, by the air level)
 debug = False  # print the traceback of every error (without it, bad input is one line `error: ...`)
-render_workers = 2  # processes that render the synthetic splits once at start (0 = in this process)
+num_workers = 2  # processes that render the synthetic splits once at start, or read volumes not kept in RAM
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
 
@@ -715,7 +718,7 @@ def get_split(cfg, split: str):
                      window=(-1000, 200), norm="unit", seed=cfg["seed"], strict=cfg["strict"],  # A.4: [-1000, 200] -> [0, 1]
                      device=cfg["device"] if big and gpu else None, disk_cache=big and not gpu)
     if cfg["data"] == "synthetic" and not big:  # render once, keep as fp16
-        items = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg["render_workers"])
+        items = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg["num_workers"])
         ds = [{"volume": it["volume"].half(), "labels": it["labels"], "report": it["report"], "name": it["name"]}
               for it in tqdm(items, total=n, desc=f"synthetic {split} {zyx(cfg['hr'])}", leave=False)]
     return ds
@@ -770,24 +773,24 @@ def tokenize(reports, enc, max_text_len: int):
     return inputs, targets
 
 
+def collate_reports(items, enc, max_text_len: int) -> dict:
+    """volume (B, 1, Z, Y, X) float32, inputs and targets (B, T), labels (B, 18)."""
+    b = collate(items)
+    inputs, targets = tokenize(b["report"], enc, max_text_len)
+    return {"volume": b["volume"].float(), "inputs": inputs, "targets": targets, "labels": b["labels"].float()}
+
+
 def get_batch(ds, idx, enc, cfg, dev, shift=0):
     """volumes, inputs, targets, labels of items idx; shift > 0 pairs report i with the volume of item i + shift."""
-    b = collate([ds[i] for i in idx])
-    inputs, targets = tokenize(b["report"], enc, cfg["max_text_len"])
+    b = collate_reports([ds[i] for i in idx], enc, cfg["max_text_len"])
     if shift:
-        b["volume"] = collate([ds[(i + shift) % len(ds)] for i in idx])["volume"]
-    return b["volume"].to(dev).float(), inputs.to(dev), targets.to(dev), b["labels"].to(dev).float()
+        b["volume"] = collate([ds[(i + shift) % len(ds)] for i in idx])["volume"].float()
+    return b["volume"].to(dev), b["inputs"].to(dev), b["targets"].to(dev), b["labels"].to(dev)
 
 
-@lru_cache(maxsize=4)
-def _epoch_perm(n: int, seed: int, epoch: int) -> list:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-
-
-def stream(n: int, start: int, count: int, seed: int) -> list:
-    """Items start .. start + count of an endless stream of shuffled epochs: a function of (seed, position) alone, so
-    a resumed run draws exactly the batches it would have drawn."""
-    return [_epoch_perm(n, seed, s // n)[s % n] for s in range(start, start + count)]
+def loader(ds, cfg, batch_sampler, enc):
+    return make_loader(ds, batch_sampler, partial(collate_reports, enc=enc, max_text_len=cfg["max_text_len"]),
+                       cfg["num_workers"], cfg["seed"], pin_memory="cuda" in cfg["device"])
 
 
 # -----------------------------------------------------------------------------
@@ -831,94 +834,97 @@ def generate_reports(model, volumes, enc, cfg, ctx) -> list:
     return [enc.decode(row[: row.index(eos)] if eos in row else row) for row in ids.tolist()]
 
 
-def train(cfg, model, enc, train_ds, dev, ddp, rank, world, master, ckpt=None):
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" and "cuda" in dev else nullcontext()
+def configure_optimizer(model, cfg, dev):
+    """AdamW (Table 5) over what trains: everything from scratch; with --llm, E_V, F and the LoRA adapters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"], fused="cuda" in str(dev))
+
+
+def compute_loss(model, batch, it, cfg):
+    """The report's next-token loss (+ aux_weight x the label BCE); during --pretrain_iters E_V alone on the labels."""
+    if it < cfg["pretrain_iters"]:  # the decoder idle
+        return model(batch["volume"], None, None, batch["labels"])
+    return model(batch["volume"], batch["inputs"], batch["targets"], batch["labels"], cfg["aux_weight"])
+
+
+def evaluate(model, ds, enc, cfg, dev, ctx) -> dict:
+    return {"val_loss": evaluate_loss(model, ds, enc, cfg, dev, ctx, max(1, cfg["batch_size"] // cfg["grad_accum"]))}
+
+
+def model_state(model, cfg) -> dict:
+    """With --llm, everything but the frozen Llama weights (LoRA adapters kept)."""
+    return {k: v for k, v in model.state_dict().items()
+            if not cfg["llm"] or not k.startswith("decoder.") or ".lora_" in k}
+
+
+def flops_per_sample(model, cfg, dev, enc, ds) -> float:
+    """Forward FLOPs of one training sample, counted by torch on the first training volume and its report."""
+    volume, inputs, targets, labels = get_batch(ds, [0], enc, cfg, dev)
+    return forward_flops(model, volume, inputs, targets, labels, cfg["aux_weight"])
+
+
+def train(cfg, model, enc, train_ds, val_ds, dev, ddp, rank, world, master, ckpt=None):
+    """nanoGPT's loop, the same code in every script of this repo except the paper's parts (configure_optimizer,
+    get_lr, compute_loss, evaluate): grad_accum micro-batches per optimizer step, DDP syncing gradients on the last;
+    a step skipped when the gradient is not finite; every eval_interval steps, at the end and on Ctrl-C, an eval on
+    rank 0, a log line and a checkpoint that --init_from=resume continues from exactly.
+    Returns (raw model, autocast context, stopped by Ctrl-C)."""
+    ctx = autocast_ctx(cfg["dtype"], dev)
     raw = model
-    params = [p for p in raw.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"], fused="cuda" in dev)
-    val_ds = get_split(cfg, "val")
-    assert cfg["batch_size"] % (world * cfg["grad_accum"]) == 0, "batch_size must divide by world size * grad_accum"
-    micro = cfg["batch_size"] // world // cfg["grad_accum"]
+    opt = configure_optimizer(raw, cfg, dev)
     iter_num, best_val = 0, float("inf")
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
-        set_rng_state(ckpt["rng"])
-    if cfg["compile"]:
-        model = torch.compile(model)
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[int(dev.split(":")[1])] if "cuda" in dev else None,
-                                                    find_unused_parameters=True)  # idle decoder or label head
-    if master:
-        print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters "
-              f"({sum(p.numel() for p in params) / 1e6:.2f}M trained), "
-              f"mode={cfg['mode']}, HR (z, y, x) {zyx(cfg['hr'])}, {raw.n_visual} visual tokens to the decoder, "
-              f"{len(train_ds)} train / {len(val_ds)} val volumes, {cfg['max_iters']} steps")
-
-    def save():
-        if master:
-            save_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt", {
-                "model": {k: v for k, v in raw.state_dict().items()  # with --llm, all but the frozen Llama weights
-                          if not cfg["llm"] or not k.startswith("decoder.") or ".lora_" in k}, "optimizer": opt.state_dict(), "iter_num": iter_num,
-                "best_val_loss": best_val, "config": cfg, "rng": rng_state()})
-
-    bad_steps, t0, seen, loss_sum = 0, time.time(), 0, 0.0
-    timer = StepTimer(dev)  # data wait vs compute per step, TFLOP/s and MFU against this device's peak
-    pbar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master, desc=cfg["mode"])
+    model = wrap_model(raw, dev, ddp, cfg["compile"], find_unused=True)  # an idle decoder or label head
+    micro = cfg["batch_size"] // world // cfg["grad_accum"]  # batch_size is per optimizer step
+    batches = iter(loader(train_ds, cfg, Stream(len(train_ds), micro, cfg["seed"], iter_num, cfg["max_iters"],
+                                                cfg["grad_accum"], rank, world), enc))
+    timer = StepTimer(dev, 3 * flops_per_sample(raw, cfg, dev, enc, train_ds))  # forward + backward = 3 forwards
+    timer.stats()  # the first call measures the device's peak FLOP/s: here, not inside the first timed window
+    if ckpt is not None:  # restored last, right before the loop, so nothing above can draw from it
+        restore_rng(ckpt["rng"], rank)
+    bad_steps, loss_sum, n_steps = 0, 0.0, 0
+    pbar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master, desc="train", dynamic_ncols=True)
     with StopOnSigint() as sig:
         while iter_num < cfg["max_iters"] and not sig.stop:
+            # this step's learning rate
+            lr = get_lr(iter_num, cfg)
             for g in opt.param_groups:
-                g["lr"] = get_lr(iter_num, cfg)
-            losses = []
-            for j in range(cfg["grad_accum"]):
-                idx = stream(len(train_ds), ((iter_num * cfg["grad_accum"] + j) * world + rank) * micro, micro, cfg["seed"])
-                sync = nullcontext() if not ddp or j == cfg["grad_accum"] - 1 else model.no_sync()
+                g["lr"] = lr
+            # forward and backward over grad_accum micro-batches; DDP all-reduces the gradients on the last one
+            for micro_step in range(cfg["grad_accum"]):
                 with timer.data():
-                    volume, inputs, targets, labels = get_batch(train_ds, idx, enc, cfg, dev)
-                if not timer.flops:  # training FLOPs of one volume: 3 x the forward of the first micro-batch
-                    timer.flops = 3 * forward_flops(raw, volume, inputs, targets, labels, cfg["aux_weight"]) / micro
-                with ctx, sync:
-                    if iter_num < cfg["pretrain_iters"]:  # E_V alone on the labels, the decoder idle
-                        loss = model(volume, None, None, labels)
-                    else:
-                        loss = model(volume, inputs, targets, labels, cfg["aux_weight"])
-                    (loss / cfg["grad_accum"]).backward()
-                losses.append(loss.item())
-            norm = nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
-            if torch.isfinite(norm):  # grads are all-reduced, so every rank takes the same decision
-                opt.step()
-                bad_steps = 0
-            else:
-                bad_steps += 1
-                tqdm.write(f"warning: step {iter_num}: non-finite loss/gradient ({losses}), step skipped")
-                if bad_steps >= 5:
-                    raise RuntimeError("5 non-finite steps in a row: stopping (lower --learning_rate?)")
-            opt.zero_grad(set_to_none=True)
-            iter_num += 1
-            seen += cfg["batch_size"]
-            timer.step(cfg["batch_size"])
-            loss_sum += sum(losses) / len(losses)
+                    batch = to_device(next(batches), dev)
+                if ddp:
+                    model.require_backward_grad_sync = micro_step == cfg["grad_accum"] - 1
+                with ctx:
+                    loss = compute_loss(model, batch, iter_num, cfg)
+                (loss / cfg["grad_accum"]).backward()
+                loss_sum += loss.item() / cfg["grad_accum"]
+            # clip and step; a non-finite gradient skips the step on every rank
+            bad_steps = optimizer_step(opt, raw.parameters(), cfg["grad_clip"], bad_steps, iter_num)
+            iter_num, n_steps = iter_num + 1, n_steps + 1
+            timer.step(micro * cfg["grad_accum"])
             pbar.update(1)
-            if master:
-                pbar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
-            if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]:
-                dt, perf = time.time() - t0, timer.stats()
-                val_loss = evaluate_loss(raw, val_ds, enc, cfg, dev, ctx, micro)
-                best_val = min(best_val, val_loss)
-                steps = seen / cfg["batch_size"]
-                rec = {"iter": iter_num, "train_loss": loss_sum / steps, "val_loss": val_loss,
-                       "lr": opt.param_groups[0]["lr"], "volumes_per_s": seen / dt, "ms_per_step": 1000 * dt / steps, **perf}
+            if master and iter_num % cfg["log_interval"] == 0:
+                pbar.set_postfix_str(f"loss {loss.item():.4f} lr {lr:.2e}")
+            # eval on rank 0, log, checkpoint: every eval_interval steps, at the end, on Ctrl-C
+            if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"] or sig.stop:
+                rng, perf = gather_rng(ddp, world), timer.stats()
                 if master:
-                    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-                    append_jsonl(Path(cfg["out_dir"]) / "log.jsonl", rec)
-                save()
-                t0, seen, loss_sum = time.time(), 0, 0.0
+                    val = evaluate(raw, val_ds, enc, cfg, dev, ctx)
+                    best_val = min(best_val, val["val_loss"])
+                    log_eval(Path(cfg["out_dir"]) / "log.jsonl",
+                             {"iter": iter_num, "train_loss": loss_sum / n_steps, **val, "lr": lr, **perf})
+                    save_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt", {
+                        "model": model_state(raw, cfg), "optimizer": opt.state_dict(), "iter_num": iter_num,
+                        "best_val_loss": best_val, "config": cfg, "rng": rng})
+                if ddp:
+                    torch.distributed.barrier()
+                loss_sum, n_steps = 0.0, 0
                 timer.reset()
     pbar.close()
-    if cfg["label_prompt"] and not sig.stop and iter_num == cfg["max_iters"]:
-        refit_label_head(raw, train_ds, dev, ctx)
-    if sig.stop or cfg["label_prompt"]:
-        save()
     return raw, ctx, sig.stop
 
 
@@ -1151,6 +1157,8 @@ def main(argv=None):
     if cfg["bench"]:
         return bench(cfg)
     ddp, rank, world, dev, master = setup_ddp(cfg["device"])
+    if cfg["batch_size"] % (world * cfg["grad_accum"]):
+        raise BadConfig(f"--batch_size={cfg['batch_size']}: must divide by the {world} processes x --grad_accum")
     if master:
         print(f"preset {cfg['preset']}, device {dev}" + ("" if world == 1 else f", DDP world {world}"))
     ckpt = None
@@ -1176,7 +1184,19 @@ def main(argv=None):
     if cfg["predict"]:
         return predict_file(cfg, model, enc, dev, cfg["predict"])
     Path(cfg["out_dir"]).mkdir(parents=True, exist_ok=True)
-    model, ctx, stopped = train(cfg, model, enc, train_ds, dev, ddp, rank, world, master, ckpt)
+    val_ds = get_split(cfg, "val")
+    if master:
+        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+              f"({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained), "
+              f"mode={cfg['mode']}, HR (z, y, x) {zyx(cfg['hr'])}, {model.n_visual} visual tokens to the decoder, "
+              f"{len(train_ds)} train / {len(val_ds)} val volumes, {cfg['max_iters']} steps")
+    model, ctx, stopped = train(cfg, model, enc, train_ds, val_ds, dev, ddp, rank, world, master, ckpt)
+    if cfg["label_prompt"] and not stopped:  # the label head refit on the final features, saved with the model
+        refit_label_head(model, train_ds, dev, ctx)
+        if master:
+            ck = load_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
+            ck["model"] = model_state(model, cfg)
+            save_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt", ck)
     res = (final_eval(cfg, model, enc, dev, ctx, train_ds, train_reports or reports_of(train_ds), t_start)
            if master and not stopped else None)
     if ddp:

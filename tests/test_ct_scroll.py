@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ct_scroll as C
+import data
 from data import LABELS, auroc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,11 +66,13 @@ def dependency(encoder, n):
 
 
 def test_figure3_masks_n5_q3():
-    """Figure 3 with n = 5 triplets, q = 3. z = 0 is the most cranial triplet; f_CAU->CRA sees itself and the
-    q - 1 above (cranial, smaller index), f_CRA->CAU itself and the q - 1 below."""
-    causal = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
-    cau_cra = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
-    cra_cau = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 0, 1]])
+    """Figure 3 with n = 5 triplets, q = 3, in the authors' anatomy. Their axis 0 runs from the feet up and their
+    f_CAU->CRA (lower-triangular mask) sees the caudal side; here z = 0 is the most cranial triplet, so
+    f_CAU->CRA sees itself and the q - 1 triplets below (larger index), f_CRA->CAU itself and the q - 1 above, and
+    the causal ablation itself and everything below."""
+    causal = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 0, 1]])
+    cau_cra = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [0, 0, 0, 0, 1]])
+    cra_cau = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
     block = C.CTScroll(shape=(15, 32, 32), interactions="scrolling", window=3).blocks[0].eval()
     f_G, f_cau_cra, f_cra_cau = block.encoders
     assert dependency(f_G, 5).all()
@@ -79,6 +82,32 @@ def test_figure3_masks_n5_q3():
     assert torch.equal(dependency(causal_block.encoders[0], 5), causal.bool())
     # window 0 = global (Table 3's last row): the scrolling block becomes three global layers
     assert C.interaction_windows("scrolling", 0) == C.interaction_windows("global", 16)
+
+
+@torch.no_grad()
+def test_scrolling_directions_on_a_volume():
+    """A phantom volume (z = 0 at the top of the chest) with its bottom triplet (the most caudal slices) changed:
+    f_CAU->CRA carries the change up to the q - 1 triplets above it and no further; the same change at the top
+    reaches no other triplet through f_CAU->CRA, and the q - 1 triplets below it through f_CRA->CAU."""
+    q, model = 3, C.CTScroll(shape=(24, 32, 32), interactions="scrolling", window=3).eval()
+    x = data.SyntheticCT("train", 1, shape=(24, 32, 32), seed=0)[0]["volume"][None]  # (1, 1, 24, 32, 32)
+    assert not torch.equal(x[..., :3, :, :], x[..., -3:, :, :])  # top and bottom differ
+    f_G, f_cau_cra, f_cra_cau = model.blocks[0].encoders
+
+    def tokens(v):  # (8, 512): the projected GAP tokens, one per triplet, top first
+        return model.projection(model.triplet_features(v).mean((2, 3)))
+
+    def changed(f, v):  # which output triplets of encoder f differ between x and v
+        return (f(tokens(v)[None]) - f(tokens(x)[None])).abs().amax(-1)[0] > 1e-6
+
+    bottom, top = x.clone(), x.clone()
+    bottom[..., -3:, :, :] = x[..., :3, :, :]  # the last triplet replaced by the first: 8 triplets, index 7 changes
+    top[..., :3, :, :] = x[..., -3:, :, :]
+    n = 8
+    assert changed(f_cau_cra, bottom).tolist() == [i >= n - q for i in range(n)]
+    assert changed(f_cau_cra, top).tolist() == [i == 0 for i in range(n)]
+    assert changed(f_cra_cau, top).tolist() == [i < q for i in range(n)]
+    assert changed(f_cra_cau, bottom).tolist() == [i == n - 1 for i in range(n)]
 
 
 def n_params(**kw):
@@ -100,10 +129,10 @@ def test_parameter_counts_table2():
 
 def test_flops_per_sample_table2():
     """Table 2: 1.337 TFLOPs per 240x480x480 volume (2 FLOPs per multiply-accumulate), within 3%."""
-    f = C.flops_per_sample(cfg_with())
+    f = C.flops_per_sample(None, cfg_with())
     assert abs(f / 1.337e12 - 1) < 0.03, f
-    assert abs(C.flops_per_sample(cfg_with(reduction="linear", interactions="none")) / 1.345e12 - 1) < 0.03
-    assert abs(C.flops_per_sample(cfg_with(reduction="conv3d", interactions="none")) / 1.344e12 - 1) < 0.03
+    assert abs(C.flops_per_sample(None, cfg_with(reduction="linear", interactions="none")) / 1.345e12 - 1) < 0.03
+    assert abs(C.flops_per_sample(None, cfg_with(reduction="conv3d", interactions="none")) / 1.344e12 - 1) < 0.03
 
 
 def test_learns_an_easy_problem():
