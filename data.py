@@ -1794,8 +1794,11 @@ def classification_metrics(y_true, y_score, thresholds, labels=None) -> dict:
     """Multi-label metrics as in CT-Scroll Table 1 / the fusion paper's Table 2: per label auroc, accuracy,
     precision, recall, f1 at `thresholds` (score >= t), their means over labels, and weighted_f1 (by support).
 
-    Undefined is nan, never a made-up number: auroc with one class in the split, precision with no predicted
-    positives, recall and f1 with no actual positives. Means skip nans; `undefined` lists the labels skipped.
+    Per label, undefined is nan: auroc with one class in the split, precision with no predicted positives, recall
+    and f1 with no actual positives; `undefined` lists those labels. The headline means are the published ones,
+    sklearn's average="macro" / "weighted" with zero_division=0: an undefined precision, recall or f1 counts as 0
+    (a label with no positives here still weighs 1/L in the macro mean; in weighted_f1 its support 0 weighs
+    nothing). auroc has no zero_division: its mean leaves out the labels with one class.
     """
     y, s = _np(y_true).astype(bool), _np(y_score).astype(np.float64)
     pred = s >= np.asarray(thresholds, dtype=np.float64)[None, :]
@@ -1807,9 +1810,10 @@ def classification_metrics(y_true, y_score, thresholds, labels=None) -> dict:
     per = {"auroc": np.array([auroc(y[:, l], s[:, l]) for l in range(y.shape[1])]),
            "accuracy": (pred == y).mean(0), "precision": div(tp, tp + fp), "recall": div(tp, tp + fn),
            "f1": np.where(support > 0, div(2 * tp, 2 * tp + fp + fn), np.nan)}
-    out = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in per.items()}
-    ok = np.isfinite(per["f1"])
-    out["weighted_f1"] = float((per["f1"][ok] * support[ok]).sum() / support[ok].sum()) if ok.any() else float("nan")
+    out = {"auroc": float(np.nanmean(per["auroc"])) if np.isfinite(per["auroc"]).any() else float("nan"),
+           **{k: float(np.nan_to_num(per[k], nan=0.0).mean()) for k in ("accuracy", "precision", "recall", "f1")}}
+    f1 = np.nan_to_num(per["f1"], nan=0.0)
+    out["weighted_f1"] = float((f1 * support).sum() / support.sum()) if support.sum() > 0 else 0.0
     out["per_label"] = {n: {**{k: float(v[l]) for k, v in per.items()}, "support": int(support[l])}
                         for l, n in enumerate(names)}
     out["undefined"] = {k: [n for n, x in zip(names, v) if not np.isfinite(x)] for k, v in per.items()}

@@ -56,7 +56,35 @@ def test_classification_metrics_and_undefined_label():
     assert m["auroc"] == approx(3 / 4)  # mean over a and b: c is excluded, not counted as 0.5
     assert m["accuracy"] == approx((0.5 + 0.5 + 0.75) / 3)
     assert m["precision"] == approx((0.5 + 0.5 + 0.0) / 3)
-    assert m["f1"] == approx(0.5) and m["weighted_f1"] == approx((0.5 * 2 + 0.5 * 2) / 4)
+    assert m["recall"] == approx((0.5 + 0.5 + 0.0) / 3) and m["f1"] == approx((0.5 + 0.5 + 0.0) / 3)  # c counts 0
+    assert m["weighted_f1"] == approx((0.5 * 2 + 0.5 * 2) / 4)
+
+
+def test_macro_means_count_undefined_labels_as_zero_like_sklearn():
+    """sklearn's precision_recall_fscore_support(average="macro" / "weighted", zero_division=0), worked by hand:
+    an undefined precision (no predicted positives), recall or f1 (no actual positives) is 0 in the mean."""
+    y = np.array([[1, 1, 0, 0, 1], [1, 0, 0, 0, 0], [0, 1, 0, 0, 0], [0, 0, 0, 0, 1], [0, 0, 0, 0, 1]])
+    s = np.array([[.9, .4, .1, .1, .9], [.8, .3, .6, .1, .2], [.7, .2, .2, .1, .3], [.2, .1, .3, .1, .4],
+                  [.1, .0, .4, .1, .6]])
+    m = data.classification_metrics(y, s, [0.5] * 5, labels=["a", "b", "c", "d", "e"])
+    # at 0.5:  a: pred 1,1,1,0,0 vs 1,1,0,0,0 -> TP2 FP1 FN0: P 2/3, R 1, F1 4/(4+1) = 4/5, support 2
+    #          b: pred 0 0 0 0 0 vs 1,0,1,0,0 -> TP0 FP0 FN2: P undefined (0), R 0, F1 0, support 2
+    #          c: pred 0,1,0,0,0 vs all 0     -> TP0 FP1 FN0: P 0, R undefined (0), F1 undefined (0), support 0
+    #          d: pred all 0 vs all 0         -> P, R, F1 undefined (0), support 0
+    #          e: pred 1,0,0,0,1 vs 1,0,0,1,1 -> TP2 FP0 FN1: P 1, R 2/3, F1 4/5, support 3
+    assert m["undefined"]["precision"] == ["b", "d"] and m["undefined"]["recall"] == ["c", "d"]
+    assert m["undefined"]["f1"] == ["c", "d"] and m["undefined"]["auroc"] == ["c", "d"]
+    assert math.isnan(m["per_label"]["b"]["precision"]) and math.isnan(m["per_label"]["c"]["recall"])
+    assert m["precision"] == approx((2 / 3 + 0 + 0 + 0 + 1) / 5)  # skipping b, d would give 5/9
+    assert m["recall"] == approx((1 + 0 + 0 + 0 + 2 / 3) / 5)     # skipping c, d would give 5/9
+    assert m["f1"] == approx((4 / 5 + 0 + 0 + 0 + 4 / 5) / 5)     # skipping c, d would give 8/15
+    assert m["weighted_f1"] == approx((4 / 5 * 2 + 0 * 2 + 4 / 5 * 3) / 7)  # support-0 labels weigh nothing
+    assert m["accuracy"] == approx((4 / 5 + 3 / 5 + 4 / 5 + 1 + 4 / 5) / 5)
+    # auroc: a 1 (pos .9 .8 above every neg); b pos .4 .2 vs neg .3 .1 .0 -> 5/6; e pos .9 .4 .6 vs .2 .3 -> 1
+    assert m["auroc"] == approx((1 + 5 / 6 + 1) / 3)  # no zero_division for auroc: one-class labels left out
+    # no positives at all: sklearn's weighted average is zero_division (0), not nan
+    none = data.classification_metrics(np.zeros((3, 2)), np.full((3, 2), 0.9), [0.5, 0.5])
+    assert none["weighted_f1"] == 0.0 and none["f1"] == 0.0 and none["precision"] == 0.0
 
 
 def test_weighted_f1_by_support():
