@@ -1,15 +1,28 @@
 """data.py: everything the five paper scripts share that is not a kernel.
 
-Sections, in reading order:
-  Volumes      the repo's error types and run(main) (one line `error: ...`, exit 2), load_nifti, load_ct (--predict's
-               loader: rescale auto|header|none, plausibility checks), preprocess (resample, crop/pad, HU window, norm)
-  CT-RATE      the real on-disk layout and CSVs (the Hugging Face dataset ibrahimhamamci/CT-RATE), rescale modes
-  Synthetic    a procedural chest CT phantom with 18 findings and anatomy masks (the default dataset)
-  Cache        prepare() -> preprocessed int16 memmaps + an index, PreparedCT reads them; get_dataset, collate
-  Text         the phantom's report and question templates, byte-level BPE on tiktoken, the Llama-3 tokenizer
-  Metrics      AUROC (+ bootstrap CI), F1 thresholds, classification metrics, BLEU/METEOR/ROUGE/CIDEr, VQA accuracy
-  Runs         checkpoints, DDP, logs
-  CLI          render_montage (a PNG of any item), bench; python data.py synthetic|prepare|montage|bench
+Sections, in reading order, with their public names:
+  Volumes    LABELS (the 18 CT-RATE findings); the repo's errors InputError, BadVolume, BadConfig, Interrupted and
+             run(main) (one line `error: ...`, exit 2); check_out_dir, resume_cleanup; load_nifti, check_scan,
+             load_ct (--predict's loader: rescale auto|header|none, plausibility checks); normalize, crop_or_pad,
+             preprocess (resample, crop/pad, HU window, norm); NORMS, AIR, MIN_VOXELS, SPACING_MM
+  CT-RATE    RESCALES, CTRATE: the real on-disk layout and CSVs (the Hugging Face dataset ibrahimhamamci/CT-RATE)
+  RadGenome  RADGENOME_QA, RADGENOME_REGIONS, radgenome_questions, RadGenomeCT: region masks and grounded QA
+  Cache      prepare (CT-RATE -> int16 memmaps + an index), PreparedCT; SYNTHETIC_CACHE, SyntheticDiskCache;
+             get_dataset (--data -> a Dataset), collate
+  Text       LLAMA3_PAT, SPECIAL_TOKENS, train_bpe, save_bpe, load_bpe (byte-level BPE on tiktoken),
+             load_llama3_tokenizer
+  Metrics    auroc, best_f1_thresholds, classification_metrics, bootstrap_auroc, bootstrap_diff; metric_tokens, bleu,
+             meteor, rouge_n, rouge_l, cider_d, report_metrics; vqa_closed_accuracy, choice_correct; report_labels,
+             clinical_metrics, ce_baselines (clinical efficacy: findings read back out of generated reports)
+  Runs       save_checkpoint, load_checkpoint, rng_state, set_rng_state, setup_ddp, append_jsonl, StopOnSigint,
+             PEAK_BF16, peak_flops, StepTimer, Stream, make_loader, to_device, autocast_ctx, wrap_model,
+             optimizer_step, gather_rng, restore_rng, log_eval, forward_flops, meta_memory
+Appendix (a reader of the scripts can stop before it):
+  Synthetic  the procedural chest CT, the default dataset: FOV, REGIONS, PREVALENCE, LOBES, sample_patient,
+             render_phantom (the anatomy, then one painter per structure or finding), SyntheticCT,
+             write_ctrate_layout, write_radgenome_layout (the phantom on disk in CT-RATE's / RadGenome's layout)
+  Templates  the phantom's reports and questions: REGION_IDS, finding_region, make_report, make_questions
+  CLI        render_montage, bench, main: python data.py synthetic|prepare|montage|bench
 
 Axes everywhere are (z, y, x) = (I, P, L): slice 0 is the top, row 0 anterior, column 0 the patient's right.
 """
@@ -40,6 +53,7 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+
 
 # =============================================================================
 # Volumes
@@ -283,6 +297,7 @@ def preprocess(volume, spacing, *, target_spacing=None, shape=None, window=(-100
         v = crop_or_pad(v, shape)
     return normalize(v, window, norm)
 
+
 # =============================================================================
 # CT-RATE
 # =============================================================================
@@ -506,6 +521,7 @@ class CTRATE(torch.utils.data.Dataset):
                 self._bad(e)
         raise BadVolume(f"{self.dir}: no readable volume in split {self.split}")
 
+
 # =============================================================================
 # RadGenome-ChestCT (for boundary_vqa.py)
 # =============================================================================
@@ -602,37 +618,1008 @@ class RadGenomeCT(torch.utils.data.Dataset):
         return {"volume": vol[None], "name": name, "report": report, "questions": qs, "region_masks": masks}
 
 
-def write_radgenome_layout(out_dir, n, shape=(32, 64, 64), seed=0, *, n_valid=None):
-    """The phantom in RadGenomeCT's layout: n train and n_valid (default n // 4, at least 1) test patients, a mask per
-    RADGENOME_REGIONS name, one QA row per region (presence as the phantom's region questions decide it; the first
-    finding there and its size). Stored like write_ctrate_layout: RAS int16 HU with the affine."""
-    root = Path(out_dir)
-    spacing = [f / s for f, s in zip(FOV, shape)]
-    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
-    ras = lambda t: t.flip(0, 1, 2).permute(2, 1, 0).contiguous().numpy()  # (z,y,x)=(I,P,L) -> (x,y,z)=(R,A,S)
-    for folder, split, count, csv_split in (("train", "train", n, "train"),
-                                            ("valid", "test", max(1, n // 4) if n_valid is None else n_valid, "validation")):
-        rows = []
-        for i in range(count):
-            p = sample_patient(seed, split, i)
-            hu, masks = render_phantom(p, shape)
-            name = f"{folder}_{i + 1}_a_1.nii.gz"
-            (root / "volumes" / folder).mkdir(parents=True, exist_ok=True)
-            nib.save(nib.Nifti1Image(ras(hu.round().to(torch.int16)), affine), root / "volumes" / folder / name)
-            seg = root / "masks" / f"seg_{name.removesuffix('.nii.gz')}"
-            seg.mkdir(parents=True, exist_ok=True)
-            pos = [l for l, y in zip(LABELS, p["labels"]) if y]
-            for region in RADGENOME_REGIONS:
-                m = torch.isin(masks, torch.tensor(REGION_IDS[region], dtype=masks.dtype)).to(torch.uint8)
-                nib.save(nib.Nifti1Image(ras(m), affine), seg / f"{region}.nii.gz")
-                hits = [l for l in pos if finding_region(p, l) in (region, "lungs" if "lung" in region else None)]
-                size = p["attributes"][hits[0]].get("size", "") if hits else ""
-                rows.append([name, region, "Yes" if hits else "No", hits[0] if hits else "", size])
-        path = root / "radgenome_files" / f"{csv_split}_region_vqa.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f).writerows([list(RADGENOME_QA), *rows])
-    return root
+# =============================================================================
+# Cache: preprocess CT-RATE once, then read int16 memmaps; picking a dataset
+# =============================================================================
+
+class _Loads(torch.utils.data.Dataset):  # CTRATE items as int16 HU, or the error text, for prepare's DataLoader
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        try:
+            return self.ds.load(i)["volume"][0].round().clamp(-32768, 32767).to(torch.int16)
+        except BadVolume as e:
+            return str(e)
+
+
+def prepare(root, out, shape, spacing, *, splits=("train", "val", "test"), rescale="auto", strict=False,
+            val_fraction=0.1, workers=0):
+    """CT-RATE folder -> out/{split}.int16 (raw memmap, N x Z x Y x X, HU after rescale, resample and crop/pad, no
+    window: any window/norm applies at read time) + out/index.json (shape, spacing, names, labels, reports)."""
+    if len(shape) != 3 or min(shape) < 1 or len(spacing) != 3 or not all(SPACING_MM[0] <= s <= SPACING_MM[1]
+                                                                          for s in spacing):
+        raise BadConfig(f"--shape={shape} --spacing={spacing}: expected 3 positive sizes and 3 spacings within "
+                        f"{SPACING_MM} mm")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "index.json.tmp").unlink(missing_ok=True)  # left by a kill during the last write
+    index = {"shape": list(shape), "spacing": list(spacing), "root": str(root), "rescale": rescale, "splits": {}}
+    for split in splits:
+        ds = CTRATE(root, split, shape=shape, spacing=spacing, window=None, norm="hu", rescale=rescale,
+                    strict=strict, val_fraction=val_fraction)
+        path = out / f"{split}.int16"
+        print(f"prepare {split}: {len(ds)} volumes -> {path} ({len(ds) * math.prod(shape) * 2 / 1e9:.2f} GB)")
+        mm = np.memmap(path, np.int16, "w+", shape=(max(1, len(ds)), *shape))
+        keep = []
+        loader = torch.utils.data.DataLoader(_Loads(ds), batch_size=None, num_workers=workers)
+        for i, v in enumerate(tqdm(loader, total=len(ds), desc=f"prepare {split}")):
+            if isinstance(v, str):
+                ds._bad(BadVolume(v))
+                continue
+            mm[len(keep)] = v.numpy()
+            keep.append(ds.rows[i])
+        mm.flush()
+        del mm
+        os.truncate(path, len(keep) * math.prod(shape) * 2)
+        index["splits"][split] = {"file": path.name, "n_bad": ds.n_bad, "names": [r["name"] for r in keep],
+                                  "labels": [r["labels"].int().tolist() for r in keep],
+                                  "reports": [r["report"] for r in keep]}
+        tmp = out / "index.json.tmp"
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, out / "index.json")
+    return index
+
+
+class PreparedCT(torch.utils.data.Dataset):
+    """A folder written by prepare(): items like CTRATE's, read from the int16 memmap and normalised on the fly."""
+
+    def __init__(self, cache_dir, split, *, window=(-1000, 200), norm="unit"):
+        index_path = Path(cache_dir) / "index.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"{index_path}: missing; run python data.py prepare --root CTRATE --out {cache_dir}")
+        index = json.loads(index_path.read_text())
+        if split not in index["splits"]:
+            raise ValueError(f"{index_path}: no split {split!r} (has {list(index['splits'])}); prepare it")
+        s = index["splits"][split]
+        self.shape, self.spacing = tuple(index["shape"]), tuple(index["spacing"])
+        self.names, self.reports, self.n_bad = s["names"], s["reports"], s["n_bad"]
+        self.labels = torch.tensor(s["labels"], dtype=torch.float32).view(-1, len(LABELS))
+        self.volumes = (np.memmap(Path(cache_dir) / s["file"], np.int16, "r", shape=(len(self.names), *self.shape))
+                        if self.names else np.zeros((0, *self.shape), np.int16))
+        self.window, self.norm = window, norm
+
+    def __len__(self):
+        return len(self.names)
+
+    def __getitem__(self, i):
+        hu = torch.from_numpy(np.array(self.volumes[i]))  # int16; normalize makes the one float32 copy
+        return {"volume": normalize(hu, self.window, self.norm)[None], "labels": self.labels[i],
+                "report": self.reports[i], "name": self.names[i]}
+
+
+SYNTHETIC_CACHE = "data_cache/synthetic"  # where a synthetic split too large for RAM is rendered once (delete freely)
+
+
+class SyntheticDiskCache(torch.utils.data.Dataset):
+    """A SyntheticCT split rendered once into an on-disk memmap, beside prepare()'s format: `{name}.int16` holds
+    N x Z x Y x X HU rounded to int16 (window and norm apply at read time, as in PreparedCT), `{name}.done` one
+    byte per volume. Filled lazily: the first access of volume i renders it, writes it, then sets its byte, so a
+    run killed mid-write re-renders that one volume next time; DataLoader workers and DDP ranks may fill it
+    concurrently (same bytes for the same index). The file is sparse: disk use grows with the volumes touched, up
+    to n * Z * Y * X * 2 bytes. Items are SyntheticCT's without the masks (labels, report, questions come from
+    sample_patient, which renders no voxel)."""
+
+    def __init__(self, ds: "SyntheticCT", cache_dir=SYNTHETIC_CACHE):
+        self.ds, self.shape = ds, ds.shape
+        name = f"{ds.split}_seed{ds.seed}_d{ds.difficulty:g}_{'x'.join(map(str, ds.shape))}"
+        folder = Path(cache_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path, done = folder / f"{name}.int16", folder / f"{name}.done"
+        need = ds.n * math.prod(ds.shape) * 2
+        for path, size in ((self.path, need), (done, ds.n)):  # create or grow (sparse), never shrink
+            with open(path, "ab") as f:
+                if f.tell() < size:
+                    f.truncate(size)
+        self.volumes = np.memmap(self.path, np.int16, "r+", shape=(ds.n, *ds.shape))
+        self.done = np.memmap(done, np.uint8, "r+", shape=(ds.n,))
+
+    def __len__(self):
+        return len(self.ds)
+
+    def patient(self, i) -> dict:
+        return self.ds.patient(i)
+
+    def labels(self) -> torch.Tensor:
+        return self.ds.labels()
+
+    @property
+    def reports(self) -> list:  # every report without rendering
+        return [make_report(self.ds.patient(i)) for i in range(len(self))]
+
+    def hu(self, i) -> torch.Tensor:
+        """Volume i in HU (int16, CPU), rendered and stored at its first access."""
+        if not self.done[i]:
+            hu, _ = render_phantom(self.ds.patient(i), self.shape, self.ds.device)
+            self.volumes[i] = hu.round().to(torch.int16).cpu().numpy()  # shared mapping: a killed process keeps it
+            self.done[i] = 1
+        return torch.from_numpy(np.array(self.volumes[i]))
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} synthetic volumes")
+        p, ds = self.ds.patient(i), self.ds
+        return dict(volume=normalize(self.hu(i), ds.window, ds.norm)[None],
+                    labels=torch.tensor(p["labels"], dtype=torch.float32), report=make_report(p),
+                    name=f"{ds.split}_{i + 1}_a_1", questions=make_questions(p))
+
+
+def get_dataset(data, split, *, n=None, shape=(64, 128, 128), spacing=(1.5, 0.75, 0.75), window=(-1000, 200),
+                norm="unit", seed=0, strict=False, difficulty=0.5, device=None, disk_cache=None):
+    """data = "synthetic" (n volumes generated at shape), a prepare()d cache folder (has index.json), or a CT-RATE
+    root. n, difficulty, device and disk_cache apply to the synthetic set only; real data yields every volume of
+    the split. device: where phantoms are rendered (the training GPU keeps the CPU out of the loop; items then
+    live there). disk_cache: a folder, or True for SYNTHETIC_CACHE -> SyntheticDiskCache, every volume rendered
+    once into an int16 memmap there, for a split too large to keep in RAM."""
+    if data == "synthetic":
+        ds = SyntheticCT(split, n, shape=shape, seed=seed, window=window, norm=norm, difficulty=difficulty,
+                         device=device)
+        return SyntheticDiskCache(ds, SYNTHETIC_CACHE if disk_cache is True else disk_cache) if disk_cache else ds
+    if (Path(data) / "index.json").is_file():
+        ds = PreparedCT(data, split, window=window, norm=norm)
+        if ds.shape != tuple(shape):
+            raise ValueError(f"{data} was prepared at shape {ds.shape}, asked for {tuple(shape)}: pass --shape "
+                             f"{','.join(map(str, ds.shape))} or prepare again")
+        return ds
+    if not Path(data).is_dir():
+        raise FileNotFoundError(f"{data}: not 'synthetic', a prepared cache or a CT-RATE folder")
+    return CTRATE(data, split, shape=shape, spacing=spacing, window=window, norm=norm, strict=strict)
+
+
+def collate(items: list) -> dict:
+    """Tensors stacked on a new batch dim, everything else (names, reports, questions) as lists."""
+    return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
+            for k in items[0]}
+
+
+# =============================================================================
+# Text
+# =============================================================================
+
+# ---- byte-level BPE, the Llama-3 tokenizer ---------------------------------------------------------------------------
+
+# Llama-3's pre-tokenisation pattern (cl100k's): contractions, letter runs with one leading non-letter, 1-3 digit
+# groups, punctuation runs, newlines, and whitespace that leaves its last space to the following word.
+LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The decoders' special tokens; their ids follow the BPE ranks (begin = n_ranks, end = n_ranks + 1, ...).
+SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|image|>"]
+
+
+@functools.lru_cache(maxsize=1)
+def _pretokenizer() -> re.Pattern:
+    """LLAMA3_PAT for Python's `re`, which has no \\p{..}: the classes are spelled out from unicodedata.
+
+    tiktoken splits with the same pattern in Rust at encode time but exposes no "split only" call, and the `regex`
+    module is not a dependency of this repo, so training splits with this translation. \\s is Unicode White_Space
+    (what Rust's regex uses; Python's own \\s would also match \\x1c-\\x1f). Code points assigned after Python's
+    Unicode version (14.0 in Python 3.11) count as unassigned here; that moves only training statistics, as
+    encoding is tiktoken's own. tests/test_text.py holds this splitter to the `regex` module (tiktoken's own
+    dependency) on every assigned code point, and to tiktoken by comparing whole encodings.
+    """
+    def spans(pred):  # "[a-zA-Z...]"-style ranges of every code point with pred(category)
+        out, start = [], None
+        for cp in range(0x110001):
+            inside = cp < 0x110000 and pred(unicodedata.category(chr(cp)))
+            if inside and start is None:
+                start = cp
+            elif not inside and start is not None:
+                out.append(re.escape(chr(start)) + ("-" + re.escape(chr(cp - 1)) if cp - 1 > start else ""))
+                start = None
+        return "".join(out)
+    L, N = spans(lambda c: c[0] == "L"), spans(lambda c: c[0] == "N")
+    S = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+    return re.compile(rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]{{1,3}}| ?[^{S}{L}{N}]+[\r\n]*"
+                      rf"|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
+
+
+def _bpe_encoding(ranks: dict, name: str) -> tiktoken.Encoding:
+    n = len(ranks)
+    return tiktoken.Encoding(name, pat_str=LLAMA3_PAT, mergeable_ranks=ranks,
+                             special_tokens={tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)})
+
+
+def train_bpe(texts, vocab_size: int) -> tiktoken.Encoding:
+    """Byte-level BPE (GPT-2/minbpe style) on Llama-3's pre-tokenisation; returns a tiktoken.Encoding.
+
+    vocab_size counts everything: 256 bytes + merges + len(SPECIAL_TOKENS) (= enc.n_vocab, or fewer if the
+    corpus runs out of pairs). Training is incremental: the text is split once into chunks, each unique chunk is
+    kept with its frequency, pair counts are updated only for the chunks a merge touches, and the most frequent pair
+    comes off a heap with lazy deletion (ties -> smallest token ids). Example: the chunk "aaab" has pairs
+    {(a, a): 2, (a, b): 1} -> merge "aa" (rank 256); then [aa, a, b] ties (aa, a) with (a, b) -> "ab" (257, the
+    smaller ids); then [aa, ab] -> "aaab" (258).
+    A merge whose bytes already are a token (a + bc when ab + c made abc) reuses that token, as tiktoken merges by
+    the rank of the concatenated bytes; so ranks stay unique and the encoder applies the merges in training order.
+    """
+    n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
+    assert n_merges >= 0, f"vocab_size={vocab_size} must be at least 256 bytes + {len(SPECIAL_TOKENS)} specials"
+    split = _pretokenizer().findall
+    chunks = collections.Counter(c for t in texts for c in split(t))
+    words = [list(c.encode("utf-8")) for c in chunks]
+    freq = list(chunks.values())
+    vocab = [bytes([b]) for b in range(256)]  # id -> bytes
+    ranks = {b: i for i, b in enumerate(vocab)}  # bytes -> id (= rank)
+    pairs, where = collections.Counter(), collections.defaultdict(set)
+    for i, w in enumerate(words):
+        for p in zip(w, w[1:]):
+            pairs[p] += freq[i]
+            where[p].add(i)
+    heap = [(-c, p) for p, c in pairs.items()]
+    heapq.heapify(heap)
+    merges = 0
+    while merges < n_merges and heap:
+        c, p = heapq.heappop(heap)
+        if -c != pairs.get(p, 0) or c == 0:  # stale heap entry
+            continue
+        merged = vocab[p[0]] + vocab[p[1]]
+        if merged not in ranks:
+            ranks[merged] = len(vocab)
+            vocab.append(merged)
+            merges += 1
+        new = ranks[merged]
+        changed = set()
+        for i in where.pop(p):
+            w, out, j = words[i], [], 0
+            while j < len(w):
+                if j + 1 < len(w) and (w[j], w[j + 1]) == p:
+                    out.append(new)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            if len(out) == len(w):  # p left this word in an earlier merge
+                continue
+            for q in zip(w, w[1:]):
+                pairs[q] -= freq[i]
+                changed.add(q)
+            for q in zip(out, out[1:]):
+                pairs[q] += freq[i]
+                where[q].add(i)
+                changed.add(q)
+            words[i] = out
+        pairs.pop(p, None)
+        for q in changed - {p}:
+            if pairs[q] > 0:
+                heapq.heappush(heap, (-pairs[q], q))
+    return _bpe_encoding(ranks, f"bpe{len(ranks) + len(SPECIAL_TOKENS)}")
+
+
+def save_bpe(enc: tiktoken.Encoding, path):
+    """tiktoken's (and Meta's tokenizer.model) format: one "base64(token bytes) rank" line per rank."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = (f"{base64.b64encode(tok).decode()} {r}\n" for tok, r in sorted(enc._mergeable_ranks.items(),
+                                                                             key=lambda kv: kv[1]))
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
+
+
+def _read_ranks(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer file here (expected 'base64 rank' lines, tiktoken format)")
+    ranks = {}
+    for k, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                tok, rank = line.split()
+                ranks[base64.b64decode(tok, validate=True)] = int(rank)
+            except ValueError as e:
+                raise ValueError(f"{path}:{k}: expected 'base64token rank', found {line[:60]!r}") from e
+    return ranks
+
+
+def load_bpe(path) -> tiktoken.Encoding:
+    return _bpe_encoding(_read_ranks(path), Path(path).stem)
+
+
+def load_llama3_tokenizer(path) -> tiktoken.Encoding:
+    """Meta's Llama-3 `tokenizer.model` (tiktoken format) with tiktoken alone, as meta-llama/llama-models does.
+
+    Special ids are offsets from the number of ranks (num_base_tokens); the real file has 128000 ranks, so
+    <|begin_of_text|> = 128000, <|end_of_text|> = 128001, <|finetune_right_pad_id|> = 128004, <|start_header_id|> =
+    128006, <|end_header_id|> = 128007, <|eom_id|> = 128008, <|eot_id|> = 128009, <|python_tag|> = 128010, and
+    256 specials in all (n_vocab 128256). Names follow Llama 3.1 (128005 and 128011.. are reserved tokens; Llama
+    3.2's code calls 128005 <|step_id|> and 128011 <|image|>, with the same ids for every named control token).
+    """
+    ranks = _read_ranks(path)
+    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+             "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>",
+             "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
+    names += [f"<|reserved_special_token_{3 + i}|>" for i in range(256 - len(names))]
+    n = len(ranks)
+    return tiktoken.Encoding(Path(path).name, pat_str=LLAMA3_PAT, mergeable_ranks=ranks,
+                             special_tokens={tok: n + i for i, tok in enumerate(names)})
+
+
+# =============================================================================
+# Metrics
+# =============================================================================
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+def auroc(y_true, y_score) -> float:
+    """Area under the ROC curve as the Mann-Whitney U statistic with average ranks for ties (sklearn's value):
+    AUC = (sum of positive ranks - P(P+1)/2) / (P N). nan when the labels hold one class."""
+    y, s = _np(y_true).ravel().astype(bool), _np(y_score).ravel().astype(np.float64)
+    P, N = int(y.sum()), int((~y).sum())
+    if P == 0 or N == 0:
+        return float("nan")
+    _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
+    avg_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based mean rank of each distinct score
+    return float((avg_rank[inv][y].sum() - P * (P + 1) / 2) / (P * N))
+
+
+def best_f1_thresholds(y_true, y_score) -> np.ndarray:
+    """Per label column, the score t maximising F1 of (score >= t) on these (validation) rows; ties -> higher t.
+    A column without positives gets a t above its top score (predict all negative)."""
+    y, s = _np(y_true).astype(bool), _np(y_score).astype(np.float64)
+    th = np.empty(y.shape[1])
+    for l in range(y.shape[1]):
+        order = np.argsort(-s[:, l], kind="stable")
+        sl, yl = s[order, l], y[order, l]
+        P = yl.sum()
+        if P == 0:
+            th[l] = np.nextafter(sl[0], np.inf)
+            continue
+        cut = np.r_[sl[1:] != sl[:-1], True]  # last row of each distinct score: every t = a score
+        tp = np.cumsum(yl)[cut]
+        n_pos_pred = np.flatnonzero(cut) + 1
+        th[l] = sl[cut][np.argmax(2 * tp / (n_pos_pred + P))]  # F1 = 2TP / (predicted + actual positives)
+    return th
+
+
+def classification_metrics(y_true, y_score, thresholds, labels=None) -> dict:
+    """Multi-label metrics as in CT-Scroll Table 1 / the fusion paper's Table 2: per label auroc, accuracy,
+    precision, recall, f1 at `thresholds` (score >= t), their means over labels, and weighted_f1 (by support).
+
+    Per label, undefined is nan: auroc with one class in the split, precision with no predicted positives, recall
+    and f1 with no actual positives; `undefined` lists those labels. The headline means are the published ones,
+    sklearn's average="macro" / "weighted" with zero_division=0: an undefined precision, recall or f1 counts as 0
+    (a label with no positives here still weighs 1/L in the macro mean; in weighted_f1 its support 0 weighs
+    nothing). auroc has no zero_division: its mean leaves out the labels with one class.
+    """
+    y, s = _np(y_true).astype(bool), _np(y_score).astype(np.float64)
+    pred = s >= np.asarray(thresholds, dtype=np.float64)[None, :]
+    names = list(labels) if labels is not None else (LABELS if y.shape[1] == len(LABELS)
+                                                      else [str(i) for i in range(y.shape[1])])
+    tp, fp, fn = (pred & y).sum(0), (pred & ~y).sum(0), (~pred & y).sum(0)
+    support = y.sum(0)
+    div = lambda a, b: np.where(b > 0, a / np.maximum(b, 1), np.nan)
+    per = {"auroc": np.array([auroc(y[:, l], s[:, l]) for l in range(y.shape[1])]),
+           "accuracy": (pred == y).mean(0), "precision": div(tp, tp + fp), "recall": div(tp, tp + fn),
+           "f1": np.where(support > 0, div(2 * tp, 2 * tp + fp + fn), np.nan)}
+    out = {"auroc": float(np.nanmean(per["auroc"])) if np.isfinite(per["auroc"]).any() else float("nan"),
+           **{k: float(np.nan_to_num(per[k], nan=0.0).mean()) for k in ("accuracy", "precision", "recall", "f1")}}
+    f1 = np.nan_to_num(per["f1"], nan=0.0)
+    out["weighted_f1"] = float((f1 * support).sum() / support.sum()) if support.sum() > 0 else 0.0
+    out["per_label"] = {n: {**{k: float(v[l]) for k, v in per.items()}, "support": int(support[l])}
+                        for l, n in enumerate(names)}
+    out["undefined"] = {k: [n for n, x in zip(names, v) if not np.isfinite(x)] for k, v in per.items()}
+    return out
+
+
+def bootstrap_auroc(y_true, y_score, n=1000, seed=0) -> tuple:
+    """95% bootstrap interval of the macro AUROC (labels whose resample holds one class left out, as in
+    classification_metrics): the 2.5th and 97.5th percentiles over n test sets of the same size resampled with
+    replacement, i.e. how far the number could move on another test set (small synthetic test sets move it a lot)."""
+    y, p = _np(y_true), _np(y_score)
+    g, stats = np.random.default_rng(seed), []
+    for _ in range(n):
+        idx = g.integers(0, len(y), len(y))
+        aucs = [auroc(y[idx, k], p[idx, k]) for k in range(y.shape[1])]
+        stats.append(np.nanmean(aucs) if not np.isnan(aucs).all() else np.nan)
+    lo, hi = np.nanpercentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def bootstrap_diff(correct_a, correct_b, n=1000, seed=0) -> tuple:
+    """95% paired bootstrap interval of mean(a) - mean(b), two models' per-question 0/1 correctness on the SAME
+    questions: the questions are resampled with replacement, both models keep their answers to each one."""
+    a, b = _np(correct_a).astype(float), _np(correct_b).astype(float)
+    assert a.shape == b.shape and len(a) > 0, "paired bootstrap needs both models' scores on the same questions"
+    idx = np.random.default_rng(seed).integers(0, len(a), (n, len(a)))
+    lo, hi = np.percentile((a[idx] - b[idx]).mean(1), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+# ---- report metrics. One tokenisation for all of them: lowercase, words and decimal numbers kept whole, every
+# punctuation mark its own token ("3.5 mm nodule." -> 3.5 mm nodule .). Then each metric as its reference code.
+
+def metric_tokens(text: str) -> list:
+    return re.findall(r"\d+(?:\.\d+)?|\w+|[^\w\s]", text.lower())
+
+
+def _ngrams(w, n) -> collections.Counter:
+    return collections.Counter(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
+
+
+def bleu(hyps, refs, n=4) -> list:
+    """Corpus BLEU-1..n as pycocoevalcap's BleuScorer(option='closest'): clipped n-gram counts summed over the
+    corpus, reference length = the reference closest in length to each hypothesis (ties -> shorter), brevity
+    penalty exp(1 - r/c) when c < r, and its smoothing (correct + 1e-15) / (guess + 1e-9)."""
+    tiny, small = 1e-15, 1e-9
+    correct, guess, c_len, r_len = [0] * n, [0] * n, 0, 0
+    for h, rs in zip(hyps, refs):
+        c_len += len(h)
+        r_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]
+        for k in range(1, n + 1):
+            clip = functools.reduce(lambda a, b: a | b, (_ngrams(r, k) for r in rs))  # max count over refs
+            correct[k - 1] += sum(min(c, clip[g]) for g, c in _ngrams(h, k).items())
+            guess[k - 1] += max(0, len(h) - k + 1)
+    ratio = (c_len + tiny) / (r_len + small)
+    bp = math.exp(1 - 1 / ratio) if ratio < 1 else 1.0
+    out, prod = [], 1.0
+    for k in range(n):
+        prod *= (correct[k] + tiny) / (guess[k] + small)
+        out.append(bp * prod ** (1 / (k + 1)))
+    return out
+
+
+def meteor(h, rs, alpha=0.9, beta=3.0, gamma=0.5) -> float:
+    """nltk's meteor_score with exact matching only (max over references). nltk aligns greedily: hypothesis words
+    from the last, each to the last unmatched equal reference word. Fmean = PR / (alpha P + (1 - alpha) R),
+    penalty = gamma (chunks / matches)^beta, where a chunk is a run of matches adjacent in both sentences.
+    nltk's Porter-stem and WordNet-synonym stages (and Java METEOR's paraphrases) need nltk + WordNet, which are
+    not dependencies here, so scores are <= nltk's whenever stems or synonyms would have matched."""
+    best = 0.0
+    for r in rs:
+        hyp, ref, m = list(enumerate(h)), list(enumerate(r)), []
+        for i in reversed(range(len(hyp))):
+            for j in reversed(range(len(ref))):
+                if hyp[i][1] == ref[j][1]:
+                    m.append((hyp.pop(i)[0], ref.pop(j)[0]))
+                    break
+        if not m:
+            continue
+        m.sort()
+        P, R = len(m) / len(h), len(m) / len(r)
+        chunks = 1 + sum(not (b[0] == a[0] + 1 and b[1] == a[1] + 1) for a, b in zip(m, m[1:]))
+        best = max(best, (1 - gamma * (chunks / len(m)) ** beta) * P * R / (alpha * P + (1 - alpha) * R))
+    return best
+
+
+def rouge_n(h, rs, n) -> float:
+    """Google rouge-score's ROUGE-N F-measure (clipped n-gram overlap; max F over references)."""
+    best, hc = 0.0, _ngrams(h, n)
+    for r in rs:
+        rc = _ngrams(r, n)
+        overlap = sum((hc & rc).values())
+        p, rec = overlap / max(sum(hc.values()), 1), overlap / max(sum(rc.values()), 1)
+        best = max(best, 2 * p * rec / (p + rec) if p + rec > 0 else 0.0)
+    return best
+
+
+def _lcs(a, b) -> int:
+    """Length of the longest common subsequence, bit-parallel (Hyyro 2004): one big-int row of the DP table per
+    token of a; bit j of v is 0 where the row steps up, so LCS = zeros in v. tests/test_metrics.py: same as the DP."""
+    match = {}
+    for j, y in enumerate(b):
+        match[y] = match.get(y, 0) | 1 << j
+    v = full = (1 << len(b)) - 1
+    for x in a:
+        u = v & match.get(x, 0)
+        v = ((v + u) | (v - u)) & full
+    return len(b) - bin(v).count("1")
+
+
+def rouge_l(h, rs, beta=1.2) -> float:
+    """pycocoevalcap's Rouge: LCS precision and recall, each maximised over references, F with beta = 1.2."""
+    if not h:
+        return 0.0
+    lcs = [_lcs(r, h) for r in rs]
+    p = max(l / len(h) for l in lcs)
+    r = max(l / len(ref) if ref else 0.0 for l, ref in zip(lcs, rs))
+    return (1 + beta ** 2) * p * r / (r + beta ** 2 * p) if p > 0 and r > 0 else 0.0
+
+
+def cider_d(hyps, refs, n=4, sigma=6.0) -> list:
+    """Per-hypothesis CIDEr-D as pycocoevalcap's CiderScorer: tf-idf n-gram vectors (idf = log(#images) -
+    log(max(1, df)), df = images whose references contain the n-gram), for each n the cosine with clipping
+    sum min(h, r) r / (|h| |r|) (0 when a norm is 0), times exp(-delta^2 / (2 sigma^2)), averaged over n = 1..4,
+    over references, and x10. Like pycocoevalcap, delta counts bigrams (len - 1), not words."""
+    grams_of = lambda w: sum((_ngrams(w, k) for k in range(1, n + 1)), collections.Counter())
+    ref_grams = [[grams_of(r) for r in rs] for rs in refs]
+    df = collections.Counter(g for grams in ref_grams for g in set().union(*grams))
+    log_n = math.log(len(refs))
+
+    def vec(grams):
+        v = [{} for _ in range(n)]
+        for g, tf in grams.items():
+            v[len(g) - 1][g] = tf * (log_n - math.log(max(1.0, df[g])))
+        norms = [math.sqrt(sum(x * x for x in vk.values())) for vk in v]
+        return v, norms, sum(tf for g, tf in grams.items() if len(g) == 2)
+
+    scores = []
+    for h, grams in zip(hyps, ref_grams):
+        vh, nh, lh = vec(grams_of(h))
+        total = 0.0
+        for g in grams:
+            vr, nr, lr = vec(g)
+            pen = math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))
+            total += sum(sum(min(x, vr[k].get(t, 0.0)) * vr[k].get(t, 0.0) for t, x in vh[k].items())
+                         / (nh[k] * nr[k]) * pen if nh[k] and nr[k] else 0.0 for k in range(n)) / n
+        scores.append(10.0 * total / len(grams))
+    return scores
+
+
+def report_metrics(predictions, references) -> dict:
+    """The nine report-generation metrics of HILT Sec. 4.2 and their mean (HILT's "averaged metric").
+    predictions: list of strings; references: one list of reference strings per prediction (a bare string is
+    taken as a single reference). Every metric is a corpus mean of [0, 1] scores except CIDEr-D (x10 scale)."""
+    assert len(predictions) == len(references) > 0, "one list of references per prediction"
+    hyps = [metric_tokens(p) for p in predictions]
+    refs = [[metric_tokens(r) for r in ([rs] if isinstance(rs, str) else rs)] for rs in references]
+    out = dict(zip(["bleu1", "bleu2", "bleu3", "bleu4"], bleu(hyps, refs)))
+    out["meteor"] = float(np.mean([meteor(h, rs) for h, rs in zip(hyps, refs)]))
+    out["rouge1"] = float(np.mean([rouge_n(h, rs, 1) for h, rs in zip(hyps, refs)]))
+    out["rouge2"] = float(np.mean([rouge_n(h, rs, 2) for h, rs in zip(hyps, refs)]))
+    out["rougeL"] = float(np.mean([rouge_l(h, rs) for h, rs in zip(hyps, refs)]))
+    out["cider"] = float(np.mean(cider_d(hyps, refs)))
+    out["mean"] = float(np.mean(list(out.values())))
+    return out
+
+
+def _vqa_norm(s: str) -> str:
+    s = re.sub(r"[^\w\s]", " ", s.lower())
+    return " ".join(w for w in s.split() if w not in ("a", "an", "the"))
+
+
+def vqa_closed_accuracy(preds, answers) -> float:
+    """Exact match after normalisation (lowercase, punctuation and the articles a/an/the removed), for closed
+    (yes/no) questions; open answers are scored with report_metrics."""
+    assert len(preds) == len(answers) > 0
+    return float(np.mean([_vqa_norm(p) == _vqa_norm(a) for p, a in zip(preds, answers)]))
+
+
+def choice_correct(pred: str, answer: str) -> bool:
+    """M3D's multiple-choice rule: correct when the answer's letter followed by "." appears in the generated text.
+    `answer` is the letter ("B") or the full option ("B. Left lower lobe")."""
+    return f"{answer.strip()[0].upper()}." in pred
+
+
+# ---- clinical efficacy (CE): the 18 findings read back out of a report, scored against the scan's labels, the way
+# CT2Rep / CT-CHAT / RadFM report it (CT-RATE's labels come from a trained text classifier run over the reports).
+
+_NEG_BEFORE = re.compile(r"\b(?:no|not|without|neither|nor|free of|negative for|absence of|rule out|ruled out)\b")
+_NEG_AFTER = re.compile(r"^[^.]{0,40}?\b(?:(?:is|are|was|were) (?:not|absent)|not (?:seen|detected|observed|present|"
+                        r"identified)|absent|ruled out)\b")
+_NEG_STOP = re.compile(r"\b(?:but|however|although|though|except|whereas|while)\b")
+_CALCIFIC = r"(?:calcif\w*|atheroscleros\w*|atherosclerotic|atherom\w*|plaques?)"
+# Per label: the phrase that mentions the finding, and (optionally) a phrase the same sentence must also hold.
+_TRIGGERS = {
+    "Medical material": (r"catheter|sternotom\w*|pacemaker|medical (?:device|material)|stent|prosthe\w*|"
+                         r"(?:chest|endotracheal|nasogastric|tracheostomy) tube|surgical clips?", None),
+    "Arterial wall calcification": (_CALCIFIC, r"aort"),
+    "Cardiomegaly": (r"cardiomegal\w*|heart (?:size )?(?:is )?(?:enlarged|increased)|enlarged heart|"
+                     r"increased (?:heart|cardiac) size|cardiac enlargement", None),
+    "Pericardial effusion": (r"pericardial (?:effusion|fluid)", None),
+    "Coronary artery wall calcification": (_CALCIFIC, r"coronar"),
+    "Hiatal hernia": (r"hiat(?:al|us) hernia", None),
+    "Lymphadenopathy": (r"lymphadenopath\w*|enlarged (?:\w+ )?lymph nodes?|lymph nodes? (?:are |is )?enlarged|"
+                        r"pathologic(?:al)?(?:ly)? (?:enlarged |sized? )?lymph nodes?", None),
+    "Emphysema": (r"emphysem\w*", None),
+    "Atelectasis": (r"atelecta\w*", None),
+    "Lung nodule": (r"\w*nodul\w*", None),
+    "Lung opacity": (r"ground[- ]glass|opacit\w*|opacification", None),
+    "Pulmonary fibrotic sequela": (r"fibro(?:tic|sis|us)|sequela\w*", None),
+    "Pleural effusion": (r"pleural (?:effusion|fluid)|hydrothorax", None),
+    "Mosaic attenuation pattern": (r"mosaic", None),
+    "Peribronchial thickening": (r"peribronchial (?:wall )?thicken\w*|bronchial walls? (?:are |is )?thicken\w*|"
+                                 r"bronchial wall thickening", None),
+    "Consolidation": (r"consolidat\w*", None),
+    "Bronchiectasis": (r"bronchiectas\w*|dilated bronchi|bronchial dilat\w*", None),
+    "Interlobular septal thickening": (r"interlobular sept\w*|septal thicken\w*", None),
+}
+_TRIGGER_RE = [(re.compile(r"\b(?:" + t + r")\b"), re.compile(c) if c else None)
+               for t, c in (_TRIGGERS[name] for name in LABELS)]
+
+
+def _negated(sentence: str, start: int, end: int) -> bool:
+    """NegEx-style: a negation cue at most 6 words before the mention (no 'but'/'however'... between them), or a
+    post-negation ('... is not seen', '... absent') right after it, in the same sentence."""
+    before = sentence[:start]
+    cut = max((m.end() for m in _NEG_STOP.finditer(before)), default=0)
+    window = " ".join(before[cut:].split()[-6:])
+    return bool(_NEG_BEFORE.search(window) or _NEG_AFTER.match(sentence[end:]))
+
+
+def report_labels(texts: list) -> np.ndarray:
+    """The 18 findings (data.LABELS order) read out of each report: (n, 18) int, 1 = called present.
+
+    A keyword + negation labeler: per sentence, each finding's trigger phrases (e.g. "pleural effusion", "hiatal
+    hernia", calcification + "coronary"), negated by a cue up to 6 words before the phrase ("no", "without", "free
+    of", ... not across "but"/"however") or right after it ("is not seen", "absent"). Rules:
+      - a finding is 1 if ANY sentence mentions it affirmatively; a finding both affirmed and negated (e.g. "no
+        effusion on the left. A small effusion on the right.") is therefore 1 (present somewhere);
+      - a finding never mentioned, or only negated, is 0; the empty string and text holding none of the English
+        trigger phrases (e.g. CT-RATE's Turkish originals) give all zeros: it reads English only;
+      - hedged mentions ("possible", "suspicious for") count as present.
+    Exact on the synthetic phantom's reports (make_report: every paraphrase and negation; tests/test_clinical.py
+    checks >= 500 patients across splits). On real CT-RATE text it is approximate: CT-RATE's own labels come from a
+    trained text classifier (a fine-tuned RadBERT), and this rule-based reader has only been measured on the
+    synthetic reports, as no real report is available here."""
+    if isinstance(texts, str):
+        raise TypeError("report_labels takes a list of reports, got a single string")
+    out = np.zeros((len(texts), len(LABELS)), dtype=np.int64)
+    for i, text in enumerate(texts):
+        for sentence in re.split(r"(?<=[.!?;])\s+|\n+", text.lower()):
+            for k, (trigger, context) in enumerate(_TRIGGER_RE):
+                if out[i, k] or (context is not None and not context.search(sentence)):
+                    continue
+                if any(not _negated(sentence, m.start(), m.end()) for m in trigger.finditer(sentence)):
+                    out[i, k] = 1
+    return out
+
+
+def clinical_metrics(generated, reference_labels) -> dict:
+    """CE metrics of generated reports against the scans' labels: per finding precision, recall, F1 (of the
+    finding being called present), their macro means over the 18 findings, and micro_f1 over all (report,
+    finding) pairs. generated: a list of report texts (read with report_labels) or an (n, 18) 0/1 array (for
+    baselines); reference_labels: (n, 18) 0/1. Definitions as sklearn's precision_recall_fscore_support with
+    average="macro" (every finding counts, also one absent from the test split) and zero_division=0 (a ratio with
+    a zero denominator is 0), which is what CT2Rep / CT-CHAT tables use; micro_f1 = 2 TP / (2 TP + FP + FN)."""
+    pred = report_labels(generated) if isinstance(generated, (list, tuple)) else _np(generated)
+    y = _np(reference_labels)
+    if len(pred) != len(y):
+        raise ValueError(f"clinical_metrics: {len(pred)} generated reports but {len(y)} reference label rows")
+    pred, y = pred.astype(bool).reshape(len(y), -1), y.astype(bool).reshape(len(y), -1)
+    if pred.shape != y.shape:
+        raise ValueError(f"clinical_metrics: generated labels {pred.shape} vs reference labels {y.shape}")
+    tp, fp, fn = (pred & y).sum(0), (pred & ~y).sum(0), (~pred & y).sum(0)
+    div = lambda a, b: np.where(b > 0, a / np.maximum(b, 1), 0.0)
+    p, r, f = div(tp, tp + fp), div(tp, tp + fn), div(2 * tp, 2 * tp + fp + fn)
+    names = LABELS if y.shape[1] == len(LABELS) else [str(i) for i in range(y.shape[1])]
+    T, FP, FN = int(tp.sum()), int(fp.sum()), int(fn.sum())
+    return {"precision": float(p.mean()), "recall": float(r.mean()), "f1": float(f.mean()),
+            "micro_f1": 2 * T / (2 * T + FP + FN) if T + FP + FN else 0.0,
+            "per_label": [{"label": n, "precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
+                           "support": int(y[:, k].sum())} for k, n in enumerate(names)]}
+
+
+def ce_baselines(train_labels, test_labels, seed=0) -> dict:
+    """clinical_metrics of three image-blind callers on the test labels: "all_normal" (nothing called: the most
+    frequent report), "prevalence_random" (each finding called with its training-set prevalence, numpy rng `seed`)
+    and "all_positive" (everything called: per finding F1 = 2p / (1 + p) with p its test prevalence, the best F1
+    any image-blind caller reaches on that finding). A model reads the image where it beats these per finding."""
+    y_train, y = _np(train_labels).astype(np.float64), _np(test_labels)
+    random = np.random.default_rng(seed).random(y.shape) < y_train.mean(0)[None, :]
+    return {"all_normal": clinical_metrics(np.zeros(y.shape, dtype=np.int64), y),
+            "prevalence_random": clinical_metrics(random.astype(np.int64), y),
+            "all_positive": clinical_metrics(np.ones(y.shape, dtype=np.int64), y)}
+
+
+# =============================================================================
+# Runs: checkpoints, DDP, logs — the plumbing every training loop shares
+# =============================================================================
+
+def save_checkpoint(path, state: dict):
+    """Write to a temp file, then rename: a kill mid-save never corrupts the last good checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """A checkpoint is data, not code: weights_only=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint here; train first or point --out_dir at the run to resume")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, or a pickle that needs code (refused by weights_only)
+        raise BadVolume(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def setup_ddp(device: str):
+    """Detect torchrun from the RANK variable, as nanoGPT does. Returns (ddp, rank, world_size, device, master)."""
+    if int(os.environ.get("RANK", -1)) < 0:
+        return False, 0, 1, device, True
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return True, rank, world, device, rank == 0
+
+
+def append_jsonl(path, record: dict):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+class StopOnSigint:
+    """The first Ctrl-C sets `.stop` so the loop can save and exit cleanly; a second one kills as usual."""
+
+    def __init__(self):
+        self.stop = False
+
+    def __enter__(self):
+        self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, *_):
+        if self.stop:
+            raise KeyboardInterrupt
+        print("\nSIGINT: saving a checkpoint, then stopping (Ctrl-C again to abort)")
+        self.stop = True
+
+    def __exit__(self, *_):
+        signal.signal(signal.SIGINT, self._old)
+
+
+# Dense (no sparsity) bf16 tensor-core peak FLOP/s from the vendors' spec sheets, by a substring of
+# torch.cuda.get_device_name(); the first match wins, so the more specific names come first.
+PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
+             ("L4", 121e12), ("RTX 6000 Ada", 364e12), ("A6000", 155e12), ("4090", 165e12), ("A10", 125e12)]
+
+
+def _matmul_flops(device, dtype, n: int, reps: int = 5) -> float:  # best of `reps` n^3 matmuls, FLOP/s
+    g = torch.Generator(device).manual_seed(0)  # a private generator: measuring must not move the run's RNG
+    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+@functools.lru_cache(maxsize=None)
+def peak_flops(device="cpu", dtype=torch.bfloat16) -> tuple:
+    """(FLOP/s, where the number comes from): what MFU is reported against on this device, never another's.
+    CUDA in bf16/fp16: the spec sheet's dense peak for the device's name (PEAK_BF16); a GPU not in the table or
+    another dtype: a 4096^3 matmul measured now. CPU: a 1024^3 fp32 matmul measured once (at the first call, with
+    the threads torch has then), so CPU MFU reads as "share of what this machine's matmul reaches"."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        if dtype in (torch.bfloat16, torch.float16):
+            for key, peak in PEAK_BF16:
+                if key in name:
+                    return peak, f"{name} bf16 dense spec"
+        return _matmul_flops(dev, dtype, 4096), f"{name} {str(dtype)[6:]} matmul measured"
+    return _matmul_flops(dev, torch.float32, 1024), f"CPU fp32 matmul measured, {torch.get_num_threads()} threads"
+
+
+class StepTimer:
+    """Training time split into data wait (inside `with timer.data():`: rendering, reading, collate, the copy to
+    the device) and compute (the rest of the step: forward, backward, optimizer), turned into the log line's
+    numbers. On CUDA it synchronises at both edges of the data section, so queued compute kernels are not billed
+    to data and a phantom rendered on the GPU is. flops_per_sample: model FLOPs of one training sample (forward
+    x 3, recomputation by activation checkpointing not counted), 0 = no TFLOP/s and MFU."""
+
+    def __init__(self, device, flops_per_sample: float = 0.0, dtype=torch.bfloat16):
+        self.device, self.cuda = str(device), "cuda" in str(device)
+        self.flops, self.dtype = flops_per_sample, dtype
+        self.reset()
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def reset(self):
+        self._sync()
+        self.t0, self.data_s, self.steps, self.samples = time.perf_counter(), 0.0, 0, 0
+
+    def data(self):  # `with timer.data(): batch = ...`
+        return self
+
+    def __enter__(self):
+        self._sync()
+        self._t = time.perf_counter()
+
+    def __exit__(self, *_):
+        self._sync()
+        self.data_s += time.perf_counter() - self._t
+
+    def step(self, samples: int):
+        self.steps, self.samples = self.steps + 1, self.samples + samples
+
+    def stats(self) -> dict:
+        """Means since the last reset(): step, data and compute ms per step, data share, samples/s, TFLOP/s, MFU,
+        and on CUDA the peak torch.cuda.max_memory_allocated (GB) of the run so far."""
+        self._sync()
+        dt, n = time.perf_counter() - self.t0, max(1, self.steps)
+        rec = {"step_ms": 1000 * dt / n, "data_ms": 1000 * self.data_s / n, "compute_ms": 1000 * (dt - self.data_s) / n,
+               "data_frac": self.data_s / dt, "samples_per_s": self.samples / dt}
+        if self.flops:
+            peak, _ = peak_flops(self.device if self.cuda else "cpu", self.dtype if self.cuda else torch.float32)
+            rec["tflops"] = self.flops * self.samples / dt / 1e12
+            rec["mfu"], rec["peak_tflops"] = rec["tflops"] * 1e12 / peak, peak / 1e12
+        if self.cuda:
+            rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+        return rec
+
+    @staticmethod
+    def line(rec: dict) -> str:
+        """stats() in a few words: 'step 812 ms (data 5%) 4.93 vol/s 120 TFLOP/s MFU 12.1% of 989 peak 20.1 GB'."""
+        s = f"step {rec['step_ms']:.0f} ms (data {rec['data_frac']:.0%}) {rec['samples_per_s']:.3g} vol/s"
+        if "mfu" in rec:
+            s += f" {rec['tflops']:.3g} TFLOP/s MFU {rec['mfu']:.1%} of {rec['peak_tflops']:.4g}"
+        return s + (f" peak {rec['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in rec else "")
+
+
+# ---- the training loop's shared parts: every script's train() is nanoGPT's loop built from these -------------------
+
+class Stream(torch.utils.data.Sampler):
+    """The training batches, as a DataLoader batch_sampler. Micro-batch k (k = step * grad_accum + micro_step) of
+    rank r holds positions (k * world + r) * micro ... + micro of an endless stream of shuffled epochs, epoch e being
+    randperm(n) under the seed seed * 1000 + e. A function of (seed, position) alone: a run resumed at step s draws
+    exactly the batches the uninterrupted run would have drawn, and no two ranks share a position. `batch_size` in
+    every script is per optimizer step: micro = batch_size // world // grad_accum items per micro-batch."""
+
+    def __init__(self, n: int, micro: int, seed: int, start_step: int, max_steps: int, grad_accum: int = 1,
+                 rank: int = 0, world: int = 1):
+        self.n, self.micro, self.seed, self.ga, self.rank, self.world = n, micro, seed, grad_accum, rank, world
+        self.first, self.last = start_step * grad_accum, max_steps * grad_accum  # micro-batch indices
+
+    def __len__(self):
+        return max(0, self.last - self.first)
+
+    def __iter__(self):
+        perm, epoch = None, -1
+        for k in range(self.first, self.last):
+            batch = []
+            for pos in range((k * self.world + self.rank) * self.micro, (k * self.world + self.rank + 1) * self.micro):
+                if pos // self.n != epoch:
+                    epoch = pos // self.n
+                    perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
+                batch.append(int(perm[pos % self.n]))
+            yield batch
+
+
+def make_loader(ds, batch_sampler, collate_fn, num_workers: int, seed: int, pin_memory: bool = False):
+    """A DataLoader over ds. A list (volumes kept in RAM) is read in this process; a dataset object by num_workers
+    processes. Its own generator: starting an iterator draws a worker seed, which must not come from the global RNG
+    that dropout uses (an eval would shift the training run's dropout, and a resumed run would differ)."""
+    return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, collate_fn=collate_fn,
+                                       num_workers=0 if isinstance(ds, list) else num_workers, pin_memory=pin_memory,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def to_device(batch: dict, dev) -> dict:
+    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def autocast_ctx(dtype: str, dev):
+    """bf16/fp16 autocast on CUDA as --dtype says; fp32 on CPU (bf16 matmul is slow there)."""
+    if "cuda" not in str(dev) or dtype == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
+
+
+def wrap_model(raw, dev, ddp: bool, compile: bool = False, find_unused: bool = False):
+    """torch.compile (optional), then DistributedDataParallel under torchrun. The loop trains the wrapped model and
+    saves and evaluates the raw one."""
+    model = torch.compile(raw) if compile else raw
+    if ddp:
+        ids = [torch.device(dev).index] if "cuda" in str(dev) else None
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+    return model
+
+
+def optimizer_step(opt, params, grad_clip: float, bad_steps: int, step: int) -> int:
+    """Clip the gradient norm to grad_clip (0: measure it only) and step, unless the norm is non-finite: then skip
+    the step (a warning) and count it; 5 in a row stop the run. The gradients are already all-reduced, so every DDP
+    rank takes the same decision. Returns the new count of consecutive bad steps."""
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
+    if torch.isfinite(norm):
+        opt.step()
+        bad_steps = 0
+    else:
+        bad_steps += 1
+        tqdm.write(f"warning: step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+        if bad_steps >= 5:
+            raise RuntimeError("5 non-finite steps in a row: stopping (lower --learning_rate?)")
+    opt.zero_grad(set_to_none=True)
+    return bad_steps
+
+
+def gather_rng(ddp: bool, world: int) -> list:
+    """Every rank's RNG state (a collective under DDP: all ranks call it), for the checkpoint."""
+    states = [None] * world
+    if ddp:
+        torch.distributed.all_gather_object(states, rng_state())
+    else:
+        states[0] = rng_state()
+    return states
+
+
+def restore_rng(states: list, rank: int):
+    """This rank's RNG state from a checkpoint (a run resumed on another world size: rank r takes state r mod n)."""
+    set_rng_state(states[rank % len(states)])
+
+
+def log_eval(path, rec: dict):
+    """One eval line: printed as key=value above the progress bar and appended to log.jsonl."""
+    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
+                        if v is not None))
+    append_jsonl(path, rec)
+
+
+def forward_flops(model, *args) -> float:
+    """FLOPs of one forward model(*args), counted by torch.utils.flop_counter (2 per multiply-add; Triton kernels
+    are not seen), in eval mode, without gradients and without advancing the RNG streams (exact resume holds)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    devices = [a.device for a in args if torch.is_tensor(a) and a.device.type == "cuda"][:1]
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.eval()
+        model(*args)
+    model.train(was_training)
+    return fc.get_total_flops()
+
+
+def meta_memory(fn) -> int:
+    """Peak bytes of tensors alive at once while fn() runs, for a model and inputs on the meta device (nothing is
+    allocated): every storage an op creates counts with its size until no tensor holds it (checked before each op).
+    Tensors that exist before fn() (parameters) are not counted, gradients created inside fn() are: add the
+    parameters and the optimizer state."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    live, peak = {}, [0]  # storage id -> (weak reference, bytes)
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            for key in [k for k, (ref, _) in live.items() if ref.expired()]:
+                del live[key]
+            out = func(*args, **(kwargs or {}))
+            inputs = {StorageWeakRef(t.untyped_storage()).cdata for t in tree_flatten((args, kwargs))[0]
+                      if torch.is_tensor(t)}
+            for t in tree_flatten(out)[0]:
+                if torch.is_tensor(t):  # a view or an in-place result shares an input's storage: not new memory
+                    ref = StorageWeakRef(t.untyped_storage())
+                    if ref.cdata not in inputs:
+                        live.setdefault(ref.cdata, (ref, t.untyped_storage().nbytes()))
+            peak[0] = max(peak[0], sum(nb for _, nb in live.values()))
+            return out
+
+    with Track():
+        fn()
+    return peak[0]
+
+
+# ======== Appendix: the phantom, its templates, the CLI. A reader of the scripts can stop here. ========
+
 
 # =============================================================================
 # Synthetic chest CT
@@ -1364,177 +2351,43 @@ def write_ctrate_layout(out_dir, n, shape=(64, 128, 128), seed=0, *, v2=False, n
                 csv.writer(f).writerows([header, *rows])
     return root
 
-# =============================================================================
-# Cache: preprocess CT-RATE once, then read int16 memmaps; picking a dataset
-# =============================================================================
 
-class _Loads(torch.utils.data.Dataset):  # CTRATE items as int16 HU, or the error text, for prepare's DataLoader
-    def __init__(self, ds):
-        self.ds = ds
+def write_radgenome_layout(out_dir, n, shape=(32, 64, 64), seed=0, *, n_valid=None):
+    """The phantom in RadGenomeCT's layout: n train and n_valid (default n // 4, at least 1) test patients, a mask per
+    RADGENOME_REGIONS name, one QA row per region (presence as the phantom's region questions decide it; the first
+    finding there and its size). Stored like write_ctrate_layout: RAS int16 HU with the affine."""
+    root = Path(out_dir)
+    spacing = [f / s for f, s in zip(FOV, shape)]
+    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+    ras = lambda t: t.flip(0, 1, 2).permute(2, 1, 0).contiguous().numpy()  # (z,y,x)=(I,P,L) -> (x,y,z)=(R,A,S)
+    for folder, split, count, csv_split in (("train", "train", n, "train"),
+                                            ("valid", "test", max(1, n // 4) if n_valid is None else n_valid, "validation")):
+        rows = []
+        for i in range(count):
+            p = sample_patient(seed, split, i)
+            hu, masks = render_phantom(p, shape)
+            name = f"{folder}_{i + 1}_a_1.nii.gz"
+            (root / "volumes" / folder).mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(ras(hu.round().to(torch.int16)), affine), root / "volumes" / folder / name)
+            seg = root / "masks" / f"seg_{name.removesuffix('.nii.gz')}"
+            seg.mkdir(parents=True, exist_ok=True)
+            pos = [l for l, y in zip(LABELS, p["labels"]) if y]
+            for region in RADGENOME_REGIONS:
+                m = torch.isin(masks, torch.tensor(REGION_IDS[region], dtype=masks.dtype)).to(torch.uint8)
+                nib.save(nib.Nifti1Image(ras(m), affine), seg / f"{region}.nii.gz")
+                hits = [l for l in pos if finding_region(p, l) in (region, "lungs" if "lung" in region else None)]
+                size = p["attributes"][hits[0]].get("size", "") if hits else ""
+                rows.append([name, region, "Yes" if hits else "No", hits[0] if hits else "", size])
+        path = root / "radgenome_files" / f"{csv_split}_region_vqa.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([list(RADGENOME_QA), *rows])
+    return root
 
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        try:
-            return self.ds.load(i)["volume"][0].round().clamp(-32768, 32767).to(torch.int16)
-        except BadVolume as e:
-            return str(e)
-
-
-def prepare(root, out, shape, spacing, *, splits=("train", "val", "test"), rescale="auto", strict=False,
-            val_fraction=0.1, workers=0):
-    """CT-RATE folder -> out/{split}.int16 (raw memmap, N x Z x Y x X, HU after rescale, resample and crop/pad, no
-    window: any window/norm applies at read time) + out/index.json (shape, spacing, names, labels, reports)."""
-    if len(shape) != 3 or min(shape) < 1 or len(spacing) != 3 or not all(SPACING_MM[0] <= s <= SPACING_MM[1]
-                                                                          for s in spacing):
-        raise BadConfig(f"--shape={shape} --spacing={spacing}: expected 3 positive sizes and 3 spacings within "
-                        f"{SPACING_MM} mm")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "index.json.tmp").unlink(missing_ok=True)  # left by a kill during the last write
-    index = {"shape": list(shape), "spacing": list(spacing), "root": str(root), "rescale": rescale, "splits": {}}
-    for split in splits:
-        ds = CTRATE(root, split, shape=shape, spacing=spacing, window=None, norm="hu", rescale=rescale,
-                    strict=strict, val_fraction=val_fraction)
-        path = out / f"{split}.int16"
-        print(f"prepare {split}: {len(ds)} volumes -> {path} ({len(ds) * math.prod(shape) * 2 / 1e9:.2f} GB)")
-        mm = np.memmap(path, np.int16, "w+", shape=(max(1, len(ds)), *shape))
-        keep = []
-        loader = torch.utils.data.DataLoader(_Loads(ds), batch_size=None, num_workers=workers)
-        for i, v in enumerate(tqdm(loader, total=len(ds), desc=f"prepare {split}")):
-            if isinstance(v, str):
-                ds._bad(BadVolume(v))
-                continue
-            mm[len(keep)] = v.numpy()
-            keep.append(ds.rows[i])
-        mm.flush()
-        del mm
-        os.truncate(path, len(keep) * math.prod(shape) * 2)
-        index["splits"][split] = {"file": path.name, "n_bad": ds.n_bad, "names": [r["name"] for r in keep],
-                                  "labels": [r["labels"].int().tolist() for r in keep],
-                                  "reports": [r["report"] for r in keep]}
-        tmp = out / "index.json.tmp"
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, out / "index.json")
-    return index
-
-
-class PreparedCT(torch.utils.data.Dataset):
-    """A folder written by prepare(): items like CTRATE's, read from the int16 memmap and normalised on the fly."""
-
-    def __init__(self, cache_dir, split, *, window=(-1000, 200), norm="unit"):
-        index_path = Path(cache_dir) / "index.json"
-        if not index_path.is_file():
-            raise FileNotFoundError(f"{index_path}: missing; run python data.py prepare --root CTRATE --out {cache_dir}")
-        index = json.loads(index_path.read_text())
-        if split not in index["splits"]:
-            raise ValueError(f"{index_path}: no split {split!r} (has {list(index['splits'])}); prepare it")
-        s = index["splits"][split]
-        self.shape, self.spacing = tuple(index["shape"]), tuple(index["spacing"])
-        self.names, self.reports, self.n_bad = s["names"], s["reports"], s["n_bad"]
-        self.labels = torch.tensor(s["labels"], dtype=torch.float32).view(-1, len(LABELS))
-        self.volumes = (np.memmap(Path(cache_dir) / s["file"], np.int16, "r", shape=(len(self.names), *self.shape))
-                        if self.names else np.zeros((0, *self.shape), np.int16))
-        self.window, self.norm = window, norm
-
-    def __len__(self):
-        return len(self.names)
-
-    def __getitem__(self, i):
-        hu = torch.from_numpy(np.array(self.volumes[i]))  # int16; normalize makes the one float32 copy
-        return {"volume": normalize(hu, self.window, self.norm)[None], "labels": self.labels[i],
-                "report": self.reports[i], "name": self.names[i]}
-
-
-SYNTHETIC_CACHE = "data_cache/synthetic"  # where a synthetic split too large for RAM is rendered once (delete freely)
-
-
-class SyntheticDiskCache(torch.utils.data.Dataset):
-    """A SyntheticCT split rendered once into an on-disk memmap, beside prepare()'s format: `{name}.int16` holds
-    N x Z x Y x X HU rounded to int16 (window and norm apply at read time, as in PreparedCT), `{name}.done` one
-    byte per volume. Filled lazily: the first access of volume i renders it, writes it, then sets its byte, so a
-    run killed mid-write re-renders that one volume next time; DataLoader workers and DDP ranks may fill it
-    concurrently (same bytes for the same index). The file is sparse: disk use grows with the volumes touched, up
-    to n * Z * Y * X * 2 bytes. Items are SyntheticCT's without the masks (labels, report, questions come from
-    sample_patient, which renders no voxel)."""
-
-    def __init__(self, ds: SyntheticCT, cache_dir=SYNTHETIC_CACHE):
-        self.ds, self.shape = ds, ds.shape
-        name = f"{ds.split}_seed{ds.seed}_d{ds.difficulty:g}_{'x'.join(map(str, ds.shape))}"
-        folder = Path(cache_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path, done = folder / f"{name}.int16", folder / f"{name}.done"
-        need = ds.n * math.prod(ds.shape) * 2
-        for path, size in ((self.path, need), (done, ds.n)):  # create or grow (sparse), never shrink
-            with open(path, "ab") as f:
-                if f.tell() < size:
-                    f.truncate(size)
-        self.volumes = np.memmap(self.path, np.int16, "r+", shape=(ds.n, *ds.shape))
-        self.done = np.memmap(done, np.uint8, "r+", shape=(ds.n,))
-
-    def __len__(self):
-        return len(self.ds)
-
-    def patient(self, i) -> dict:
-        return self.ds.patient(i)
-
-    def labels(self) -> torch.Tensor:
-        return self.ds.labels()
-
-    @property
-    def reports(self) -> list:  # every report without rendering
-        return [make_report(self.ds.patient(i)) for i in range(len(self))]
-
-    def hu(self, i) -> torch.Tensor:
-        """Volume i in HU (int16, CPU), rendered and stored at its first access."""
-        if not self.done[i]:
-            hu, _ = render_phantom(self.ds.patient(i), self.shape, self.ds.device)
-            self.volumes[i] = hu.round().to(torch.int16).cpu().numpy()  # shared mapping: a killed process keeps it
-            self.done[i] = 1
-        return torch.from_numpy(np.array(self.volumes[i]))
-
-    def __getitem__(self, i):
-        if not 0 <= i < len(self):
-            raise IndexError(f"index {i} out of range for {len(self)} synthetic volumes")
-        p, ds = self.ds.patient(i), self.ds
-        return dict(volume=normalize(self.hu(i), ds.window, ds.norm)[None],
-                    labels=torch.tensor(p["labels"], dtype=torch.float32), report=make_report(p),
-                    name=f"{ds.split}_{i + 1}_a_1", questions=make_questions(p))
-
-
-def get_dataset(data, split, *, n=None, shape=(64, 128, 128), spacing=(1.5, 0.75, 0.75), window=(-1000, 200),
-                norm="unit", seed=0, strict=False, difficulty=0.5, device=None, disk_cache=None):
-    """data = "synthetic" (n volumes generated at shape), a prepare()d cache folder (has index.json), or a CT-RATE
-    root. n, difficulty, device and disk_cache apply to the synthetic set only; real data yields every volume of
-    the split. device: where phantoms are rendered (the training GPU keeps the CPU out of the loop; items then
-    live there). disk_cache: a folder, or True for SYNTHETIC_CACHE -> SyntheticDiskCache, every volume rendered
-    once into an int16 memmap there, for a split too large to keep in RAM."""
-    if data == "synthetic":
-        ds = SyntheticCT(split, n, shape=shape, seed=seed, window=window, norm=norm, difficulty=difficulty,
-                         device=device)
-        return SyntheticDiskCache(ds, SYNTHETIC_CACHE if disk_cache is True else disk_cache) if disk_cache else ds
-    if (Path(data) / "index.json").is_file():
-        ds = PreparedCT(data, split, window=window, norm=norm)
-        if ds.shape != tuple(shape):
-            raise ValueError(f"{data} was prepared at shape {ds.shape}, asked for {tuple(shape)}: pass --shape "
-                             f"{','.join(map(str, ds.shape))} or prepare again")
-        return ds
-    if not Path(data).is_dir():
-        raise FileNotFoundError(f"{data}: not 'synthetic', a prepared cache or a CT-RATE folder")
-    return CTRATE(data, split, shape=shape, spacing=spacing, window=window, norm=norm, strict=strict)
-
-
-def collate(items: list) -> dict:
-    """Tensors stacked on a new batch dim, everything else (names, reports, questions) as lists."""
-    return {k: torch.stack([it[k] for it in items]) if torch.is_tensor(items[0][k]) else [it[k] for it in items]
-            for k in items[0]}
 
 # =============================================================================
-# Text
+# Templates: the phantom's reports and questions
 # =============================================================================
-
-# ---- report and question templates: the phantom's findings report and grounded questions -----------------------------
 
 # Per label, in report order: (normal sentences, abnormal sentences); several paraphrases each.
 # Placeholders: {sev} severity, {Sev} capitalised, {where} lobe and side, {side} side phrase, {size} mm, {kind}.
@@ -1676,833 +2529,6 @@ def make_questions(p: dict) -> list:
                       kind="region", region=region))
     return q
 
-
-# ---- byte-level BPE, the Llama-3 tokenizer ---------------------------------------------------------------------------
-
-# Llama-3's pre-tokenisation pattern (cl100k's): contractions, letter runs with one leading non-letter, 1-3 digit
-# groups, punctuation runs, newlines, and whitespace that leaves its last space to the following word.
-LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-# The decoders' special tokens; their ids follow the BPE ranks (begin = n_ranks, end = n_ranks + 1, ...).
-SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|pad|>", "<|image|>"]
-
-
-@functools.lru_cache(maxsize=1)
-def _pretokenizer() -> re.Pattern:
-    """LLAMA3_PAT for Python's `re`, which has no \\p{..}: the classes are spelled out from unicodedata.
-
-    tiktoken splits with the same pattern in Rust at encode time but exposes no "split only" call, and the `regex`
-    module is not a dependency of this repo, so training splits with this translation. \\s is Unicode White_Space
-    (what Rust's regex uses; Python's own \\s would also match \\x1c-\\x1f). Code points assigned after Python's
-    Unicode version (14.0 in Python 3.11) count as unassigned here; that moves only training statistics, as
-    encoding is tiktoken's own. tests/test_text.py holds this splitter to the `regex` module (tiktoken's own
-    dependency) on every assigned code point, and to tiktoken by comparing whole encodings.
-    """
-    def spans(pred):  # "[a-zA-Z...]"-style ranges of every code point with pred(category)
-        out, start = [], None
-        for cp in range(0x110001):
-            inside = cp < 0x110000 and pred(unicodedata.category(chr(cp)))
-            if inside and start is None:
-                start = cp
-            elif not inside and start is not None:
-                out.append(re.escape(chr(start)) + ("-" + re.escape(chr(cp - 1)) if cp - 1 > start else ""))
-                start = None
-        return "".join(out)
-    L, N = spans(lambda c: c[0] == "L"), spans(lambda c: c[0] == "N")
-    S = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-    return re.compile(rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]{{1,3}}| ?[^{S}{L}{N}]+[\r\n]*"
-                      rf"|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
-
-
-def _bpe_encoding(ranks: dict, name: str) -> tiktoken.Encoding:
-    n = len(ranks)
-    return tiktoken.Encoding(name, pat_str=LLAMA3_PAT, mergeable_ranks=ranks,
-                             special_tokens={tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)})
-
-
-def train_bpe(texts, vocab_size: int) -> tiktoken.Encoding:
-    """Byte-level BPE (GPT-2/minbpe style) on Llama-3's pre-tokenisation; returns a tiktoken.Encoding.
-
-    vocab_size counts everything: 256 bytes + merges + len(SPECIAL_TOKENS) (= enc.n_vocab, or fewer if the
-    corpus runs out of pairs). Training is incremental: the text is split once into chunks, each unique chunk is
-    kept with its frequency, pair counts are updated only for the chunks a merge touches, and the most frequent pair
-    comes off a heap with lazy deletion (ties -> smallest token ids). Example: the chunk "aaab" has pairs
-    {(a, a): 2, (a, b): 1} -> merge "aa" (rank 256); then [aa, a, b] ties (aa, a) with (a, b) -> "ab" (257, the
-    smaller ids); then [aa, ab] -> "aaab" (258).
-    A merge whose bytes already are a token (a + bc when ab + c made abc) reuses that token, as tiktoken merges by
-    the rank of the concatenated bytes; so ranks stay unique and the encoder applies the merges in training order.
-    """
-    n_merges = vocab_size - 256 - len(SPECIAL_TOKENS)
-    assert n_merges >= 0, f"vocab_size={vocab_size} must be at least 256 bytes + {len(SPECIAL_TOKENS)} specials"
-    split = _pretokenizer().findall
-    chunks = collections.Counter(c for t in texts for c in split(t))
-    words = [list(c.encode("utf-8")) for c in chunks]
-    freq = list(chunks.values())
-    vocab = [bytes([b]) for b in range(256)]  # id -> bytes
-    ranks = {b: i for i, b in enumerate(vocab)}  # bytes -> id (= rank)
-    pairs, where = collections.Counter(), collections.defaultdict(set)
-    for i, w in enumerate(words):
-        for p in zip(w, w[1:]):
-            pairs[p] += freq[i]
-            where[p].add(i)
-    heap = [(-c, p) for p, c in pairs.items()]
-    heapq.heapify(heap)
-    merges = 0
-    while merges < n_merges and heap:
-        c, p = heapq.heappop(heap)
-        if -c != pairs.get(p, 0) or c == 0:  # stale heap entry
-            continue
-        merged = vocab[p[0]] + vocab[p[1]]
-        if merged not in ranks:
-            ranks[merged] = len(vocab)
-            vocab.append(merged)
-            merges += 1
-        new = ranks[merged]
-        changed = set()
-        for i in where.pop(p):
-            w, out, j = words[i], [], 0
-            while j < len(w):
-                if j + 1 < len(w) and (w[j], w[j + 1]) == p:
-                    out.append(new)
-                    j += 2
-                else:
-                    out.append(w[j])
-                    j += 1
-            if len(out) == len(w):  # p left this word in an earlier merge
-                continue
-            for q in zip(w, w[1:]):
-                pairs[q] -= freq[i]
-                changed.add(q)
-            for q in zip(out, out[1:]):
-                pairs[q] += freq[i]
-                where[q].add(i)
-                changed.add(q)
-            words[i] = out
-        pairs.pop(p, None)
-        for q in changed - {p}:
-            if pairs[q] > 0:
-                heapq.heappush(heap, (-pairs[q], q))
-    return _bpe_encoding(ranks, f"bpe{len(ranks) + len(SPECIAL_TOKENS)}")
-
-
-def save_bpe(enc: tiktoken.Encoding, path):
-    """tiktoken's (and Meta's tokenizer.model) format: one "base64(token bytes) rank" line per rank."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = (f"{base64.b64encode(tok).decode()} {r}\n" for tok, r in sorted(enc._mergeable_ranks.items(),
-                                                                             key=lambda kv: kv[1]))
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(lines))
-    os.replace(tmp, path)
-
-
-def _read_ranks(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer file here (expected 'base64 rank' lines, tiktoken format)")
-    ranks = {}
-    for k, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                tok, rank = line.split()
-                ranks[base64.b64decode(tok, validate=True)] = int(rank)
-            except ValueError as e:
-                raise ValueError(f"{path}:{k}: expected 'base64token rank', found {line[:60]!r}") from e
-    return ranks
-
-
-def load_bpe(path) -> tiktoken.Encoding:
-    return _bpe_encoding(_read_ranks(path), Path(path).stem)
-
-
-def load_llama3_tokenizer(path) -> tiktoken.Encoding:
-    """Meta's Llama-3 `tokenizer.model` (tiktoken format) with tiktoken alone, as meta-llama/llama-models does.
-
-    Special ids are offsets from the number of ranks (num_base_tokens); the real file has 128000 ranks, so
-    <|begin_of_text|> = 128000, <|end_of_text|> = 128001, <|finetune_right_pad_id|> = 128004, <|start_header_id|> =
-    128006, <|end_header_id|> = 128007, <|eom_id|> = 128008, <|eot_id|> = 128009, <|python_tag|> = 128010, and
-    256 specials in all (n_vocab 128256). Names follow Llama 3.1 (128005 and 128011.. are reserved tokens; Llama
-    3.2's code calls 128005 <|step_id|> and 128011 <|image|>, with the same ids for every named control token).
-    """
-    ranks = _read_ranks(path)
-    names = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-             "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>",
-             "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>"]
-    names += [f"<|reserved_special_token_{3 + i}|>" for i in range(256 - len(names))]
-    n = len(ranks)
-    return tiktoken.Encoding(Path(path).name, pat_str=LLAMA3_PAT, mergeable_ranks=ranks,
-                             special_tokens={tok: n + i for i, tok in enumerate(names)})
-
-
-# =============================================================================
-# Metrics
-# =============================================================================
-
-def _np(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
-
-
-def auroc(y_true, y_score) -> float:
-    """Area under the ROC curve as the Mann-Whitney U statistic with average ranks for ties (sklearn's value):
-    AUC = (sum of positive ranks - P(P+1)/2) / (P N). nan when the labels hold one class."""
-    y, s = _np(y_true).ravel().astype(bool), _np(y_score).ravel().astype(np.float64)
-    P, N = int(y.sum()), int((~y).sum())
-    if P == 0 or N == 0:
-        return float("nan")
-    _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
-    avg_rank = np.cumsum(counts) - (counts - 1) / 2  # 1-based mean rank of each distinct score
-    return float((avg_rank[inv][y].sum() - P * (P + 1) / 2) / (P * N))
-
-
-def best_f1_thresholds(y_true, y_score) -> np.ndarray:
-    """Per label column, the score t maximising F1 of (score >= t) on these (validation) rows; ties -> higher t.
-    A column without positives gets a t above its top score (predict all negative)."""
-    y, s = _np(y_true).astype(bool), _np(y_score).astype(np.float64)
-    th = np.empty(y.shape[1])
-    for l in range(y.shape[1]):
-        order = np.argsort(-s[:, l], kind="stable")
-        sl, yl = s[order, l], y[order, l]
-        P = yl.sum()
-        if P == 0:
-            th[l] = np.nextafter(sl[0], np.inf)
-            continue
-        cut = np.r_[sl[1:] != sl[:-1], True]  # last row of each distinct score: every t = a score
-        tp = np.cumsum(yl)[cut]
-        n_pos_pred = np.flatnonzero(cut) + 1
-        th[l] = sl[cut][np.argmax(2 * tp / (n_pos_pred + P))]  # F1 = 2TP / (predicted + actual positives)
-    return th
-
-
-def classification_metrics(y_true, y_score, thresholds, labels=None) -> dict:
-    """Multi-label metrics as in CT-Scroll Table 1 / the fusion paper's Table 2: per label auroc, accuracy,
-    precision, recall, f1 at `thresholds` (score >= t), their means over labels, and weighted_f1 (by support).
-
-    Per label, undefined is nan: auroc with one class in the split, precision with no predicted positives, recall
-    and f1 with no actual positives; `undefined` lists those labels. The headline means are the published ones,
-    sklearn's average="macro" / "weighted" with zero_division=0: an undefined precision, recall or f1 counts as 0
-    (a label with no positives here still weighs 1/L in the macro mean; in weighted_f1 its support 0 weighs
-    nothing). auroc has no zero_division: its mean leaves out the labels with one class.
-    """
-    y, s = _np(y_true).astype(bool), _np(y_score).astype(np.float64)
-    pred = s >= np.asarray(thresholds, dtype=np.float64)[None, :]
-    names = list(labels) if labels is not None else (LABELS if y.shape[1] == len(LABELS)
-                                                      else [str(i) for i in range(y.shape[1])])
-    tp, fp, fn = (pred & y).sum(0), (pred & ~y).sum(0), (~pred & y).sum(0)
-    support = y.sum(0)
-    div = lambda a, b: np.where(b > 0, a / np.maximum(b, 1), np.nan)
-    per = {"auroc": np.array([auroc(y[:, l], s[:, l]) for l in range(y.shape[1])]),
-           "accuracy": (pred == y).mean(0), "precision": div(tp, tp + fp), "recall": div(tp, tp + fn),
-           "f1": np.where(support > 0, div(2 * tp, 2 * tp + fp + fn), np.nan)}
-    out = {"auroc": float(np.nanmean(per["auroc"])) if np.isfinite(per["auroc"]).any() else float("nan"),
-           **{k: float(np.nan_to_num(per[k], nan=0.0).mean()) for k in ("accuracy", "precision", "recall", "f1")}}
-    f1 = np.nan_to_num(per["f1"], nan=0.0)
-    out["weighted_f1"] = float((f1 * support).sum() / support.sum()) if support.sum() > 0 else 0.0
-    out["per_label"] = {n: {**{k: float(v[l]) for k, v in per.items()}, "support": int(support[l])}
-                        for l, n in enumerate(names)}
-    out["undefined"] = {k: [n for n, x in zip(names, v) if not np.isfinite(x)] for k, v in per.items()}
-    return out
-
-
-def bootstrap_auroc(y_true, y_score, n=1000, seed=0) -> tuple:
-    """95% bootstrap interval of the macro AUROC (labels whose resample holds one class left out, as in
-    classification_metrics): the 2.5th and 97.5th percentiles over n test sets of the same size resampled with
-    replacement, i.e. how far the number could move on another test set (small synthetic test sets move it a lot)."""
-    y, p = _np(y_true), _np(y_score)
-    g, stats = np.random.default_rng(seed), []
-    for _ in range(n):
-        idx = g.integers(0, len(y), len(y))
-        aucs = [auroc(y[idx, k], p[idx, k]) for k in range(y.shape[1])]
-        stats.append(np.nanmean(aucs) if not np.isnan(aucs).all() else np.nan)
-    lo, hi = np.nanpercentile(stats, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def bootstrap_diff(correct_a, correct_b, n=1000, seed=0) -> tuple:
-    """95% paired bootstrap interval of mean(a) - mean(b), two models' per-question 0/1 correctness on the SAME
-    questions: the questions are resampled with replacement, both models keep their answers to each one."""
-    a, b = _np(correct_a).astype(float), _np(correct_b).astype(float)
-    assert a.shape == b.shape and len(a) > 0, "paired bootstrap needs both models' scores on the same questions"
-    idx = np.random.default_rng(seed).integers(0, len(a), (n, len(a)))
-    lo, hi = np.percentile((a[idx] - b[idx]).mean(1), [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-# ---- report metrics. One tokenisation for all of them: lowercase, words and decimal numbers kept whole, every
-# punctuation mark its own token ("3.5 mm nodule." -> 3.5 mm nodule .). Then each metric as its reference code.
-
-def metric_tokens(text: str) -> list:
-    return re.findall(r"\d+(?:\.\d+)?|\w+|[^\w\s]", text.lower())
-
-
-def _ngrams(w, n) -> collections.Counter:
-    return collections.Counter(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
-
-
-def bleu(hyps, refs, n=4) -> list:
-    """Corpus BLEU-1..n as pycocoevalcap's BleuScorer(option='closest'): clipped n-gram counts summed over the
-    corpus, reference length = the reference closest in length to each hypothesis (ties -> shorter), brevity
-    penalty exp(1 - r/c) when c < r, and its smoothing (correct + 1e-15) / (guess + 1e-9)."""
-    tiny, small = 1e-15, 1e-9
-    correct, guess, c_len, r_len = [0] * n, [0] * n, 0, 0
-    for h, rs in zip(hyps, refs):
-        c_len += len(h)
-        r_len += min((abs(len(r) - len(h)), len(r)) for r in rs)[1]
-        for k in range(1, n + 1):
-            clip = functools.reduce(lambda a, b: a | b, (_ngrams(r, k) for r in rs))  # max count over refs
-            correct[k - 1] += sum(min(c, clip[g]) for g, c in _ngrams(h, k).items())
-            guess[k - 1] += max(0, len(h) - k + 1)
-    ratio = (c_len + tiny) / (r_len + small)
-    bp = math.exp(1 - 1 / ratio) if ratio < 1 else 1.0
-    out, prod = [], 1.0
-    for k in range(n):
-        prod *= (correct[k] + tiny) / (guess[k] + small)
-        out.append(bp * prod ** (1 / (k + 1)))
-    return out
-
-
-def meteor(h, rs, alpha=0.9, beta=3.0, gamma=0.5) -> float:
-    """nltk's meteor_score with exact matching only (max over references). nltk aligns greedily: hypothesis words
-    from the last, each to the last unmatched equal reference word. Fmean = PR / (alpha P + (1 - alpha) R),
-    penalty = gamma (chunks / matches)^beta, where a chunk is a run of matches adjacent in both sentences.
-    nltk's Porter-stem and WordNet-synonym stages (and Java METEOR's paraphrases) need nltk + WordNet, which are
-    not dependencies here, so scores are <= nltk's whenever stems or synonyms would have matched."""
-    best = 0.0
-    for r in rs:
-        hyp, ref, m = list(enumerate(h)), list(enumerate(r)), []
-        for i in reversed(range(len(hyp))):
-            for j in reversed(range(len(ref))):
-                if hyp[i][1] == ref[j][1]:
-                    m.append((hyp.pop(i)[0], ref.pop(j)[0]))
-                    break
-        if not m:
-            continue
-        m.sort()
-        P, R = len(m) / len(h), len(m) / len(r)
-        chunks = 1 + sum(not (b[0] == a[0] + 1 and b[1] == a[1] + 1) for a, b in zip(m, m[1:]))
-        best = max(best, (1 - gamma * (chunks / len(m)) ** beta) * P * R / (alpha * P + (1 - alpha) * R))
-    return best
-
-
-def rouge_n(h, rs, n) -> float:
-    """Google rouge-score's ROUGE-N F-measure (clipped n-gram overlap; max F over references)."""
-    best, hc = 0.0, _ngrams(h, n)
-    for r in rs:
-        rc = _ngrams(r, n)
-        overlap = sum((hc & rc).values())
-        p, rec = overlap / max(sum(hc.values()), 1), overlap / max(sum(rc.values()), 1)
-        best = max(best, 2 * p * rec / (p + rec) if p + rec > 0 else 0.0)
-    return best
-
-
-def _lcs(a, b) -> int:
-    """Length of the longest common subsequence, bit-parallel (Hyyro 2004): one big-int row of the DP table per
-    token of a; bit j of v is 0 where the row steps up, so LCS = zeros in v. tests/test_metrics.py: same as the DP."""
-    match = {}
-    for j, y in enumerate(b):
-        match[y] = match.get(y, 0) | 1 << j
-    v = full = (1 << len(b)) - 1
-    for x in a:
-        u = v & match.get(x, 0)
-        v = ((v + u) | (v - u)) & full
-    return len(b) - bin(v).count("1")
-
-
-def rouge_l(h, rs, beta=1.2) -> float:
-    """pycocoevalcap's Rouge: LCS precision and recall, each maximised over references, F with beta = 1.2."""
-    if not h:
-        return 0.0
-    lcs = [_lcs(r, h) for r in rs]
-    p = max(l / len(h) for l in lcs)
-    r = max(l / len(ref) if ref else 0.0 for l, ref in zip(lcs, rs))
-    return (1 + beta ** 2) * p * r / (r + beta ** 2 * p) if p > 0 and r > 0 else 0.0
-
-
-def cider_d(hyps, refs, n=4, sigma=6.0) -> list:
-    """Per-hypothesis CIDEr-D as pycocoevalcap's CiderScorer: tf-idf n-gram vectors (idf = log(#images) -
-    log(max(1, df)), df = images whose references contain the n-gram), for each n the cosine with clipping
-    sum min(h, r) r / (|h| |r|) (0 when a norm is 0), times exp(-delta^2 / (2 sigma^2)), averaged over n = 1..4,
-    over references, and x10. Like pycocoevalcap, delta counts bigrams (len - 1), not words."""
-    grams_of = lambda w: sum((_ngrams(w, k) for k in range(1, n + 1)), collections.Counter())
-    ref_grams = [[grams_of(r) for r in rs] for rs in refs]
-    df = collections.Counter(g for grams in ref_grams for g in set().union(*grams))
-    log_n = math.log(len(refs))
-
-    def vec(grams):
-        v = [{} for _ in range(n)]
-        for g, tf in grams.items():
-            v[len(g) - 1][g] = tf * (log_n - math.log(max(1.0, df[g])))
-        norms = [math.sqrt(sum(x * x for x in vk.values())) for vk in v]
-        return v, norms, sum(tf for g, tf in grams.items() if len(g) == 2)
-
-    scores = []
-    for h, grams in zip(hyps, ref_grams):
-        vh, nh, lh = vec(grams_of(h))
-        total = 0.0
-        for g in grams:
-            vr, nr, lr = vec(g)
-            pen = math.exp(-((lh - lr) ** 2) / (2 * sigma ** 2))
-            total += sum(sum(min(x, vr[k].get(t, 0.0)) * vr[k].get(t, 0.0) for t, x in vh[k].items())
-                         / (nh[k] * nr[k]) * pen if nh[k] and nr[k] else 0.0 for k in range(n)) / n
-        scores.append(10.0 * total / len(grams))
-    return scores
-
-
-def report_metrics(predictions, references) -> dict:
-    """The nine report-generation metrics of HILT Sec. 4.2 and their mean (HILT's "averaged metric").
-    predictions: list of strings; references: one list of reference strings per prediction (a bare string is
-    taken as a single reference). Every metric is a corpus mean of [0, 1] scores except CIDEr-D (x10 scale)."""
-    assert len(predictions) == len(references) > 0, "one list of references per prediction"
-    hyps = [metric_tokens(p) for p in predictions]
-    refs = [[metric_tokens(r) for r in ([rs] if isinstance(rs, str) else rs)] for rs in references]
-    out = dict(zip(["bleu1", "bleu2", "bleu3", "bleu4"], bleu(hyps, refs)))
-    out["meteor"] = float(np.mean([meteor(h, rs) for h, rs in zip(hyps, refs)]))
-    out["rouge1"] = float(np.mean([rouge_n(h, rs, 1) for h, rs in zip(hyps, refs)]))
-    out["rouge2"] = float(np.mean([rouge_n(h, rs, 2) for h, rs in zip(hyps, refs)]))
-    out["rougeL"] = float(np.mean([rouge_l(h, rs) for h, rs in zip(hyps, refs)]))
-    out["cider"] = float(np.mean(cider_d(hyps, refs)))
-    out["mean"] = float(np.mean(list(out.values())))
-    return out
-
-
-def _vqa_norm(s: str) -> str:
-    s = re.sub(r"[^\w\s]", " ", s.lower())
-    return " ".join(w for w in s.split() if w not in ("a", "an", "the"))
-
-
-def vqa_closed_accuracy(preds, answers) -> float:
-    """Exact match after normalisation (lowercase, punctuation and the articles a/an/the removed), for closed
-    (yes/no) questions; open answers are scored with report_metrics."""
-    assert len(preds) == len(answers) > 0
-    return float(np.mean([_vqa_norm(p) == _vqa_norm(a) for p, a in zip(preds, answers)]))
-
-
-def choice_correct(pred: str, answer: str) -> bool:
-    """M3D's multiple-choice rule: correct when the answer's letter followed by "." appears in the generated text.
-    `answer` is the letter ("B") or the full option ("B. Left lower lobe")."""
-    return f"{answer.strip()[0].upper()}." in pred
-
-
-# ---- clinical efficacy (CE): the 18 findings read back out of a report, scored against the scan's labels, the way
-# CT2Rep / CT-CHAT / RadFM report it (CT-RATE's labels come from a trained text classifier run over the reports).
-
-_NEG_BEFORE = re.compile(r"\b(?:no|not|without|neither|nor|free of|negative for|absence of|rule out|ruled out)\b")
-_NEG_AFTER = re.compile(r"^[^.]{0,40}?\b(?:(?:is|are|was|were) (?:not|absent)|not (?:seen|detected|observed|present|"
-                        r"identified)|absent|ruled out)\b")
-_NEG_STOP = re.compile(r"\b(?:but|however|although|though|except|whereas|while)\b")
-_CALCIFIC = r"(?:calcif\w*|atheroscleros\w*|atherosclerotic|atherom\w*|plaques?)"
-# Per label: the phrase that mentions the finding, and (optionally) a phrase the same sentence must also hold.
-_TRIGGERS = {
-    "Medical material": (r"catheter|sternotom\w*|pacemaker|medical (?:device|material)|stent|prosthe\w*|"
-                         r"(?:chest|endotracheal|nasogastric|tracheostomy) tube|surgical clips?", None),
-    "Arterial wall calcification": (_CALCIFIC, r"aort"),
-    "Cardiomegaly": (r"cardiomegal\w*|heart (?:size )?(?:is )?(?:enlarged|increased)|enlarged heart|"
-                     r"increased (?:heart|cardiac) size|cardiac enlargement", None),
-    "Pericardial effusion": (r"pericardial (?:effusion|fluid)", None),
-    "Coronary artery wall calcification": (_CALCIFIC, r"coronar"),
-    "Hiatal hernia": (r"hiat(?:al|us) hernia", None),
-    "Lymphadenopathy": (r"lymphadenopath\w*|enlarged (?:\w+ )?lymph nodes?|lymph nodes? (?:are |is )?enlarged|"
-                        r"pathologic(?:al)?(?:ly)? (?:enlarged |sized? )?lymph nodes?", None),
-    "Emphysema": (r"emphysem\w*", None),
-    "Atelectasis": (r"atelecta\w*", None),
-    "Lung nodule": (r"\w*nodul\w*", None),
-    "Lung opacity": (r"ground[- ]glass|opacit\w*|opacification", None),
-    "Pulmonary fibrotic sequela": (r"fibro(?:tic|sis|us)|sequela\w*", None),
-    "Pleural effusion": (r"pleural (?:effusion|fluid)|hydrothorax", None),
-    "Mosaic attenuation pattern": (r"mosaic", None),
-    "Peribronchial thickening": (r"peribronchial (?:wall )?thicken\w*|bronchial walls? (?:are |is )?thicken\w*|"
-                                 r"bronchial wall thickening", None),
-    "Consolidation": (r"consolidat\w*", None),
-    "Bronchiectasis": (r"bronchiectas\w*|dilated bronchi|bronchial dilat\w*", None),
-    "Interlobular septal thickening": (r"interlobular sept\w*|septal thicken\w*", None),
-}
-_TRIGGER_RE = [(re.compile(r"\b(?:" + t + r")\b"), re.compile(c) if c else None)
-               for t, c in (_TRIGGERS[name] for name in LABELS)]
-
-
-def _negated(sentence: str, start: int, end: int) -> bool:
-    """NegEx-style: a negation cue at most 6 words before the mention (no 'but'/'however'... between them), or a
-    post-negation ('... is not seen', '... absent') right after it, in the same sentence."""
-    before = sentence[:start]
-    cut = max((m.end() for m in _NEG_STOP.finditer(before)), default=0)
-    window = " ".join(before[cut:].split()[-6:])
-    return bool(_NEG_BEFORE.search(window) or _NEG_AFTER.match(sentence[end:]))
-
-
-def report_labels(texts: list) -> np.ndarray:
-    """The 18 findings (data.LABELS order) read out of each report: (n, 18) int, 1 = called present.
-
-    A keyword + negation labeler: per sentence, each finding's trigger phrases (e.g. "pleural effusion", "hiatal
-    hernia", calcification + "coronary"), negated by a cue up to 6 words before the phrase ("no", "without", "free
-    of", ... not across "but"/"however") or right after it ("is not seen", "absent"). Rules:
-      - a finding is 1 if ANY sentence mentions it affirmatively; a finding both affirmed and negated (e.g. "no
-        effusion on the left. A small effusion on the right.") is therefore 1 (present somewhere);
-      - a finding never mentioned, or only negated, is 0; the empty string and text holding none of the English
-        trigger phrases (e.g. CT-RATE's Turkish originals) give all zeros: it reads English only;
-      - hedged mentions ("possible", "suspicious for") count as present.
-    Exact on the synthetic phantom's reports (make_report: every paraphrase and negation; tests/test_clinical.py
-    checks >= 500 patients across splits). On real CT-RATE text it is approximate: CT-RATE's own labels come from a
-    trained text classifier (a fine-tuned RadBERT), and this rule-based reader has only been measured on the
-    synthetic reports, as no real report is available here."""
-    if isinstance(texts, str):
-        raise TypeError("report_labels takes a list of reports, got a single string")
-    out = np.zeros((len(texts), len(LABELS)), dtype=np.int64)
-    for i, text in enumerate(texts):
-        for sentence in re.split(r"(?<=[.!?;])\s+|\n+", text.lower()):
-            for k, (trigger, context) in enumerate(_TRIGGER_RE):
-                if out[i, k] or (context is not None and not context.search(sentence)):
-                    continue
-                if any(not _negated(sentence, m.start(), m.end()) for m in trigger.finditer(sentence)):
-                    out[i, k] = 1
-    return out
-
-
-def clinical_metrics(generated, reference_labels) -> dict:
-    """CE metrics of generated reports against the scans' labels: per finding precision, recall, F1 (of the
-    finding being called present), their macro means over the 18 findings, and micro_f1 over all (report,
-    finding) pairs. generated: a list of report texts (read with report_labels) or an (n, 18) 0/1 array (for
-    baselines); reference_labels: (n, 18) 0/1. Definitions as sklearn's precision_recall_fscore_support with
-    average="macro" (every finding counts, also one absent from the test split) and zero_division=0 (a ratio with
-    a zero denominator is 0), which is what CT2Rep / CT-CHAT tables use; micro_f1 = 2 TP / (2 TP + FP + FN)."""
-    pred = report_labels(generated) if isinstance(generated, (list, tuple)) else _np(generated)
-    y = _np(reference_labels)
-    if len(pred) != len(y):
-        raise ValueError(f"clinical_metrics: {len(pred)} generated reports but {len(y)} reference label rows")
-    pred, y = pred.astype(bool).reshape(len(y), -1), y.astype(bool).reshape(len(y), -1)
-    if pred.shape != y.shape:
-        raise ValueError(f"clinical_metrics: generated labels {pred.shape} vs reference labels {y.shape}")
-    tp, fp, fn = (pred & y).sum(0), (pred & ~y).sum(0), (~pred & y).sum(0)
-    div = lambda a, b: np.where(b > 0, a / np.maximum(b, 1), 0.0)
-    p, r, f = div(tp, tp + fp), div(tp, tp + fn), div(2 * tp, 2 * tp + fp + fn)
-    names = LABELS if y.shape[1] == len(LABELS) else [str(i) for i in range(y.shape[1])]
-    T, FP, FN = int(tp.sum()), int(fp.sum()), int(fn.sum())
-    return {"precision": float(p.mean()), "recall": float(r.mean()), "f1": float(f.mean()),
-            "micro_f1": 2 * T / (2 * T + FP + FN) if T + FP + FN else 0.0,
-            "per_label": [{"label": n, "precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
-                           "support": int(y[:, k].sum())} for k, n in enumerate(names)]}
-
-
-def ce_baselines(train_labels, test_labels, seed=0) -> dict:
-    """clinical_metrics of three image-blind callers on the test labels: "all_normal" (nothing called: the most
-    frequent report), "prevalence_random" (each finding called with its training-set prevalence, numpy rng `seed`)
-    and "all_positive" (everything called: per finding F1 = 2p / (1 + p) with p its test prevalence, the best F1
-    any image-blind caller reaches on that finding). A model reads the image where it beats these per finding."""
-    y_train, y = _np(train_labels).astype(np.float64), _np(test_labels)
-    random = np.random.default_rng(seed).random(y.shape) < y_train.mean(0)[None, :]
-    return {"all_normal": clinical_metrics(np.zeros(y.shape, dtype=np.int64), y),
-            "prevalence_random": clinical_metrics(random.astype(np.int64), y),
-            "all_positive": clinical_metrics(np.ones(y.shape, dtype=np.int64), y)}
-
-# =============================================================================
-# Runs: checkpoints, DDP, logs — the plumbing every training loop shares
-# =============================================================================
-
-def save_checkpoint(path, state: dict):
-    """Write to a temp file, then rename: a kill mid-save never corrupts the last good checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """A checkpoint is data, not code: weights_only=True."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint here; train first or point --out_dir at the run to resume")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated, not a checkpoint, or a pickle that needs code (refused by weights_only)
-        raise BadVolume(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def setup_ddp(device: str):
-    """Detect torchrun from the RANK variable, as nanoGPT does. Returns (ddp, rank, world_size, device, master)."""
-    if int(os.environ.get("RANK", -1)) < 0:
-        return False, 0, 1, device, True
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    return True, rank, world, device, rank == 0
-
-
-def append_jsonl(path, record: dict):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-class StopOnSigint:
-    """The first Ctrl-C sets `.stop` so the loop can save and exit cleanly; a second one kills as usual."""
-
-    def __init__(self):
-        self.stop = False
-
-    def __enter__(self):
-        self._old = signal.signal(signal.SIGINT, self._handler)
-        return self
-
-    def _handler(self, *_):
-        if self.stop:
-            raise KeyboardInterrupt
-        print("\nSIGINT: saving a checkpoint, then stopping (Ctrl-C again to abort)")
-        self.stop = True
-
-    def __exit__(self, *_):
-        signal.signal(signal.SIGINT, self._old)
-
-
-# Dense (no sparsity) bf16 tensor-core peak FLOP/s from the vendors' spec sheets, by a substring of
-# torch.cuda.get_device_name(); the first match wins, so the more specific names come first.
-PEAK_BF16 = [("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
-             ("L4", 121e12), ("RTX 6000 Ada", 364e12), ("A6000", 155e12), ("4090", 165e12), ("A10", 125e12)]
-
-
-def _matmul_flops(device, dtype, n: int, reps: int = 5) -> float:  # best of `reps` n^3 matmuls, FLOP/s
-    g = torch.Generator(device).manual_seed(0)  # a private generator: measuring must not move the run's RNG
-    a, b = (torch.randn(n, n, device=device, dtype=dtype, generator=g) for _ in range(2))
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        sync()
-        t = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
-
-@functools.lru_cache(maxsize=None)
-def peak_flops(device="cpu", dtype=torch.bfloat16) -> tuple:
-    """(FLOP/s, where the number comes from): what MFU is reported against on this device, never another's.
-    CUDA in bf16/fp16: the spec sheet's dense peak for the device's name (PEAK_BF16); a GPU not in the table or
-    another dtype: a 4096^3 matmul measured now. CPU: a 1024^3 fp32 matmul measured once (at the first call, with
-    the threads torch has then), so CPU MFU reads as "share of what this machine's matmul reaches"."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-        if dtype in (torch.bfloat16, torch.float16):
-            for key, peak in PEAK_BF16:
-                if key in name:
-                    return peak, f"{name} bf16 dense spec"
-        return _matmul_flops(dev, dtype, 4096), f"{name} {str(dtype)[6:]} matmul measured"
-    return _matmul_flops(dev, torch.float32, 1024), f"CPU fp32 matmul measured, {torch.get_num_threads()} threads"
-
-
-class StepTimer:
-    """Training time split into data wait (inside `with timer.data():`: rendering, reading, collate, the copy to
-    the device) and compute (the rest of the step: forward, backward, optimizer), turned into the log line's
-    numbers. On CUDA it synchronises at both edges of the data section, so queued compute kernels are not billed
-    to data and a phantom rendered on the GPU is. flops_per_sample: model FLOPs of one training sample (forward
-    x 3, recomputation by activation checkpointing not counted), 0 = no TFLOP/s and MFU."""
-
-    def __init__(self, device, flops_per_sample: float = 0.0, dtype=torch.bfloat16):
-        self.device, self.cuda = str(device), "cuda" in str(device)
-        self.flops, self.dtype = flops_per_sample, dtype
-        self.reset()
-
-    def _sync(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def reset(self):
-        self._sync()
-        self.t0, self.data_s, self.steps, self.samples = time.perf_counter(), 0.0, 0, 0
-
-    def data(self):  # `with timer.data(): batch = ...`
-        return self
-
-    def __enter__(self):
-        self._sync()
-        self._t = time.perf_counter()
-
-    def __exit__(self, *_):
-        self._sync()
-        self.data_s += time.perf_counter() - self._t
-
-    def step(self, samples: int):
-        self.steps, self.samples = self.steps + 1, self.samples + samples
-
-    def stats(self) -> dict:
-        """Means since the last reset(): step, data and compute ms per step, data share, samples/s, TFLOP/s, MFU,
-        and on CUDA the peak torch.cuda.max_memory_allocated (GB) of the run so far."""
-        self._sync()
-        dt, n = time.perf_counter() - self.t0, max(1, self.steps)
-        rec = {"step_ms": 1000 * dt / n, "data_ms": 1000 * self.data_s / n, "compute_ms": 1000 * (dt - self.data_s) / n,
-               "data_frac": self.data_s / dt, "samples_per_s": self.samples / dt}
-        if self.flops:
-            peak, _ = peak_flops(self.device if self.cuda else "cpu", self.dtype if self.cuda else torch.float32)
-            rec["tflops"] = self.flops * self.samples / dt / 1e12
-            rec["mfu"], rec["peak_tflops"] = rec["tflops"] * 1e12 / peak, peak / 1e12
-        if self.cuda:
-            rec["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
-        return rec
-
-    @staticmethod
-    def line(rec: dict) -> str:
-        """stats() in a few words: 'step 812 ms (data 5%) 4.93 vol/s 120 TFLOP/s MFU 12.1% of 989 peak 20.1 GB'."""
-        s = f"step {rec['step_ms']:.0f} ms (data {rec['data_frac']:.0%}) {rec['samples_per_s']:.3g} vol/s"
-        if "mfu" in rec:
-            s += f" {rec['tflops']:.3g} TFLOP/s MFU {rec['mfu']:.1%} of {rec['peak_tflops']:.4g}"
-        return s + (f" peak {rec['peak_mem_gb']:.1f} GB" if "peak_mem_gb" in rec else "")
-
-
-# ---- the training loop's shared parts: every script's train() is nanoGPT's loop built from these -------------------
-
-class Stream(torch.utils.data.Sampler):
-    """The training batches, as a DataLoader batch_sampler. Micro-batch k (k = step * grad_accum + micro_step) of
-    rank r holds positions (k * world + r) * micro ... + micro of an endless stream of shuffled epochs, epoch e being
-    randperm(n) under the seed seed * 1000 + e. A function of (seed, position) alone: a run resumed at step s draws
-    exactly the batches the uninterrupted run would have drawn, and no two ranks share a position. `batch_size` in
-    every script is per optimizer step: micro = batch_size // world // grad_accum items per micro-batch."""
-
-    def __init__(self, n: int, micro: int, seed: int, start_step: int, max_steps: int, grad_accum: int = 1,
-                 rank: int = 0, world: int = 1):
-        self.n, self.micro, self.seed, self.ga, self.rank, self.world = n, micro, seed, grad_accum, rank, world
-        self.first, self.last = start_step * grad_accum, max_steps * grad_accum  # micro-batch indices
-
-    def __len__(self):
-        return max(0, self.last - self.first)
-
-    def __iter__(self):
-        perm, epoch = None, -1
-        for k in range(self.first, self.last):
-            batch = []
-            for pos in range((k * self.world + self.rank) * self.micro, (k * self.world + self.rank + 1) * self.micro):
-                if pos // self.n != epoch:
-                    epoch = pos // self.n
-                    perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000 + epoch))
-                batch.append(int(perm[pos % self.n]))
-            yield batch
-
-
-def make_loader(ds, batch_sampler, collate_fn, num_workers: int, seed: int, pin_memory: bool = False):
-    """A DataLoader over ds. A list (volumes kept in RAM) is read in this process; a dataset object by num_workers
-    processes. Its own generator: starting an iterator draws a worker seed, which must not come from the global RNG
-    that dropout uses (an eval would shift the training run's dropout, and a resumed run would differ)."""
-    return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, collate_fn=collate_fn,
-                                       num_workers=0 if isinstance(ds, list) else num_workers, pin_memory=pin_memory,
-                                       generator=torch.Generator().manual_seed(seed))
-
-
-def to_device(batch: dict, dev) -> dict:
-    return {k: v.to(dev, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def autocast_ctx(dtype: str, dev):
-    """bf16/fp16 autocast on CUDA as --dtype says; fp32 on CPU (bf16 matmul is slow there)."""
-    if "cuda" not in str(dev) or dtype == "float32":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype={"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype])
-
-
-def wrap_model(raw, dev, ddp: bool, compile: bool = False, find_unused: bool = False):
-    """torch.compile (optional), then DistributedDataParallel under torchrun. The loop trains the wrapped model and
-    saves and evaluates the raw one."""
-    model = torch.compile(raw) if compile else raw
-    if ddp:
-        ids = [torch.device(dev).index] if "cuda" in str(dev) else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
-    return model
-
-
-def optimizer_step(opt, params, grad_clip: float, bad_steps: int, step: int) -> int:
-    """Clip the gradient norm to grad_clip (0: measure it only) and step, unless the norm is non-finite: then skip
-    the step (a warning) and count it; 5 in a row stop the run. The gradients are already all-reduced, so every DDP
-    rank takes the same decision. Returns the new count of consecutive bad steps."""
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or float("inf"))
-    if torch.isfinite(norm):
-        opt.step()
-        bad_steps = 0
-    else:
-        bad_steps += 1
-        tqdm.write(f"warning: step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-        if bad_steps >= 5:
-            raise RuntimeError("5 non-finite steps in a row: stopping (lower --learning_rate?)")
-    opt.zero_grad(set_to_none=True)
-    return bad_steps
-
-
-def gather_rng(ddp: bool, world: int) -> list:
-    """Every rank's RNG state (a collective under DDP: all ranks call it), for the checkpoint."""
-    states = [None] * world
-    if ddp:
-        torch.distributed.all_gather_object(states, rng_state())
-    else:
-        states[0] = rng_state()
-    return states
-
-
-def restore_rng(states: list, rank: int):
-    """This rank's RNG state from a checkpoint (a run resumed on another world size: rank r takes state r mod n)."""
-    set_rng_state(states[rank % len(states)])
-
-
-def log_eval(path, rec: dict):
-    """One eval line: printed as key=value above the progress bar and appended to log.jsonl."""
-    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()
-                        if v is not None))
-    append_jsonl(path, rec)
-
-
-def forward_flops(model, *args) -> float:
-    """FLOPs of one forward model(*args), counted by torch.utils.flop_counter (2 per multiply-add; Triton kernels
-    are not seen), in eval mode, without gradients and without advancing the RNG streams (exact resume holds)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    was_training = model.training
-    devices = [a.device for a in args if torch.is_tensor(a) and a.device.type == "cuda"][:1]
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model.eval()
-        model(*args)
-    model.train(was_training)
-    return fc.get_total_flops()
-
-
-def meta_memory(fn) -> int:
-    """Peak bytes of tensors alive at once while fn() runs, for a model and inputs on the meta device (nothing is
-    allocated): every storage an op creates counts with its size until no tensor holds it (checked before each op).
-    Tensors that exist before fn() (parameters) are not counted, gradients created inside fn() are: add the
-    parameters and the optimizer state."""
-    from torch.multiprocessing.reductions import StorageWeakRef
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_flatten
-    live, peak = {}, [0]  # storage id -> (weak reference, bytes)
-
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            for key in [k for k, (ref, _) in live.items() if ref.expired()]:
-                del live[key]
-            out = func(*args, **(kwargs or {}))
-            inputs = {StorageWeakRef(t.untyped_storage()).cdata for t in tree_flatten((args, kwargs))[0]
-                      if torch.is_tensor(t)}
-            for t in tree_flatten(out)[0]:
-                if torch.is_tensor(t):  # a view or an in-place result shares an input's storage: not new memory
-                    ref = StorageWeakRef(t.untyped_storage())
-                    if ref.cdata not in inputs:
-                        live.setdefault(ref.cdata, (ref, t.untyped_storage().nbytes()))
-            peak[0] = max(peak[0], sum(nb for _, nb in live.values()))
-            return out
-
-    with Track():
-        fn()
-    return peak[0]
 
 # =============================================================================
 # CLI: python data.py synthetic|prepare|montage|bench
