@@ -60,7 +60,6 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +69,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (FOV, LABELS, REGION_IDS, SPECIAL_TOKENS, BadConfig, BadVolume, InputError, Interrupted, RadGenomeCT,
-                  StepTimer, StopOnSigint, SyntheticCT, append_jsonl, bootstrap_diff, choice_correct, crop_or_pad,
+                  StepTimer, StopOnSigint, Stream, SyntheticCT, append_jsonl, bootstrap_diff, choice_correct, crop_or_pad,
                   forward_flops, load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, load_nifti, preprocess,
                   report_labels, report_metrics, resume_cleanup, rng_state, run, save_bpe, save_checkpoint,
                   set_rng_state, setup_ddp, train_bpe, vqa_closed_accuracy, sample_patient, finding_region,
@@ -813,17 +812,10 @@ def generate(decoder: Decoder, prompt, prefix=None, *, max_new_tokens: int, eos_
     return out
 
 
-# Copied from hilt._epoch_perm
-@lru_cache(maxsize=4)
-def _epoch_perm(n: int, seed: int, epoch: int) -> list:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-
-
-# Copied from hilt.stream
-def stream(n: int, start: int, count: int, seed: int) -> list:
-    """Items start .. start + count of an endless stream of shuffled epochs: a function of (seed, position) alone, so
-    a resumed run draws exactly the batches it would have drawn."""
-    return [_epoch_perm(n, seed, s // n)[s % n] for s in range(start, start + count)]
+def micro_batch(n: int, k: int, micro: int, seed: int, rank: int = 0, world: int = 1) -> list:
+    """Items of micro-batch k (k = step * grad_accum + micro_step) of this rank: data.Stream's batches, the ones
+    every script trains on (an endless stream of shuffled epochs, a function of (seed, position) alone)."""
+    return next(iter(Stream(n, micro, seed, k, k + 1, 1, rank, world)))
 
 
 def build_model(cfg: dict) -> nn.Module:
@@ -998,7 +990,7 @@ def train_loop(cfg, tag, model, opt, n_items, batch_fn, loss_fn, val_fn, save, *
     fwd = nn.parallel.DistributedDataParallel(model, device_ids=[int(dev.split(":")[1])] if "cuda" in dev else None
                                               ) if ddp else model
     with torch.random.fork_rng():  # FLOPs of one sample (forward x 3), without moving the RNG (exact resume)
-        first = batch_fn(stream(n_items, 0, micro, cfg["seed"]))
+        first = batch_fn(micro_batch(n_items, 0, micro, cfg["seed"]))
         timer = StepTimer(dev, 3 * forward_flops(model, *model_args(first)) / first[0].shape[0])
     timer.stats()  # the first call measures the device's peak FLOP/s, outside the first timed window
     iter_num, best, bad, loss_sum, n_sum = start, float("inf"), 0, 0.0, 0
@@ -1009,7 +1001,7 @@ def train_loop(cfg, tag, model, opt, n_items, batch_fn, loss_fn, val_fn, save, *
                 g["lr"] = get_lr(iter_num, lr, warmup, iters)
             losses = []
             for j in range(cfg["grad_accum"]):
-                idx = stream(n_items, ((iter_num * cfg["grad_accum"] + j) * world + rank) * micro, micro, cfg["seed"])
+                idx = micro_batch(n_items, iter_num * cfg["grad_accum"] + j, micro, cfg["seed"], rank, world)
                 sync = nullcontext() if not ddp or j == cfg["grad_accum"] - 1 else fwd.no_sync()
                 with timer.data():
                     batch = batch_fn(idx)

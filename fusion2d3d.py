@@ -48,7 +48,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -60,11 +59,12 @@ import torchvision
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from data import (LABELS, BadConfig, Interrupted, StopOnSigint, append_jsonl, auroc, best_f1_thresholds, check_out_dir,
-                  classification_metrics, get_dataset, load_checkpoint, load_ct, preprocess, resume_cleanup,
-                  rng_state, run, save_checkpoint, set_rng_state, setup_ddp)
+from data import (LABELS, BadConfig, Interrupted, auroc, best_f1_thresholds, check_out_dir, classification_metrics,
+                  get_dataset, load_checkpoint, load_ct, preprocess, resume_cleanup, run, save_checkpoint, setup_ddp)
 from data import collate as data_collate
-from data import StepTimer  # per-step data wait vs compute, TFLOP/s, MFU against this device's peak
+# the training loop's shared parts (data.py, Runs): the same in every script
+from data import (StepTimer, StopOnSigint, Stream, autocast_ctx, forward_flops, gather_rng, log_eval, make_loader,
+                  optimizer_step, restore_rng, to_device, wrap_model)
 
 # -----------------------------------------------------------------------------
 preset = ""  # cpu | paper; empty: paper on CUDA, cpu otherwise
@@ -80,6 +80,7 @@ alpha = "learned"  # fusion weight of the 3D residual: a float (fixed) or learne
 epochs = 10  # paper: 10 epochs
 max_iters = 0  # optimizer steps; 0 = epochs * steps per epoch
 eval_interval = 0  # steps between evals (ReduceLROnPlateau steps on each); 0 = once per epoch
+log_interval = 10  # steps between progress-bar loss updates
 batch_size = 8  # global batch (split across DDP ranks, then into grad_accum micro-batches); paper: 8
 grad_accum = 1  # micro-batches per optimizer step
 learning_rate = 5e-4  # AdamW, paper: 5e-4
@@ -120,61 +121,6 @@ PRESETS = {
 }
 MODEL_KEYS = ("mode", "alpha", "shape", "n_slices", "vit_size", "patch", "vit_dim", "vit_depth", "vit_slice_depth",
               "vit_heads", "vit_head_dim", "window", "norm", "spacing")
-
-
-# Copied from ct_scroll._cast
-def _cast(key, value: str, default):
-    """Cast a command-line string to the type of the key's default. An error naming the key: a wrong type, a
-    list of another length than the default's, a number that is not finite, or negative where the default is not
-    (a list whose default values are all positive must stay positive)."""
-    try:
-        if isinstance(default, bool):
-            if value.lower() not in ("true", "false"):
-                raise ValueError
-            return value.lower() == "true"
-        if isinstance(default, tuple):  # comma lists -> tuples of int/float
-            out = tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(",") if v.strip())
-            if out and default and len(out) != len(default):
-                raise SystemExit(f"--{key}={value!r}: expected {len(default)} comma-separated values, like "
-                                 f"{','.join(map(str, default))}")
-            if not all(math.isfinite(v) for v in out) or (all(d > 0 for d in default) and any(v <= 0 for v in out)):
-                raise SystemExit(f"--{key}={value!r}: every value must be a positive finite number")
-            return out
-        out = type(default)(value)
-    except ValueError:
-        raise SystemExit(f"--{key}={value!r}: expected a value like {default!r}") from None
-    if isinstance(out, (int, float)) and (not math.isfinite(out) or (default >= 0 and out < 0)):
-        raise SystemExit(f"--{key}={value!r}: expected a finite number" + (" >= 0" if default >= 0 else ""))
-    return out
-
-
-# Copied from ct_scroll.parse_config
-def parse_config(argv, defaults, presets):
-    """defaults <- preset <- command line. `--key=value` and `--key value` both work; unknown keys and bad values
-    stop with a message that lists the valid keys; `--help` prints every key with its default."""
-    args, given = list(sys.argv[1:] if argv is None else argv), {}
-    while args:
-        arg = args.pop(0)
-        if arg in ("-h", "--help"):
-            print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]   presets: {', '.join(presets)}")
-            print("\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
-            raise SystemExit(0)
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in defaults:
-            raise SystemExit(f"unknown argument {arg!r}; valid keys: {', '.join('--' + k for k in defaults)}")
-        if not eq:
-            if not args:
-                raise SystemExit(f"--{key} needs a value")
-            value = args.pop(0)
-        given[key] = value
-    name = given.get("preset") or defaults["preset"] or ("paper" if torch.cuda.is_available() else "cpu")
-    if name not in presets:
-        raise SystemExit(f"unknown preset {name!r}; valid presets: {', '.join(presets)}")
-    cfg = {**defaults, **presets[name], "preset": name}
-    for key, value in given.items():
-        if key != "preset":
-            cfg[key] = _cast(key, value, cfg[key])
-    return cfg
 
 
 # -----------------------------------------------------------------------------
@@ -317,41 +263,6 @@ def parse_alpha(a: str) -> float:
         raise BadConfig(f"--alpha={a!r}: expected a number (fixed weight, e.g. 0.5) or 'learned'") from None
 
 
-def check_config(cfg):
-    """What parses but cannot work stops here, before any work, naming the key."""
-    choices = {"mode": ("resnet", "vit", "fusion"), "init_from": ("scratch", "resume"), "rescale": ("auto", "header",
-               "none"), "norm": ("symmetric", "unit", "ctscroll", "hu"), "cam_label": LABELS}
-    for key, options in choices.items():
-        if cfg[key] not in options:
-            raise BadConfig(f"--{key}={cfg[key]}: expected one of {', '.join(options)}")
-    if cfg["mode"] == "fusion" and cfg["alpha"] != "learned":
-        parse_alpha(cfg["alpha"])
-    for key in ("epochs", "batch_size", "grad_accum", "n_train", "n_val", "n_test", "n_slices", "vit_size", "patch",
-                "vit_dim", "vit_depth", "vit_slice_depth", "vit_heads", "vit_head_dim"):
-        if cfg[key] < 1:
-            raise BadConfig(f"--{key}={cfg[key]}: must be at least 1")
-    for key in ("shape", "spacing", "window"):
-        if len(cfg[key]) != len(DEFAULTS[key]):
-            raise BadConfig(f"--{key}={cfg[key]}: expected {len(DEFAULTS[key])} values")
-    if cfg["window"][0] >= cfg["window"][1]:
-        raise BadConfig(f"--window={cfg['window']}: expected low,high with low < high")
-    if cfg["vit_size"] % cfg["patch"]:
-        raise BadConfig(f"--patch={cfg['patch']}: must divide --vit_size={cfg['vit_size']}")
-    if cfg["batch_size"] % cfg["grad_accum"]:
-        raise BadConfig(f"--batch_size={cfg['batch_size']}: must be a multiple of --grad_accum={cfg['grad_accum']}")
-    if cfg["n_train"] < cfg["batch_size"] and cfg["data"] == "synthetic":
-        raise BadConfig(f"--n_train={cfg['n_train']}: smaller than --batch_size={cfg['batch_size']} (no full batch)")
-    if cfg["predict"] and cfg["init_from"] != "resume":
-        raise BadConfig("--predict needs a trained model: add --init_from=resume (and --out_dir of the run)")
-    for key in ("predict", "resnet_weights"):
-        if cfg[key] and not os.path.isfile(cfg[key]):
-            raise BadConfig(f"--{key}={cfg[key]}: no such file")
-    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise BadConfig(f"--device={cfg['device']}: CUDA is not available here (--device=cpu)")
-    if cfg["data"] != "synthetic" and not os.path.isdir(cfg["data"]):
-        raise BadConfig(f"--data={cfg['data']}: not 'synthetic' and not a folder (a CT-RATE root or a prepared cache)")
-
-
 def build_model(cfg: dict) -> nn.Module:
     return Fusion2D3D(cfg)
 
@@ -393,31 +304,38 @@ def get_split(cfg, split):
     return ds
 
 
-def loader(ds, batches, cfg):
-    """Its own generator: starting an iterator draws a worker seed, which must not come from the global RNG (a
-    run resumed mid-epoch starts an iterator the uninterrupted run did not)."""
-    workers = 0 if isinstance(ds, list) else cfg["num_workers"]
-    return torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=workers,
-                                       collate_fn=partial(collate_centre, n_slices=cfg["n_slices"]),
-                                       generator=torch.Generator().manual_seed(cfg["seed"]))
+def loader(ds, cfg, batch_sampler):
+    return make_loader(ds, batch_sampler, partial(collate_centre, n_slices=cfg["n_slices"]), cfg["num_workers"],
+                       cfg["seed"], pin_memory="cuda" in cfg["device"])
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int):
-    """The global batches of one epoch, a function of (seed, epoch) alone, so a resumed run sees the same order."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-    return [perm[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+def eval_batches(n: int, size: int) -> list:
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
 
 
 # -----------------------------------------------------------------------------
-# Train / eval
+# Train
+
+def configure_optimizer(model, cfg, dev):
+    """AdamW; weight decay on matrices only (not on biases, norms, position embeddings or alpha)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.startswith("vit.pos")]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.startswith("vit.pos"))]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg["learning_rate"],
+                             fused="cuda" in str(dev))
+
+
+def compute_loss(model, batch, it, cfg):
+    """Binary cross-entropy over the 18 labels."""
+    return F.binary_cross_entropy_with_logits(model(batch["volume"]).float(), batch["labels"])
+
 
 @torch.no_grad()
-def evaluate(model, ds, cfg, dev, ctx):
+def predict_split(model, ds, cfg, dev, ctx):
     """Mean BCE, labels (N, 18), probabilities (N, 18) and latents (N, D) over a split."""
     model.eval()
-    batches = [list(range(i, min(i + cfg["batch_size"], len(ds)))) for i in range(0, len(ds), cfg["batch_size"])]
     ys, ps, zs, loss = [], [], [], 0.0
-    for b in loader(ds, batches, cfg):
+    for b in loader(ds, cfg, eval_batches(len(ds), cfg["batch_size"])):
         x, y = b["volume"].to(dev), b["labels"].to(dev)
         with ctx:
             logits, z, _ = model(x, keep=True)
@@ -427,126 +345,102 @@ def evaluate(model, ds, cfg, dev, ctx):
     return loss / len(ds), torch.cat(ys).numpy(), torch.cat(ps).numpy(), torch.cat(zs)
 
 
+def evaluate(model, ds, cfg, dev, ctx) -> dict:
+    loss, y, p, _ = predict_split(model, ds, cfg, dev, ctx)
+    return {"val_loss": loss, "val_auroc": float(np.nanmean([auroc(y[:, j], p[:, j]) for j in range(y.shape[1])])),
+            "alpha": alpha_value(model)}
+
+
+def model_state(model, cfg) -> dict:
+    return model.state_dict()
+
+
 def flops_per_sample(model, cfg, dev):
-    """Forward FLOPs of one volume, counted by torch (x3 for a training step)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    x = torch.zeros(1, 1, cfg["n_slices"], *cfg["shape"][1:], device=dev)
-    model.eval()  # BatchNorm's running statistics must not see this input (a resumed run would differ)
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model(x)
-    model.train()
-    return fc.get_total_flops()
+    """Forward FLOPs of one volume, counted by torch."""
+    return forward_flops(model, torch.zeros(1, 1, cfg["n_slices"], *cfg["shape"][1:], device=dev))
 
 
-def train(cfg, model, dev, ddp, rank, world, master, ckpt=None):
-    ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" and "cuda" in dev
-           else nullcontext())
+def train(cfg, model, train_ds, val_ds, dev, ddp, rank, world, master, ckpt=None):
+    """nanoGPT's loop, the same code in every script of this repo except the paper's parts (configure_optimizer,
+    the ReduceLROnPlateau schedule, compute_loss, evaluate): grad_accum micro-batches per optimizer step, DDP syncing
+    gradients on the last; a step skipped when the gradient is not finite; every eval_interval steps, at the end and
+    on Ctrl-C, an eval on rank 0, a log line and a checkpoint that --init_from=resume continues from exactly.
+    Returns (raw model, autocast context, stopped by Ctrl-C)."""
+    ctx = autocast_ctx(cfg["dtype"], dev)
     raw = model
-    decay = [p for n, p in raw.named_parameters() if p.dim() >= 2 and not n.startswith("vit.pos")]
-    no_decay = [p for n, p in raw.named_parameters() if not (p.dim() >= 2 and not n.startswith("vit.pos"))]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg["learning_rate"],
-                            fused="cuda" in dev)
+    opt = configure_optimizer(raw, cfg, dev)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=cfg["lr_factor"], patience=cfg["lr_patience"])
-    train_ds, val_ds = get_split(cfg, "train"), get_split(cfg, "val")
-    if cfg["batch_size"] % (world * cfg["grad_accum"]):
-        raise BadConfig(f"--batch_size={cfg['batch_size']}: must divide by world size {world} x --grad_accum")
-    steps_per_epoch = len(train_ds) // cfg["batch_size"]
-    if steps_per_epoch < 1:
-        raise BadConfig(f"--batch_size={cfg['batch_size']}: larger than the {len(train_ds)} training volumes")
-    max_iters = cfg["max_iters"] or cfg["epochs"] * steps_per_epoch
-    eval_interval = cfg["eval_interval"] or steps_per_epoch
     iter_num, best_val = 0, float("inf")
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"]), sched.load_state_dict(ckpt["scheduler"])
         iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
-        set_rng_state(ckpt["rng"])
-    if cfg["compile"]:
-        model = torch.compile(model)
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[int(dev.split(":")[1])] if "cuda" in dev else None)
-    flops = flops_per_sample(raw, cfg, dev) * 3
-    if master:
-        print(f"{sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters, {flops / 1e9:.1f} GFLOP per "
-              f"training sample, {len(train_ds)} train / {len(val_ds)} val volumes, {steps_per_epoch} steps per "
-              f"epoch, {max_iters} steps")
-
-    def save(thresholds=None):
-        if master:
-            save_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt", {
-                "model": raw.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "iter_num": iter_num, "best_val_loss": best_val, "config": cfg, "rng": rng_state(),
-                "thresholds": thresholds})
-
-    micro = cfg["batch_size"] // world // cfg["grad_accum"]
-    bad_steps, t0, seen, last_val = 0, time.time(), 0, None
-    timer = StepTimer(dev, flops)  # means since the last eval, per process
-    pbar = tqdm(total=max_iters, initial=iter_num, disable=not master, desc=cfg["mode"])
+    model = wrap_model(raw, dev, ddp, cfg["compile"])
+    micro = cfg["batch_size"] // world // cfg["grad_accum"]  # batch_size is per optimizer step
+    batches = iter(loader(train_ds, cfg, Stream(len(train_ds), micro, cfg["seed"], iter_num, cfg["max_iters"],
+                                                cfg["grad_accum"], rank, world)))
+    timer = StepTimer(dev, 3 * flops_per_sample(raw, cfg, dev))  # forward + backward = 3 forwards
+    timer.stats()  # the first call measures the device's peak FLOP/s: here, not inside the first timed window
+    if ckpt is not None:  # restored last, right before the loop, so nothing above can draw from it
+        restore_rng(ckpt["rng"], rank)
+    bad_steps, loss_sum, n_steps = 0, 0.0, 0
+    pbar = tqdm(total=cfg["max_iters"], initial=iter_num, disable=not master, desc="train", dynamic_ncols=True)
     with StopOnSigint() as sig:
-        while iter_num < max_iters and not sig.stop:
-            epoch, k = divmod(iter_num, steps_per_epoch)
-            batches = [b[rank::world] for b in epoch_batches(len(train_ds), cfg["batch_size"], cfg["seed"], epoch)[k:]]
-            batches = [b[j * micro:(j + 1) * micro] for b in batches for j in range(cfg["grad_accum"])]
-            it = iter(loader(train_ds, batches, cfg))
-            for _ in range(min(steps_per_epoch - k, max_iters - iter_num)):
-                for j in range(cfg["grad_accum"]):
-                    with timer.data():
-                        b = next(it)
-                        x, y = b["volume"].to(dev, non_blocking=True), b["labels"].to(dev, non_blocking=True)
-                    sync = nullcontext() if not ddp or j == cfg["grad_accum"] - 1 else model.no_sync()
-                    with ctx, sync:
-                        loss = F.binary_cross_entropy_with_logits(model(x).float(), y)
-                        (loss / cfg["grad_accum"]).backward()
-                norm = nn.utils.clip_grad_norm_(raw.parameters(), cfg["grad_clip"] or float("inf"))
-                if torch.isfinite(norm):  # grads are all-reduced, so every rank takes the same decision
-                    opt.step()
-                    bad_steps = 0
-                else:
-                    bad_steps += 1
-                    print(f"warning: step {iter_num}: non-finite loss/gradient ({loss.item()}), step skipped")
-                    if bad_steps >= 5:
-                        raise RuntimeError("5 non-finite steps in a row: stopping (lower --learning_rate?)")
-                opt.zero_grad(set_to_none=True)
-                iter_num += 1
-                seen += cfg["batch_size"]
-                timer.step(cfg["batch_size"] // world)
-                pbar.update(1)
+        while iter_num < cfg["max_iters"] and not sig.stop:
+            # this step's learning rate: ReduceLROnPlateau's (the paper's schedule), set after each eval
+            lr = opt.param_groups[0]["lr"]
+            # forward and backward over grad_accum micro-batches; DDP all-reduces the gradients on the last one
+            for micro_step in range(cfg["grad_accum"]):
+                with timer.data():
+                    batch = to_device(next(batches), dev)
+                if ddp:
+                    model.require_backward_grad_sync = micro_step == cfg["grad_accum"] - 1
+                with ctx:
+                    loss = compute_loss(model, batch, iter_num, cfg)
+                (loss / cfg["grad_accum"]).backward()
+                loss_sum += loss.item() / cfg["grad_accum"]
+            # clip and step; a non-finite gradient skips the step on every rank
+            bad_steps = optimizer_step(opt, raw.parameters(), cfg["grad_clip"], bad_steps, iter_num)
+            iter_num, n_steps = iter_num + 1, n_steps + 1
+            timer.step(micro * cfg["grad_accum"])
+            pbar.update(1)
+            if master and iter_num % cfg["log_interval"] == 0:
+                pbar.set_postfix_str(f"loss {loss.item():.4f} lr {lr:.2e}")
+            # eval on rank 0, log, checkpoint: every eval_interval steps, at the end, on Ctrl-C
+            if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"] or sig.stop:
+                rng, perf = gather_rng(ddp, world), timer.stats()
                 if master:
-                    pbar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{opt.param_groups[0]['lr']:.1e}")
-                if iter_num % eval_interval == 0 or iter_num == max_iters:
-                    dt, perf = time.time() - t0, timer.stats()
-                    val_loss, yv, pv, _ = evaluate(raw, val_ds, cfg, dev, ctx)
-                    if ddp:  # one decision for the scheduler on every rank
-                        v = torch.tensor([val_loss], device=dev)
-                        torch.distributed.broadcast(v, 0)
-                        val_loss = v.item()
-                    sched.step(val_loss)
-                    last_val = (yv, pv)
-                    best_val = min(best_val, val_loss)
-                    auc = float(np.nanmean([auroc(yv[:, j], pv[:, j]) for j in range(yv.shape[1])]))
-                    rec = {"iter": iter_num, "epoch": iter_num / steps_per_epoch, "train_loss": loss.item(),
-                           "val_loss": val_loss, "val_auroc": auc, "lr": opt.param_groups[0]["lr"],
-                           "alpha": alpha_value(raw), "samples_per_s": seen / dt, **perf}
-                    if master:
-                        tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                            for k, v in rec.items() if v is not None))
-                        append_jsonl(Path(cfg["out_dir"]) / "log.jsonl", rec)
-                    save()
-                    t0, seen = time.time(), 0
-                    timer.reset()
-                if sig.stop:
-                    break
+                    val = evaluate(raw, val_ds, cfg, dev, ctx)
+                    best_val = min(best_val, val["val_loss"])
+                    sched.step(val["val_loss"])  # the paper's schedule: halve the lr after lr_patience flat evals
+                    log_eval(Path(cfg["out_dir"]) / "log.jsonl",
+                             {"iter": iter_num, "train_loss": loss_sum / n_steps, **val, "lr": lr, **perf})
+                    save_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt", {
+                        "model": model_state(raw, cfg), "optimizer": opt.state_dict(), "iter_num": iter_num,
+                        "best_val_loss": best_val, "config": cfg, "rng": rng, "scheduler": sched.state_dict()})
+                if ddp:
+                    torch.distributed.barrier()
+                    share_lr(opt, sched)
+                loss_sum, n_steps = 0.0, 0
+                timer.reset()
     pbar.close()
-    save()
-    return raw, ctx, val_ds, sig.stop, save, last_val
+    return raw, ctx, sig.stop
 
 
-def final_eval(cfg, model, dev, ctx, val_ds, save, last_val=None, t_start=None):
+def share_lr(opt, sched):
+    """DDP: rank 0's scheduler decided; every rank takes its learning rates and state."""
+    state = [sched.state_dict(), [g["lr"] for g in opt.param_groups]]
+    torch.distributed.broadcast_object_list(state, src=0)
+    sched.load_state_dict(state[0])
+    for g, lr in zip(opt.param_groups, state[1]):
+        g["lr"] = lr
+
+
+def final_eval(cfg, model, dev, ctx, val_ds, t_start=None):
     """Table 2's columns on the test split, at 0.5 and at validation-F1 thresholds; metrics.json; the pictures."""
-    yv, pv = last_val or evaluate(model, val_ds, cfg, dev, ctx)[1:3]  # the last eval's, when it was the final model
+    yv, pv = predict_split(model, val_ds, cfg, dev, ctx)[1:3]
     thr = best_f1_thresholds(yv, pv)
     test_ds = get_split(cfg, "test")
-    test_loss, yt, pt, zt = evaluate(model, test_ds, cfg, dev, ctx)
+    test_loss, yt, pt, zt = predict_split(model, test_ds, cfg, dev, ctx)
     res = {"mode": cfg["mode"], "alpha": alpha_value(model) if cfg["mode"] == "fusion" else None,
            "test_loss": test_loss, "at_0.5": classification_metrics(yt, pt, np.full(yt.shape[1], 0.5)),
            "at_val_f1_thresholds": classification_metrics(yt, pt, thr), "thresholds": thr.tolist()}
@@ -558,7 +452,9 @@ def final_eval(cfg, model, dev, ctx, val_ds, save, last_val=None, t_start=None):
         print(f"{name:<22}" + "".join(f"{m[k]:>7.3f}" for k in ("auroc", "accuracy", "precision", "recall", "f1",
                                                                  "weighted_f1")))
     out = Path(cfg["out_dir"])
-    save(thresholds=thr.tolist())
+    ck = load_checkpoint(out / "ckpt.pt")  # --predict calls each label at its validation-F1 threshold
+    ck["thresholds"] = thr.tolist()
+    save_checkpoint(out / "ckpt.pt", ck)
     embedding_png(zt, yt.sum(1), out / "embedding.png", f"{cfg['mode']} latent, PCA, test split")
     label = LABELS.index(cfg["cam_label"])
     pos = np.flatnonzero(yt[:, label] > 0.5)
@@ -674,12 +570,107 @@ def predict_file(cfg, model, ckpt, dev, path):
 
 
 # -----------------------------------------------------------------------------
+# CLI: the parser (copied from ct_scroll) and the config checks
+
+# Copied from ct_scroll._cast
+def _cast(key, value: str, default):
+    """Cast a command-line string to the type of the key's default. An error naming the key: a wrong type, a
+    list of another length than the default's, a number that is not finite, or negative where the default is not
+    (a list whose default values are all positive must stay positive)."""
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false"):
+                raise ValueError
+            return value.lower() == "true"
+        if isinstance(default, tuple):  # comma lists -> tuples of int/float
+            out = tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(",") if v.strip())
+            if out and default and len(out) != len(default):
+                raise SystemExit(f"--{key}={value!r}: expected {len(default)} comma-separated values, like "
+                                 f"{','.join(map(str, default))}")
+            if not all(math.isfinite(v) for v in out) or (all(d > 0 for d in default) and any(v <= 0 for v in out)):
+                raise SystemExit(f"--{key}={value!r}: every value must be a positive finite number")
+            return out
+        out = type(default)(value)
+    except ValueError:
+        raise SystemExit(f"--{key}={value!r}: expected a value like {default!r}") from None
+    if isinstance(out, (int, float)) and (not math.isfinite(out) or (default >= 0 and out < 0)):
+        raise SystemExit(f"--{key}={value!r}: expected a finite number" + (" >= 0" if default >= 0 else ""))
+    return out
+
+
+# Copied from ct_scroll.parse_config
+def parse_config(argv, defaults, presets):
+    """defaults <- preset <- command line. `--key=value` and `--key value` both work; unknown keys and bad values
+    stop with a message that lists the valid keys; `--help` prints every key with its default."""
+    args, given = list(sys.argv[1:] if argv is None else argv), {}
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]   presets: {', '.join(presets)}")
+            print("\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+            raise SystemExit(0)
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in defaults:
+            raise SystemExit(f"unknown argument {arg!r}; valid keys: {', '.join('--' + k for k in defaults)}")
+        if not eq:
+            if not args:
+                raise SystemExit(f"--{key} needs a value")
+            value = args.pop(0)
+        given[key] = value
+    name = given.get("preset") or defaults["preset"] or ("paper" if torch.cuda.is_available() else "cpu")
+    if name not in presets:
+        raise SystemExit(f"unknown preset {name!r}; valid presets: {', '.join(presets)}")
+    cfg = {**defaults, **presets[name], "preset": name}
+    for key, value in given.items():
+        if key != "preset":
+            cfg[key] = _cast(key, value, cfg[key])
+    return cfg
+
+
+def check_config(cfg):
+    """What parses but cannot work stops here, before any work, naming the key."""
+    choices = {"mode": ("resnet", "vit", "fusion"), "init_from": ("scratch", "resume"), "rescale": ("auto", "header",
+               "none"), "norm": ("symmetric", "unit", "ctscroll", "hu"), "cam_label": LABELS}
+    for key, options in choices.items():
+        if cfg[key] not in options:
+            raise BadConfig(f"--{key}={cfg[key]}: expected one of {', '.join(options)}")
+    if cfg["mode"] == "fusion" and cfg["alpha"] != "learned":
+        parse_alpha(cfg["alpha"])
+    for key in ("epochs", "batch_size", "grad_accum", "n_train", "n_val", "n_test", "n_slices", "vit_size", "patch",
+                "vit_dim", "vit_depth", "vit_slice_depth", "vit_heads", "vit_head_dim"):
+        if cfg[key] < 1:
+            raise BadConfig(f"--{key}={cfg[key]}: must be at least 1")
+    for key in ("shape", "spacing", "window"):
+        if len(cfg[key]) != len(DEFAULTS[key]):
+            raise BadConfig(f"--{key}={cfg[key]}: expected {len(DEFAULTS[key])} values")
+    if cfg["window"][0] >= cfg["window"][1]:
+        raise BadConfig(f"--window={cfg['window']}: expected low,high with low < high")
+    if cfg["vit_size"] % cfg["patch"]:
+        raise BadConfig(f"--patch={cfg['patch']}: must divide --vit_size={cfg['vit_size']}")
+    if cfg["batch_size"] % cfg["grad_accum"]:
+        raise BadConfig(f"--batch_size={cfg['batch_size']}: must be a multiple of --grad_accum={cfg['grad_accum']}")
+    if cfg["n_train"] < cfg["batch_size"] and cfg["data"] == "synthetic":
+        raise BadConfig(f"--n_train={cfg['n_train']}: smaller than --batch_size={cfg['batch_size']} (no full batch)")
+    if cfg["predict"] and cfg["init_from"] != "resume":
+        raise BadConfig("--predict needs a trained model: add --init_from=resume (and --out_dir of the run)")
+    for key in ("predict", "resnet_weights"):
+        if cfg[key] and not os.path.isfile(cfg[key]):
+            raise BadConfig(f"--{key}={cfg[key]}: no such file")
+    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
+        raise BadConfig(f"--device={cfg['device']}: CUDA is not available here (--device=cpu)")
+    if cfg["data"] != "synthetic" and not os.path.isdir(cfg["data"]):
+        raise BadConfig(f"--data={cfg['data']}: not 'synthetic' and not a folder (a CT-RATE root or a prepared cache)")
+
+
+# -----------------------------------------------------------------------------
 
 def main(argv=None):
     t_start = time.time()
     cfg = parse_config(argv, DEFAULTS, PRESETS)
     check_config(cfg)
     ddp, rank, world, dev, master = setup_ddp(cfg["device"])
+    if cfg["batch_size"] % (world * cfg["grad_accum"]):
+        raise BadConfig(f"--batch_size={cfg['batch_size']}: must divide by the {world} processes x --grad_accum")
     ckpt = None
     if cfg["init_from"] == "resume":
         ckpt = load_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
@@ -698,8 +689,18 @@ def main(argv=None):
     if cfg["predict"]:
         return predict_file(cfg, model, ckpt, dev, cfg["predict"])
     Path(cfg["out_dir"]).mkdir(parents=True, exist_ok=True)
-    model, ctx, val_ds, stopped, save, last_val = train(cfg, model, dev, ddp, rank, world, master, ckpt)
-    res = final_eval(cfg, model, dev, ctx, val_ds, save, last_val, t_start) if master and not stopped else None
+    train_ds, val_ds = get_split(cfg, "train"), get_split(cfg, "val") if master else None
+    steps_per_epoch = len(train_ds) // cfg["batch_size"]
+    if steps_per_epoch < 1:
+        raise BadConfig(f"--batch_size={cfg['batch_size']}: larger than the {len(train_ds)} training volumes")
+    cfg["max_iters"] = cfg["max_iters"] or cfg["epochs"] * steps_per_epoch  # the paper counts epochs
+    cfg["eval_interval"] = cfg["eval_interval"] or steps_per_epoch
+    if master:
+        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{3 * flops_per_sample(model, cfg, dev) / 1e9:.1f} GFLOP per training sample, {len(train_ds)} train / "
+              f"{len(val_ds)} val volumes, {steps_per_epoch} steps per epoch, {cfg['max_iters']} steps")
+    model, ctx, stopped = train(cfg, model, train_ds, val_ds, dev, ddp, rank, world, master, ckpt)
+    res = final_eval(cfg, model, dev, ctx, val_ds, t_start) if master and not stopped else None
     if ddp:
         torch.distributed.destroy_process_group()
     if stopped:

@@ -183,63 +183,205 @@ INSTRUCTION = "Write the findings of this chest CT."
 CACHE_BYTES = 2 * 2**30  # fp16 synthetic splits up to this stay in RAM; larger: rendered on the GPU, or once to disk
 
 
-# Copied from ct_scroll._cast
-def _cast(key, value: str, default):
-    """Cast a command-line string to the type of the key's default. An error naming the key: a wrong type, a
-    list of another length than the default's, a number that is not finite, or negative where the default is not
-    (a list whose default values are all positive must stay positive)."""
-    try:
-        if isinstance(default, bool):
-            if value.lower() not in ("true", "false"):
-                raise ValueError
-            return value.lower() == "true"
-        if isinstance(default, tuple):  # comma lists -> tuples of int/float
-            out = tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(",") if v.strip())
-            if out and default and len(out) != len(default):
-                raise SystemExit(f"--{key}={value!r}: expected {len(default)} comma-separated values, like "
-                                 f"{','.join(map(str, default))}")
-            if not all(math.isfinite(v) for v in out) or (all(d > 0 for d in default) and any(v <= 0 for v in out)):
-                raise SystemExit(f"--{key}={value!r}: every value must be a positive finite number")
-            return out
-        out = type(default)(value)
-    except ValueError:
-        raise SystemExit(f"--{key}={value!r}: expected a value like {default!r}") from None
-    if isinstance(out, (int, float)) and (not math.isfinite(out) or (default >= 0 and out < 0)):
-        raise SystemExit(f"--{key}={value!r}: expected a finite number" + (" >= 0" if default >= 0 else ""))
-    return out
+# -----------------------------------------------------------------------------
+# Vision: E_V and HILT (Eq. 1-3)
+
+def zyx(hwd) -> tuple:
+    """The paper's H x W x D (depth last, as typed on the command line) -> the tensor's (z, y, x) = (D, H, W)."""
+    return (hwd[2], hwd[0], hwd[1])
 
 
-# Copied from ct_scroll.parse_config
-def parse_config(argv, defaults, presets):
-    """defaults <- preset <- command line. `--key=value` and `--key value` both work; unknown keys and bad values
-    stop with a message that lists the valid keys; `--help` prints every key with its default."""
-    args, given = list(sys.argv[1:] if argv is None else argv), {}
-    while args:
-        arg = args.pop(0)
-        if arg in ("-h", "--help"):
-            print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]   presets: {', '.join(presets)}")
-            print("\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
-            raise SystemExit(0)
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in defaults:
-            raise SystemExit(f"unknown argument {arg!r}; valid keys: {', '.join('--' + k for k in defaults)}")
-        if not eq:
-            if not args:
-                raise SystemExit(f"--{key} needs a value")
-            value = args.pop(0)
-        given[key] = value
-    name = given.get("preset") or defaults["preset"] or ("paper" if torch.cuda.is_available() else "cpu")
-    if name not in presets:
-        raise SystemExit(f"unknown preset {name!r}; valid presets: {', '.join(presets)}")
-    cfg = {**defaults, **presets[name], "preset": name}
-    for key, value in given.items():
-        if key != "preset":
-            cfg[key] = _cast(key, value, cfg[key])
-    return cfg
+class ViTBlock(nn.Module):
+    """Pre-norm ViT layer: x + MHSA(LN(x)), then x + MLP(LN(x))."""
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, d)
+        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+        return x + self.mlp(self.ln2(x))
+
+
+class ConvStem(nn.Module):
+    """The CNN of a hybrid ViT (Dosovitskiy et al., ICLR 2021, Sec. 3.1 "Hybrid Architecture"), in 3D: one stage per
+    channel count, each a 3x3x3 conv + GroupNorm + GELU with stride 2 along every axis the patch still spans (else 1).
+    (B, 1, Z, Y, X) -> (B, C_last, Z / sz, Y / sy, X / sx); `cell` = the patch left for the token embedding."""
+    def __init__(self, channels, patch):
+        super().__init__()
+        layers, c, cell = [], 1, list(patch)
+        for c_out in channels:
+            stride = tuple(2 if r % 2 == 0 else 1 for r in cell)
+            cell = [r // s for r, s in zip(cell, stride)]
+            layers += [nn.Conv3d(c, c_out, 3, stride=stride, padding=1), nn.GroupNorm(min(8, c_out), c_out), nn.GELU()]
+            c = c_out
+        self.net, self.cell, self.out_channels = nn.Sequential(*layers), tuple(cell), c
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class ViT3D(nn.Module):
+    """E_V (Eq. 1): (B, 1, Z, Y, X) -> tokens (B, N, C). The positional embedding is a grid of the HR token layout,
+    trilinearly interpolated when a view has another grid (the LR view). With `stem_channels` (--encoder=hybrid) a
+    ConvStem runs first and each token embeds the stem's features over what is left of the patch: the same token
+    grid, so Eq. 3 and the 64 visual tokens are unchanged."""
+    def __init__(self, *, grid, patch, dim: int, depth: int, heads: int, grad_checkpoint: bool = False,
+                 stem_channels=()):
+        super().__init__()
+        self.grid, self.grad_checkpoint = tuple(grid), grad_checkpoint
+        self.stem = ConvStem(stem_channels, patch) if stem_channels else None
+        self.patch, c_in = (self.stem.cell, self.stem.out_channels) if self.stem else (tuple(patch), 1)
+        self.patch_embed = nn.Linear(c_in * math.prod(self.patch), dim)  # = Conv3d(c_in, dim, patch, stride=patch)
+        self.pos_embed = nn.Parameter(torch.randn(1, dim, *grid) * 0.02)  # (1, C, gz, gy, gx)
+        self.blocks = nn.ModuleList(ViTBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        if self.stem is not None:
+            x = self.stem(x)  # (B, C_stem, Z', Y', X')
+        B, C, Z, Y, X = x.shape
+        (pz, py, px) = self.patch
+        g = (Z // pz, Y // py, X // px)
+        x = x.reshape(B, C, g[0], pz, g[1], py, g[2], px).permute(0, 2, 4, 6, 1, 3, 5, 7)  # (B, gz, gy, gx, C, pz, py, px)
+        x = self.patch_embed(x.reshape(B, math.prod(g), C * pz * py * px))  # (B, N, dim)
+        pos = self.pos_embed if g == self.grid else F.interpolate(self.pos_embed, size=g, mode="trilinear",
+                                                                  align_corners=False)  # Sec. 3.1
+        x = x + pos.flatten(2).transpose(1, 2)  # (B, N, C)
+        for blk in self.blocks:
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpoint and self.training else blk(x)
+        return self.norm(x)
+
+
+def hilt_attention(q, z_hr):
+    """Eq. (3) inside F: Q + softmax(Q K^T / sqrt(C)) V with K = V = Z_HR. One head, no projections. q (B, N', C)."""
+    return q + cross_attention(q[:, None], z_hr[:, None], z_hr[:, None])[:, 0]  # (B, 1, N', C) -> (B, N', C)
+
+
+def projector(c_in: int, c_out: int, layers: int) -> nn.Sequential:
+    """F: `layers` Linear layers with GELU between (LLaVA-1.5's mlp2x_gelu for layers=2)."""
+    mods = [nn.Linear(c_in, c_out)]
+    for _ in range(layers - 1):
+        mods += [nn.GELU(), nn.Linear(c_out, c_out)]
+    return nn.Sequential(*mods)
+
+
+def token_grids(cfg) -> tuple:
+    """(patch, HR grid, number of visual tokens the decoder sees) for cfg's mode, all in (z, y, x)."""
+    hr, lr_, patch = zyx(cfg["hr"]), zyx(cfg["lr"]), tuple(cfg["patch"])
+    if cfg["mode"] == "slices2d":  # depth as channels: one 2D patch of 16 x 16 spans every slice (Table 3's baseline)
+        patch = (hr[0], patch[1] // 2, patch[2] // 2)
+    if any(s % p for s, p in zip(hr, patch)):
+        raise ValueError(f"--hr {cfg['hr']}: (z, y, x) {hr} is not a multiple of the patch (z, y, x) {patch}")
+    if cfg["mode"] in ("hilt", "random_queries", "lr_only") and any(s % p for s, p in zip(lr_, patch)):
+        raise ValueError(f"--lr {cfg['lr']}: (z, y, x) {lr_} is not a multiple of the patch (z, y, x) {patch}")
+    grid = tuple(s // p for s, p in zip(hr, patch))
+    lr_grid = tuple(s // p for s, p in zip(lr_, patch))
+    n_visual = math.prod(lr_grid) if cfg["mode"] in ("hilt", "random_queries", "lr_only") else math.prod(grid)
+    return patch, grid, n_visual
+
+
+class Standardize(nn.Module):
+    """(B, N, C) -> (x - m) / sqrt(v + eps) per token position and channel, m and v running means over scans (updated
+    from each training batch, detached; never the batch's own statistics, so no scan's output depends on another's).
+    E_V's tokens differ far more between positions than between scans: after it, what varies with the scan is O(1)."""
+    def __init__(self, n: int, c: int, momentum: float = 0.02, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(n, c))
+        self.register_buffer("var", torch.ones(n, c))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                m = 1.0 if self.count == 0 else self.momentum  # the first batch sets the statistics
+                self.mean.lerp_(x.float().mean(0), m)
+                self.var.lerp_(x.float().var(0, unbiased=False) if x.shape[0] > 1 else self.var, m)
+                self.count += 1
+        return (x - self.mean) * torch.rsqrt(self.var + self.eps)
+
+
+class HILT(nn.Module):
+    """volume (B, 1, Z, Y, X) at HR -> visual tokens (B, n_visual, dim) -> decoder. forward(volume, inputs, targets)
+    returns the mean cross-entropy of the report tokens; with `labels` (B, 18) and aux_weight > 0 plus aux_weight x
+    the BCE of a linear label head on the mean visual feature; with inputs None that BCE alone (--pretrain_iters)."""
+    def __init__(self, cfg: dict, decoder: "Decoder"):
+        super().__init__()
+        assert cfg["mode"] in MODES, f"--mode={cfg['mode']!r}: expected one of {MODES}"
+        self.mode, self.lr_shape = cfg["mode"], zyx(cfg["lr"])
+        patch, grid, self.n_visual = token_grids(cfg)
+        assert cfg["encoder"] in ENCODERS, f"--encoder={cfg['encoder']!r}: expected one of {ENCODERS}"
+        self.encoder = ViT3D(grid=grid, patch=patch, dim=cfg["vit_dim"], depth=cfg["vit_depth"],
+                             heads=cfg["vit_heads"], grad_checkpoint=cfg["vit_checkpoint"],
+                             stem_channels=cfg["stem_channels"] if cfg["encoder"] == "hybrid" else ())
+        if self.mode == "random_queries":  # BLIP-style learned queries, as many as the LR tokens
+            self.queries = nn.Parameter(torch.randn(1, self.n_visual, cfg["vit_dim"]) * 0.02)
+        self.projector = projector(cfg["vit_dim"], decoder.args.dim, cfg["proj_layers"])  # F
+        self.label_head = nn.Linear(cfg["vit_dim"], len(LABELS))  # not the paper's: --pretrain_iters, --aux_weight
+        self.standardize = Standardize(self.n_visual, cfg["vit_dim"]) if cfg["standardize"] else nn.Identity()
+        self.label_embed = nn.Linear(len(LABELS), decoder.args.dim) if cfg["label_prompt"] else None
+        self.decoder = decoder
+
+    def features(self, volume):
+        """The visual features before F: (B, n_visual, C)."""
+        if self.mode == "lr_only":  # the LR view's tokens straight to F: no HR view, no Eq. (3)
+            x_lr = F.interpolate(volume, size=self.lr_shape, mode="trilinear", align_corners=False)
+            return self.standardize(self.encoder(x_lr))
+        z_hr = self.encoder(volume)  # Eq. (1): (B, N, C)
+        if self.mode == "hilt":
+            x_lr = F.interpolate(volume, size=self.lr_shape, mode="trilinear", align_corners=False)  # the LR view
+            z = hilt_attention(self.encoder(x_lr), z_hr)  # Eq. (1) then (3): (B, N', C)
+        elif self.mode == "random_queries":
+            z = hilt_attention(self.queries.expand(volume.shape[0], -1, -1), z_hr)  # (B, N', C)
+        else:  # all_tokens, slices2d: every token goes to the decoder
+            z = z_hr
+        return self.standardize(z)
+
+    def prefix(self, z, labels=None):
+        """F(z) (Eq. 3), then with --label_prompt one token of the 18 findings: `labels` when given (training), else
+        the label head's calls (logit >= 0; refit_label_head moves each cut) from this volume's own features."""
+        vis = self.projector(z)  # (B, n_visual, dim)
+        if self.label_embed is None:
+            return vis
+        calls = labels if labels is not None else (self.label_head(z.mean(1)) >= 0).float()  # (B, 18)
+        return torch.cat([vis, self.label_embed(calls)[:, None]], dim=1)  # (B, n_visual + 1, dim)
+
+    def visual_tokens(self, volume):
+        return self.prefix(self.features(volume))  # (B, n_visual [+ 1], dim)
+
+    def forward(self, volume, inputs, targets, labels=None, aux_weight=0.0):
+        z = self.features(volume)
+        bce = lambda: F.binary_cross_entropy_with_logits(self.label_head(z.mean(1)), labels)
+        if inputs is None:  # E_V alone on the labels
+            return bce()
+        vis = self.prefix(z, labels if self.training else None)
+        logits = self.decoder(inputs, vis)[:, vis.shape[1]:]  # Eq. (4), the text positions: (B, T, vocab)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        return loss + aux_weight * bce() if labels is not None and aux_weight else loss
+
+
+def build_model(cfg: dict) -> nn.Module:
+    """HILT around a from-scratch decoder, or around a frozen Meta Llama with LoRA when cfg['llm'] is set."""
+    _, _, n_visual = token_grids(cfg)
+    seq = n_visual + int(cfg["label_prompt"]) + cfg["max_text_len"]
+    if cfg["llm"]:
+        decoder, _ = load_llama(cfg["llm"], max_seq_len=seq)
+        if "cuda" not in str(cfg["device"]):
+            decoder.float()  # Meta ships bf16; bf16 matmul is very slow on CPU
+        add_lora(decoder, r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"])
+    else:
+        decoder = Decoder(ModelArgs(dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
+                                    n_kv_heads=cfg["n_kv_heads"], vocab_size=cfg["vocab_size"], max_seq_len=seq))
+    return HILT(cfg, decoder)
 
 
 # -----------------------------------------------------------------------------
-# Decoder: Llama 3 (RMSNorm, RoPE, SwiGLU, GQA, KV cache) and LoRA; samf.py and boundary_vqa.py copy it (DESIGN §5).
+# Decoder: Llama 3 (RMSNorm, RoPE, SwiGLU, GQA, KV cache) and LoRA; samf.py and boundary_vqa.py copy it (tests/test_copies.py checks the copies).
 # Attribute names equal Meta's checkpoint keys (tok_embeddings, layers.N.attention.wq, feed_forward.w1, norm, ...).
 
 @dataclass
@@ -504,203 +646,6 @@ def generate(decoder: Decoder, prompt, prefix=None, *, max_new_tokens: int, eos_
     finally:
         decoder.clear_cache()
     return out
-
-
-# -----------------------------------------------------------------------------
-# Vision: E_V and HILT (Eq. 1-3)
-
-def zyx(hwd) -> tuple:
-    """The paper's H x W x D (depth last, as typed on the command line) -> the tensor's (z, y, x) = (D, H, W)."""
-    return (hwd[2], hwd[0], hwd[1])
-
-
-class ViTBlock(nn.Module):
-    """Pre-norm ViT layer: x + MHSA(LN(x)), then x + MLP(LN(x))."""
-    def __init__(self, dim: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, N, d)
-        x = x + self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
-        return x + self.mlp(self.ln2(x))
-
-
-class ConvStem(nn.Module):
-    """The CNN of a hybrid ViT (Dosovitskiy et al., ICLR 2021, Sec. 3.1 "Hybrid Architecture"), in 3D: one stage per
-    channel count, each a 3x3x3 conv + GroupNorm + GELU with stride 2 along every axis the patch still spans (else 1).
-    (B, 1, Z, Y, X) -> (B, C_last, Z / sz, Y / sy, X / sx); `cell` = the patch left for the token embedding."""
-    def __init__(self, channels, patch):
-        super().__init__()
-        layers, c, cell = [], 1, list(patch)
-        for c_out in channels:
-            stride = tuple(2 if r % 2 == 0 else 1 for r in cell)
-            cell = [r // s for r, s in zip(cell, stride)]
-            layers += [nn.Conv3d(c, c_out, 3, stride=stride, padding=1), nn.GroupNorm(min(8, c_out), c_out), nn.GELU()]
-            c = c_out
-        self.net, self.cell, self.out_channels = nn.Sequential(*layers), tuple(cell), c
-
-    def forward(self, x):
-        return self.net(x)
-
-
-class ViT3D(nn.Module):
-    """E_V (Eq. 1): (B, 1, Z, Y, X) -> tokens (B, N, C). The positional embedding is a grid of the HR token layout,
-    trilinearly interpolated when a view has another grid (the LR view). With `stem_channels` (--encoder=hybrid) a
-    ConvStem runs first and each token embeds the stem's features over what is left of the patch: the same token
-    grid, so Eq. 3 and the 64 visual tokens are unchanged."""
-    def __init__(self, *, grid, patch, dim: int, depth: int, heads: int, grad_checkpoint: bool = False,
-                 stem_channels=()):
-        super().__init__()
-        self.grid, self.grad_checkpoint = tuple(grid), grad_checkpoint
-        self.stem = ConvStem(stem_channels, patch) if stem_channels else None
-        self.patch, c_in = (self.stem.cell, self.stem.out_channels) if self.stem else (tuple(patch), 1)
-        self.patch_embed = nn.Linear(c_in * math.prod(self.patch), dim)  # = Conv3d(c_in, dim, patch, stride=patch)
-        self.pos_embed = nn.Parameter(torch.randn(1, dim, *grid) * 0.02)  # (1, C, gz, gy, gx)
-        self.blocks = nn.ModuleList(ViTBlock(dim, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-
-    def forward(self, x):
-        if self.stem is not None:
-            x = self.stem(x)  # (B, C_stem, Z', Y', X')
-        B, C, Z, Y, X = x.shape
-        (pz, py, px) = self.patch
-        g = (Z // pz, Y // py, X // px)
-        x = x.reshape(B, C, g[0], pz, g[1], py, g[2], px).permute(0, 2, 4, 6, 1, 3, 5, 7)  # (B, gz, gy, gx, C, pz, py, px)
-        x = self.patch_embed(x.reshape(B, math.prod(g), C * pz * py * px))  # (B, N, dim)
-        pos = self.pos_embed if g == self.grid else F.interpolate(self.pos_embed, size=g, mode="trilinear",
-                                                                  align_corners=False)  # Sec. 3.1
-        x = x + pos.flatten(2).transpose(1, 2)  # (B, N, C)
-        for blk in self.blocks:
-            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpoint and self.training else blk(x)
-        return self.norm(x)
-
-
-def hilt_attention(q, z_hr):
-    """Eq. (3) inside F: Q + softmax(Q K^T / sqrt(C)) V with K = V = Z_HR. One head, no projections. q (B, N', C)."""
-    return q + cross_attention(q[:, None], z_hr[:, None], z_hr[:, None])[:, 0]  # (B, 1, N', C) -> (B, N', C)
-
-
-def projector(c_in: int, c_out: int, layers: int) -> nn.Sequential:
-    """F: `layers` Linear layers with GELU between (LLaVA-1.5's mlp2x_gelu for layers=2)."""
-    mods = [nn.Linear(c_in, c_out)]
-    for _ in range(layers - 1):
-        mods += [nn.GELU(), nn.Linear(c_out, c_out)]
-    return nn.Sequential(*mods)
-
-
-def token_grids(cfg) -> tuple:
-    """(patch, HR grid, number of visual tokens the decoder sees) for cfg's mode, all in (z, y, x)."""
-    hr, lr_, patch = zyx(cfg["hr"]), zyx(cfg["lr"]), tuple(cfg["patch"])
-    if cfg["mode"] == "slices2d":  # depth as channels: one 2D patch of 16 x 16 spans every slice (Table 3's baseline)
-        patch = (hr[0], patch[1] // 2, patch[2] // 2)
-    if any(s % p for s, p in zip(hr, patch)):
-        raise ValueError(f"--hr {cfg['hr']}: (z, y, x) {hr} is not a multiple of the patch (z, y, x) {patch}")
-    if cfg["mode"] in ("hilt", "random_queries", "lr_only") and any(s % p for s, p in zip(lr_, patch)):
-        raise ValueError(f"--lr {cfg['lr']}: (z, y, x) {lr_} is not a multiple of the patch (z, y, x) {patch}")
-    grid = tuple(s // p for s, p in zip(hr, patch))
-    lr_grid = tuple(s // p for s, p in zip(lr_, patch))
-    n_visual = math.prod(lr_grid) if cfg["mode"] in ("hilt", "random_queries", "lr_only") else math.prod(grid)
-    return patch, grid, n_visual
-
-
-class Standardize(nn.Module):
-    """(B, N, C) -> (x - m) / sqrt(v + eps) per token position and channel, m and v running means over scans (updated
-    from each training batch, detached; never the batch's own statistics, so no scan's output depends on another's).
-    E_V's tokens differ far more between positions than between scans: after it, what varies with the scan is O(1)."""
-    def __init__(self, n: int, c: int, momentum: float = 0.02, eps: float = 1e-5):
-        super().__init__()
-        self.momentum, self.eps = momentum, eps
-        self.register_buffer("mean", torch.zeros(n, c))
-        self.register_buffer("var", torch.ones(n, c))
-        self.register_buffer("count", torch.zeros((), dtype=torch.long))
-
-    def forward(self, x):
-        if self.training:
-            with torch.no_grad():
-                m = 1.0 if self.count == 0 else self.momentum  # the first batch sets the statistics
-                self.mean.lerp_(x.float().mean(0), m)
-                self.var.lerp_(x.float().var(0, unbiased=False) if x.shape[0] > 1 else self.var, m)
-                self.count += 1
-        return (x - self.mean) * torch.rsqrt(self.var + self.eps)
-
-
-class HILT(nn.Module):
-    """volume (B, 1, Z, Y, X) at HR -> visual tokens (B, n_visual, dim) -> decoder. forward(volume, inputs, targets)
-    returns the mean cross-entropy of the report tokens; with `labels` (B, 18) and aux_weight > 0 plus aux_weight x
-    the BCE of a linear label head on the mean visual feature; with inputs None that BCE alone (--pretrain_iters)."""
-    def __init__(self, cfg: dict, decoder: Decoder):
-        super().__init__()
-        assert cfg["mode"] in MODES, f"--mode={cfg['mode']!r}: expected one of {MODES}"
-        self.mode, self.lr_shape = cfg["mode"], zyx(cfg["lr"])
-        patch, grid, self.n_visual = token_grids(cfg)
-        assert cfg["encoder"] in ENCODERS, f"--encoder={cfg['encoder']!r}: expected one of {ENCODERS}"
-        self.encoder = ViT3D(grid=grid, patch=patch, dim=cfg["vit_dim"], depth=cfg["vit_depth"],
-                             heads=cfg["vit_heads"], grad_checkpoint=cfg["vit_checkpoint"],
-                             stem_channels=cfg["stem_channels"] if cfg["encoder"] == "hybrid" else ())
-        if self.mode == "random_queries":  # BLIP-style learned queries, as many as the LR tokens
-            self.queries = nn.Parameter(torch.randn(1, self.n_visual, cfg["vit_dim"]) * 0.02)
-        self.projector = projector(cfg["vit_dim"], decoder.args.dim, cfg["proj_layers"])  # F
-        self.label_head = nn.Linear(cfg["vit_dim"], len(LABELS))  # not the paper's: --pretrain_iters, --aux_weight
-        self.standardize = Standardize(self.n_visual, cfg["vit_dim"]) if cfg["standardize"] else nn.Identity()
-        self.label_embed = nn.Linear(len(LABELS), decoder.args.dim) if cfg["label_prompt"] else None
-        self.decoder = decoder
-
-    def features(self, volume):
-        """The visual features before F: (B, n_visual, C)."""
-        if self.mode == "lr_only":  # the LR view's tokens straight to F: no HR view, no Eq. (3)
-            x_lr = F.interpolate(volume, size=self.lr_shape, mode="trilinear", align_corners=False)
-            return self.standardize(self.encoder(x_lr))
-        z_hr = self.encoder(volume)  # Eq. (1): (B, N, C)
-        if self.mode == "hilt":
-            x_lr = F.interpolate(volume, size=self.lr_shape, mode="trilinear", align_corners=False)  # the LR view
-            z = hilt_attention(self.encoder(x_lr), z_hr)  # Eq. (1) then (3): (B, N', C)
-        elif self.mode == "random_queries":
-            z = hilt_attention(self.queries.expand(volume.shape[0], -1, -1), z_hr)  # (B, N', C)
-        else:  # all_tokens, slices2d: every token goes to the decoder
-            z = z_hr
-        return self.standardize(z)
-
-    def prefix(self, z, labels=None):
-        """F(z) (Eq. 3), then with --label_prompt one token of the 18 findings: `labels` when given (training), else
-        the label head's calls (logit >= 0; refit_label_head moves each cut) from this volume's own features."""
-        vis = self.projector(z)  # (B, n_visual, dim)
-        if self.label_embed is None:
-            return vis
-        calls = labels if labels is not None else (self.label_head(z.mean(1)) >= 0).float()  # (B, 18)
-        return torch.cat([vis, self.label_embed(calls)[:, None]], dim=1)  # (B, n_visual + 1, dim)
-
-    def visual_tokens(self, volume):
-        return self.prefix(self.features(volume))  # (B, n_visual [+ 1], dim)
-
-    def forward(self, volume, inputs, targets, labels=None, aux_weight=0.0):
-        z = self.features(volume)
-        bce = lambda: F.binary_cross_entropy_with_logits(self.label_head(z.mean(1)), labels)
-        if inputs is None:  # E_V alone on the labels
-            return bce()
-        vis = self.prefix(z, labels if self.training else None)
-        logits = self.decoder(inputs, vis)[:, vis.shape[1]:]  # Eq. (4), the text positions: (B, T, vocab)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-        return loss + aux_weight * bce() if labels is not None and aux_weight else loss
-
-
-def build_model(cfg: dict) -> nn.Module:
-    """HILT around a from-scratch decoder, or around a frozen Meta Llama with LoRA when cfg['llm'] is set."""
-    _, _, n_visual = token_grids(cfg)
-    seq = n_visual + int(cfg["label_prompt"]) + cfg["max_text_len"]
-    if cfg["llm"]:
-        decoder, _ = load_llama(cfg["llm"], max_seq_len=seq)
-        if "cuda" not in str(cfg["device"]):
-            decoder.float()  # Meta ships bf16; bf16 matmul is very slow on CPU
-        add_lora(decoder, r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"])
-    else:
-        decoder = Decoder(ModelArgs(dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"],
-                                    n_kv_heads=cfg["n_kv_heads"], vocab_size=cfg["vocab_size"], max_seq_len=seq))
-    return HILT(cfg, decoder)
 
 
 # -----------------------------------------------------------------------------
@@ -1127,6 +1072,62 @@ def bench(cfg):
 
 
 # -----------------------------------------------------------------------------
+# CLI: the parser (copied from ct_scroll) and the config checks
+
+# Copied from ct_scroll._cast
+def _cast(key, value: str, default):
+    """Cast a command-line string to the type of the key's default. An error naming the key: a wrong type, a
+    list of another length than the default's, a number that is not finite, or negative where the default is not
+    (a list whose default values are all positive must stay positive)."""
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false"):
+                raise ValueError
+            return value.lower() == "true"
+        if isinstance(default, tuple):  # comma lists -> tuples of int/float
+            out = tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(",") if v.strip())
+            if out and default and len(out) != len(default):
+                raise SystemExit(f"--{key}={value!r}: expected {len(default)} comma-separated values, like "
+                                 f"{','.join(map(str, default))}")
+            if not all(math.isfinite(v) for v in out) or (all(d > 0 for d in default) and any(v <= 0 for v in out)):
+                raise SystemExit(f"--{key}={value!r}: every value must be a positive finite number")
+            return out
+        out = type(default)(value)
+    except ValueError:
+        raise SystemExit(f"--{key}={value!r}: expected a value like {default!r}") from None
+    if isinstance(out, (int, float)) and (not math.isfinite(out) or (default >= 0 and out < 0)):
+        raise SystemExit(f"--{key}={value!r}: expected a finite number" + (" >= 0" if default >= 0 else ""))
+    return out
+
+
+# Copied from ct_scroll.parse_config
+def parse_config(argv, defaults, presets):
+    """defaults <- preset <- command line. `--key=value` and `--key value` both work; unknown keys and bad values
+    stop with a message that lists the valid keys; `--help` prints every key with its default."""
+    args, given = list(sys.argv[1:] if argv is None else argv), {}
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]   presets: {', '.join(presets)}")
+            print("\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+            raise SystemExit(0)
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in defaults:
+            raise SystemExit(f"unknown argument {arg!r}; valid keys: {', '.join('--' + k for k in defaults)}")
+        if not eq:
+            if not args:
+                raise SystemExit(f"--{key} needs a value")
+            value = args.pop(0)
+        given[key] = value
+    name = given.get("preset") or defaults["preset"] or ("paper" if torch.cuda.is_available() else "cpu")
+    if name not in presets:
+        raise SystemExit(f"unknown preset {name!r}; valid presets: {', '.join(presets)}")
+    cfg = {**defaults, **presets[name], "preset": name}
+    for key, value in given.items():
+        if key != "preset":
+            cfg[key] = _cast(key, value, cfg[key])
+    return cfg
+
 
 def check_config(cfg):
     """What parses but cannot work stops here, before any work, naming the key."""

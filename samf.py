@@ -118,7 +118,6 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 from dataclasses import dataclass, fields
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +131,7 @@ import data as shared
 from data import (FOV, LABELS, BadConfig, InputError, Interrupted, StopOnSigint, append_jsonl, choice_correct, collate, get_dataset,
                   load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, preprocess, report_metrics, resume_cleanup,
                   rng_state, run, save_bpe, save_checkpoint, set_rng_state, setup_ddp, train_bpe)
-from data import StepTimer, forward_flops  # per-step data wait vs compute, samples/s, TFLOP/s, MFU
+from data import StepTimer, Stream, forward_flops  # per-step data wait vs compute, samples/s, TFLOP/s, MFU
 
 # -----------------------------------------------------------------------------
 preset = ""  # cpu | paper; empty: paper on CUDA, cpu otherwise
@@ -864,17 +863,10 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-# Copied from hilt._epoch_perm
-@lru_cache(maxsize=4)
-def _epoch_perm(n: int, seed: int, epoch: int) -> list:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-
-
-# Copied from hilt.stream
-def stream(n: int, start: int, count: int, seed: int) -> list:
-    """Items start .. start + count of an endless stream of shuffled epochs: a function of (seed, position) alone, so
-    a resumed run draws exactly the batches it would have drawn."""
-    return [_epoch_perm(n, seed, s // n)[s % n] for s in range(start, start + count)]
+def micro_batch(n: int, k: int, micro: int, seed: int, rank: int = 0, world: int = 1) -> list:
+    """Items of micro-batch k (k = step * grad_accum + micro_step) of this rank: data.Stream's batches, the ones
+    every script trains on (an endless stream of shuffled epochs, a function of (seed, position) alone)."""
+    return next(iter(Stream(n, micro, seed, k, k + 1, 1, rank, world)))
 
 
 # -----------------------------------------------------------------------------
@@ -1401,7 +1393,7 @@ def run_warmup(cfg, dev, ddp, world, master, rank):
     B = cfg["warmup_batch"] // world
 
     def batch(it, j):
-        idx = stream(len(train_ds), (it * world + rank) * B, B, cfg["seed"])
+        idx = micro_batch(len(train_ds), it, B, cfg["seed"], rank, world)
         return (torch.stack([train_ds[i]["volume"] for i in idx]).to(dev).float(),)
 
     if ckpt is None and master:
@@ -1443,7 +1435,7 @@ def run_finetune(cfg, dev, ddp, world, master, rank):
     assert micro * world * cfg["grad_accum"] == cfg["batch_size"], "batch_size must divide by world size * grad_accum"
 
     def batch(it, j):  # every volume of the micro-batch with its report and its multiple-choice question
-        idx = stream(len(train_ds), ((it * cfg["grad_accum"] + j) * world + rank) * micro, micro, cfg["seed"])
+        idx = micro_batch(len(train_ds), it * cfg["grad_accum"] + j, micro, cfg["seed"], rank, world)
         return get_batch(train_ds, idx, tasks if it >= cfg["label_iters"] else (), enc, cfg, dev)
 
     def evaluate():
