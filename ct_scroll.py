@@ -54,11 +54,11 @@ import torchvision
 from tqdm import tqdm
 
 from data import (LABELS, BadConfig, Interrupted, best_f1_thresholds, bootstrap_auroc, check_out_dir,
-                  classification_metrics, collate, get_dataset, load_checkpoint, load_ct, preprocess, resume_cleanup, run,
+                  classification_metrics, collate, get_dataset, load_checkpoint, load_ct, preprocess, run,
                   save_checkpoint, setup_ddp)
 # the training loop's shared parts (data.py, Runs): the same in every script
 from data import (StepTimer, StopOnSigint, Stream, autocast_ctx, gather_rng, log_eval, make_loader, optimizer_step,
-                  restore_rng, to_device, wrap_model)
+                  restore_rng, resume_checkpoint, to_device, wrap_model)
 from kernels import sliding_window_attention
 
 # -----------------------------------------------------------------------------
@@ -103,7 +103,7 @@ gradcam = False  # with --predict: Grad-CAM PNGs for every positive label
 strict = False  # a bad input file is fatal instead of skipped
 debug = False  # print the traceback of every error (without it, bad input is one line `error: ...`)
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
+DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
 
 PRESETS = {
     "cpu": dict(device="cpu", compile=False, shape=(48, 64, 64), spacing=(7.5, 5.625, 5.625), max_iters=200,
@@ -620,15 +620,7 @@ def main(argv=None):
     ddp, rank, world, dev, master = setup_ddp(cfg["device"])
     if cfg["batch_size"] % (world * cfg["grad_accum"]):
         raise BadConfig(f"--batch_size={cfg['batch_size']}: must divide by the {world} processes x --grad_accum")
-    ckpt = None
-    if cfg["init_from"] == "resume":
-        ckpt = load_checkpoint(os.path.join(cfg["out_dir"], "ckpt.pt"))
-        changed = {k: (cfg[k], ckpt["config"][k]) for k in MODEL_KEYS if cfg[k] != ckpt["config"][k]}
-        if changed and master:
-            print(f"resume: the model keys come from the checkpoint; ignoring the given {changed}")
-        cfg.update({k: ckpt["config"][k] for k in MODEL_KEYS})
-        if master and not cfg["predict"]:
-            resume_cleanup(cfg["out_dir"], ckpt["iter_num"])
+    ckpt = resume_checkpoint(cfg, MODEL_KEYS, master)  # None from scratch
     if master and (not cfg["predict"] or cfg["gradcam"]):
         check_out_dir(cfg["out_dir"])
     if master:
@@ -641,8 +633,8 @@ def main(argv=None):
     if cfg["predict"]:
         return predict_file(cfg, model, ckpt, dev, cfg["predict"])
     torch.manual_seed(cfg["seed"] + rank)  # dropout differs across ranks
+    Path(cfg["out_dir"]).mkdir(parents=True, exist_ok=True)
     if master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"CT-Scroll: reduction {cfg['reduction']}, interactions {cfg['interactions']}, window {cfg['window'] or 'global'}, "
               f"aggregation {cfg['aggregation']}: {n / 1e6:.2f}M trainable parameters, "

@@ -2,9 +2,10 @@
 
 Sections, in reading order, with their public names:
   Volumes    LABELS (the 18 CT-RATE findings); the repo's errors InputError, BadVolume, BadConfig, Interrupted and
-             run(main) (one line `error: ...`, exit 2); check_out_dir, resume_cleanup; load_nifti, check_scan,
-             load_ct (--predict's loader: rescale auto|header|none, plausibility checks); normalize, crop_or_pad,
-             preprocess (resample, crop/pad, HU window, norm); NORMS, AIR, MIN_VOXELS, SPACING_MM
+             run(main) (one line `error: ...`, exit 2); check_out_dir, resume_cleanup, resume_checkpoint;
+             load_nifti, check_scan, load_ct (--predict's loader: rescale auto|header|none, plausibility checks);
+             normalize, crop_or_pad, preprocess (resample, crop/pad, HU window, norm); NORMS, AIR, MIN_VOXELS,
+             SPACING_MM
   CT-RATE    RESCALES, CTRATE: the real on-disk layout and CSVs (the Hugging Face dataset ibrahimhamamci/CT-RATE)
   RadGenome  RADGENOME_QA, RADGENOME_REGIONS, radgenome_questions, RadGenomeCT: region masks and grounded QA
   Cache      prepare (CT-RATE -> int16 memmaps + an index), PreparedCT; SYNTHETIC_CACHE, SyntheticDiskCache;
@@ -158,6 +159,22 @@ def resume_cleanup(out_dir, iter_num: int):
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, log)
         print(f"resume: dropped {len(lines) - len(keep)} log.jsonl line(s) written after step {iter_num}")
+
+
+def resume_checkpoint(cfg: dict, model_keys, master: bool):
+    """--init_from=resume: out_dir/ckpt.pt (None when training from scratch). The model's keys come from the
+    checkpoint (a line names any the command line asked differently); before training on, rank 0 removes a stale
+    ckpt.pt.tmp and log lines past the checkpoint (resume_cleanup). The same few lines in every script's main()."""
+    if cfg["init_from"] != "resume":
+        return None
+    ckpt = load_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
+    changed = {k: (cfg[k], ckpt["config"][k]) for k in model_keys if cfg[k] != ckpt["config"][k]}
+    if changed and master:
+        print(f"resume: the model keys come from the checkpoint; ignoring the given {changed}")
+    cfg.update({k: ckpt["config"][k] for k in model_keys})
+    if master and not cfg.get("predict"):
+        resume_cleanup(cfg["out_dir"], ckpt["iter_num"])
+    return ckpt
 
 
 def _read_nifti(path):
@@ -1633,7 +1650,7 @@ def meta_memory(fn) -> int:
 FOV = (360.0, 360.0, 360.0)  # mm, (z, y, x): z=0 most cranial, y=0 anterior, x=0 patient's right
 REGIONS = {0: "other", 1: "right lung", 2: "left lung", 3: "heart", 4: "aorta", 5: "trachea and bronchi",
            6: "esophagus", 7: "bone", 8: "mediastinum", 9: "abdomen", 10: "pleura"}
-# CT-RATE prevalences: the counts of fusion2d3d.md Table 1 over its 3,028 volumes.
+# CT-RATE prevalences: the counts of Table 1 of Maestri's report (fusion2d3d.py's paper) over its 3,028 volumes.
 PREVALENCE = [c / 3028 for c in (425, 909, 358, 269, 793, 425, 831, 586, 842, 1393, 1141, 783, 481, 268, 324,
                                  569, 307, 273)]
 # Weights of the latent factors (age z-score, heart failure, infection) on each label's logit -> co-occurrence.

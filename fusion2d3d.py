@@ -36,7 +36,7 @@ Deviations, on purpose:
   centre slices, the ViT at 48x48 with 8x8 patches, 128-d, 2 + 2 layers of 4 heads of 32; 128/48/64 volumes, 8 epochs.
 
 Commands (each prints one line per epoch -- val loss, val AUROC, lr, alpha, samples/s -- then the test table at
-threshold 0.5 and at validation-F1 thresholds; the cpu fusion run here: test AUROC 0.571, alpha 1.0 -> 0.991):
+threshold 0.5 and at validation-F1 thresholds; the cpu fusion run here: test AUROC 0.580, alpha 1.0 -> 0.991):
     python fusion2d3d.py --preset=cpu --mode=fusion          # CPU smoke run on the synthetic phantom
     python fusion2d3d.py --mode=resnet|vit|fusion --alpha=0.5 # one row of Table 2 / Table 3 (paper preset on GPU)
     python fusion2d3d.py --data=/data/CT-RATE --resnet_weights=resnet18-f37072fd.pth
@@ -60,11 +60,11 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from data import (LABELS, BadConfig, Interrupted, auroc, best_f1_thresholds, check_out_dir, classification_metrics,
-                  get_dataset, load_checkpoint, load_ct, preprocess, resume_cleanup, run, save_checkpoint, setup_ddp)
+                  get_dataset, load_checkpoint, load_ct, preprocess, run, save_checkpoint, setup_ddp)
 from data import collate as data_collate
 # the training loop's shared parts (data.py, Runs): the same in every script
 from data import (StepTimer, StopOnSigint, Stream, autocast_ctx, forward_flops, gather_rng, log_eval, make_loader,
-                  optimizer_step, restore_rng, to_device, wrap_model)
+                  optimizer_step, restore_rng, resume_checkpoint, to_device, wrap_model)
 
 # -----------------------------------------------------------------------------
 preset = ""  # cpu | paper; empty: paper on CUDA, cpu otherwise
@@ -111,7 +111,7 @@ rescale = "auto"  # --predict: stored values -> HU by the header | none | auto (
 strict = False  # a bad volume in a dataset is fatal instead of skipped
 debug = False  # print the traceback of every error (without it, bad input is one line `error: ...`)
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
+DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
 
 PRESETS = {
     "paper": {},  # the defaults above are the paper's settings
@@ -671,15 +671,7 @@ def main(argv=None):
     ddp, rank, world, dev, master = setup_ddp(cfg["device"])
     if cfg["batch_size"] % (world * cfg["grad_accum"]):
         raise BadConfig(f"--batch_size={cfg['batch_size']}: must divide by the {world} processes x --grad_accum")
-    ckpt = None
-    if cfg["init_from"] == "resume":
-        ckpt = load_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
-        changed = {k: (cfg[k], ckpt["config"][k]) for k in MODEL_KEYS if cfg[k] != ckpt["config"][k]}
-        if changed and master:
-            print(f"resume: model keys come from the checkpoint, ignoring {changed}")
-        cfg.update({k: ckpt["config"][k] for k in MODEL_KEYS})
-        if master and not cfg["predict"]:
-            resume_cleanup(cfg["out_dir"], ckpt["iter_num"])
+    ckpt = resume_checkpoint(cfg, MODEL_KEYS, master)  # None from scratch
     if master:
         check_out_dir(cfg["out_dir"])  # predict writes its Grad-CAM PNG there too
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
@@ -688,6 +680,7 @@ def main(argv=None):
         model.load_state_dict(ckpt["model"])
     if cfg["predict"]:
         return predict_file(cfg, model, ckpt, dev, cfg["predict"])
+    torch.manual_seed(cfg["seed"] + rank)  # dropout differs across ranks
     Path(cfg["out_dir"]).mkdir(parents=True, exist_ok=True)
     train_ds, val_ds = get_split(cfg, "train"), get_split(cfg, "val") if master else None
     steps_per_epoch = len(train_ds) // cfg["batch_size"]

@@ -103,10 +103,10 @@ from tqdm import tqdm
 from data import (FOV, LABELS, SyntheticCT, auroc, best_f1_thresholds, ce_baselines, clinical_metrics, collate,
                   get_dataset, load_bpe, load_checkpoint, load_llama3_tokenizer, load_ct, make_report, preprocess,
                   report_metrics, save_bpe, save_checkpoint, setup_ddp, train_bpe)
-from data import BadConfig, Interrupted, check_out_dir, resume_cleanup, run  # run(main): the repo's errors as one line `error: ...`, exit 2; Ctrl-C exits 130
+from data import BadConfig, Interrupted, check_out_dir, run  # run(main): the repo's errors as one line `error: ...`, exit 2; Ctrl-C exits 130
 # the training loop's shared parts (data.py, Runs): the same in every script
 from data import (StepTimer, StopOnSigint, Stream, autocast_ctx, forward_flops, gather_rng, log_eval, make_loader,
-                  optimizer_step, restore_rng, to_device, wrap_model)
+                  optimizer_step, restore_rng, resume_checkpoint, to_device, wrap_model)
 from kernels import cross_attention
 
 # -----------------------------------------------------------------------------
@@ -1160,17 +1160,9 @@ def main(argv=None):
     ddp, rank, world, dev, master = setup_ddp(cfg["device"])
     if cfg["batch_size"] % (world * cfg["grad_accum"]):
         raise BadConfig(f"--batch_size={cfg['batch_size']}: must divide by the {world} processes x --grad_accum")
+    ckpt = resume_checkpoint(cfg, MODEL_KEYS, master)  # None from scratch
     if master:
         print(f"preset {cfg['preset']}, device {dev}" + ("" if world == 1 else f", DDP world {world}"))
-    ckpt = None
-    if cfg["init_from"] == "resume":
-        ckpt = load_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
-        changed = {k: (cfg[k], ckpt["config"][k]) for k in MODEL_KEYS if cfg[k] != ckpt["config"][k]}
-        if changed and master:
-            print(f"resume: model keys come from the checkpoint, ignoring {changed}")
-        cfg.update({k: ckpt["config"][k] for k in MODEL_KEYS})
-        if master and not cfg["predict"]:
-            resume_cleanup(cfg["out_dir"], ckpt["iter_num"])  # a ckpt.pt.tmp of a killed save, log lines past it
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     train_ds = None if cfg["predict"] else get_split(cfg, "train")
     train_reports = None if train_ds is None or ckpt is not None else reports_of(train_ds)
