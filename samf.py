@@ -49,7 +49,8 @@ the 18 findings read back from them (data.clinical_metrics) beside their image-b
 the answer letters: the predicted letter is the first "X." (X in A-D) of the output, each letter is a class, macro
 means over A-D with zero_division = 0 (an output without a letter is a miss for its true letter and predicts none).
 Baselines beside it: chance (25%), the most frequent training letter, the prevalence prior (the choice whose finding
-is most common in training), this model with its visual tokens zeroed, and this model shown another test scan
+is most common in training), the answer-rate prior (the choice most often right when offered in the training
+questions: answer_rate, the best text-only rule here), this model with its visual tokens zeroed, and this model shown another test scan
 (shuffled_visual: in-distribution visual tokens that carry no information about this scan); plus the test loss
 with each scan's own volume vs the volumes shuffled. BERT-F1 needs BERT weights and the Llama score needs Llama-3-70B: neither can be
 computed here (nothing is downloaded), so neither is reported.
@@ -62,44 +63,47 @@ Deviations, on purpose:
 - Text projection W_text on both fusions (their SAMF uses the embeddings unprojected); attention scaled (above).
 - z_2d is standardised over the batch (norm_2d: BatchNorm without affine) before W_2d and f_3d. Without it, our cpu
   runs' f_2d collapsed to a constant (std of z_2d across volumes 0.0096 after 250 steps) and the decoder used the
-  visual tokens as a learned prompt; with it the features keep varying (they still carry little about the findings
-  at the cpu budget: see the results below).
-- A supervised signal for the image side (not in the paper; both 0 at the paper preset): --label_iters=N: the first N
-  fine-tuning steps train f_2d + f_3d + a linear head on z_3d on the 18 labels of the TRAINING scans (BCE), before
-  the decoder joins; --aux_weight=w: that BCE (x w) stays beside the text loss afterwards. From scratch on a few
-  hundred phantoms, neither DINO nor the text loss makes z_3d carry the findings within minutes (the decoder then
-  learns the template and answers from the question); labels make the features vary with the findings from the
-  decoder's first step; the text phase restarts the learning-rate schedule (warm-up, cosine). The test code never
-  sees labels: the head's test AUROC is printed as a diagnostic only.
+  visual tokens as a learned prompt; with it the features keep varying (after the paper's 250 steps z_3d separates
+  the large findings: see the findings token below).
+- A findings token for the answers (not in the paper; --prompt_iters=N: 3000 at the cpu preset, 0 at the paper preset;
+  from-scratch decoder only): the last N of --max_iters steps are a second phase. f_2d and f_3d are frozen (features
+  cached); the label head becomes a logistic regression on the training scans' z_3d (fit_findings); a finding is
+  `readable` when its validation AUROC is >= 0.8; the decoder is re-initialised and trained on multiple choice (and
+  reports every 8th step) with one more prefix token, label_embed(readable * calls): the true labels of the readable
+  findings in training (teacher forcing), the label head's calls on the scan's own z_3d at evaluation and --predict.
+  Why: after the paper's 250 steps z_3d separates the large findings (linear probe, test AUROC: cardiomegaly 0.99,
+  pleural effusion 0.96, pericardial effusion 0.89, atelectasis 0.74), yet the decoder answered from the question
+  alone (0.359, the same with another scan's tokens); given the findings token, that decoder still ignored it after
+  4000 more multiple-choice steps (0.422 vs 0.438 with another scan's), while a new decoder learned to read it.
 - Training-time MCQ augmentation (--mcq_aug): the letters are re-shuffled and the three absent options redrawn from
   the patient's absent labels (data.py's wording kept); test questions are data.py's, untouched.
 - The paper fine-tunes Phi-3 (other loading code): `--llm=path` loads a Meta-format Llama 3 with LoRA (as hilt.py);
   without it the decoder is trained from scratch on data.py's BPE. Learning rate and steps are not in the paper.
 - cpu preset: phantom 32 x 64 x 64 (11 x 5.6 x 5.6 mm), its 24 centre axial slices (the paper's 24), decoder 128-d x 3;
-  DINO 150 steps of 32 slices, warm-up 40 steps of 16 volumes, fine-tuning 250 steps of 8 volumes (x 2 examples).
+  DINO 150 steps of 32 slices, warm-up 40 steps of 16 volumes, fine-tuning 250 steps of 8 volumes (x 2 examples),
+  then the findings phase: 3000 steps of 8 multiple-choice questions on the cached features (--prompt_iters).
 
-What the cpu preset does (shared 2-core machine under load, 8 min 38 s wall for all stages): the report template is
-learned (BLEU-1 0.80), but the answers do not depend on the scan. MCQ accuracy 0.375 (SAMF) / 0.359 (Ao2D) against
-0.367 for the prevalence prior, 0.375 / 0.352 with the visual tokens zeroed and 0.383 / 0.367 with another scan's;
-own-scan and shuffled-scan test losses differ in the fourth decimal; clinical-efficacy F1 of the reports 0.007 / 0.039,
-below the prevalence-random baseline 0.177. DINO lowers its loss (6.12 -> 5.74) but its k-NN finding probe does not
-beat the random-init encoder's. With 750 fine-tuning steps (3x) the scan starts to lower the loss (answers 0.609 own
-vs 0.651 shuffled; reports' micro CE F1 0.29) while the MCQ accuracy stays at 0.383 = the image-blind twins. The method
-is implemented; at this budget it does not yet read the image well enough to pick the letter.
-With the label signal (--label_iters=200 --max_iters=450 --aux_weight=1: 200 label steps, then the same 250 text
-steps; same dino.pt and warm-up) z_3d carries the large findings (label head test AUROC cardiomegaly 0.97, pericardial
-effusion 0.90, pleural effusion 0.80; macro 0.58) and the reports start to read the scan for one of them (cardiomegaly
-written 5 times, 5 right, prevalence 0.16; CE macro F1 0.035), but the MCQ accuracy does not move (0.312 vs 0.305
-zeroed, 0.305 another scan, 0.367 prior); with 500 text steps 0.383 vs 0.375 / 0.367 / 0.367. Even an oracle that
-knew cardiomegaly, pericardial and pleural effusion exactly and used the prior otherwise would score 0.484 on these
-questions (+0.12 over the prior): the 3-layer decoder from scratch, not the image side, is what caps the letter.
-The whole pipeline with these flags (6 min 09 s under load): cardiomegaly AUROC 1.00 from z_3d, MCQ 0.359 vs 0.320
-another scan and 0.367 prior, answer loss own 0.7184 = shuffled 0.7179: the decoder does not yet look.
+What the cpu preset does (`OMP_NUM_THREADS=1 python samf.py --out_dir=out/samf2` on the 2 shared cores under load:
+the fine-tuning stage 10 min 50 s wall incl. rendering, dino + warm-up about 1.7 min more): 128 test questions,
+MCQ accuracy 0.500 against 0.391 with another scan's visual and findings tokens, 0.305 zeroed, 0.367 for the
+prevalence prior, 0.430 for the answer-rate prior, 0.25 chance; answer loss own scan 0.696 vs shuffled 0.984. The
+findings token carried medical material (val AUROC 0.81), cardiomegaly, pericardial and pleural effusion. Reports:
+BLEU-1 0.80, clinical-efficacy macro F1 0.067 (micro 0.198), below prevalence-random 0.177 (0.233). +Ao2D
+(--fusion=ao2d, the same way, 8 min 48 s): the token carried pleural effusion alone (cardiomegaly's validation AUROC
+fell under 0.8 on the 32 validation scans; test 0.87), and the answers barely read the scan: 0.453 vs 0.445 with
+another scan's tokens (0.391 zeroed). One seed each: which findings pass the gate decides the result.
+The paper's fine-tuning alone (--max_iters=250 --prompt_iters=0) answers from the question: 0.359, the same with
+another scan's tokens. An earlier variant that trained f_2d + f_3d on a label BCE on z_3d (before and beside the text
+loss; removed) brought cardiomegaly to test AUROC 0.91-1.00 while the MCQ accuracy stayed at 0.31-0.38. Ceiling on these 128 questions: an oracle that knows the
+findings z_3d separates (cardiomegaly, pericardial and pleural effusion, atelectasis) and uses the prevalence prior
+otherwise scores 0.555; the same rule with a linear probe's calls 0.41-0.47 (over features and L2); so 0.10 above the
+answer-rate prior (0.53) needs a near-perfect reading of those findings.
 
 Commands:
     python samf.py                                           # cpu preset on CPU: dino -> warmup -> finetune -> eval
     python samf.py --stage=dino|warmup|finetune              # one stage (each resumable with --init_from=resume)
     python samf.py --fusion=ao2d --out_dir=out/samf_ao2d     # + Ao2D (Eq. 11-12)
+    python samf.py --max_iters=250 --prompt_iters=0 --eval_interval=125   # the paper's fine-tuning alone (no findings token)
     python samf.py --freeze_vit=true --freeze_aggregator=true --ssl_warmup=false   # Table 3's rows
     python samf.py --preset=paper --param_counts=true        # paper sizes on the meta device: parameter counts
     python samf.py --preset=paper --llm=/path/to/Llama-3.2-1B-Instruct/original   # GPU, LoRA on a Llama
@@ -181,8 +185,7 @@ lora_alpha = 64  # LoRA alpha
 lora_dropout = 0.1  # LoRA dropout
 max_text_len = 512  # question + answer tokens
 mcq_aug = True  # training MCQs: letters reshuffled, the absent options redrawn from the patient's absent labels
-label_iters = 0  # the first fine-tuning steps train f_2d + f_3d + a linear head on z_3d on the 18 training labels alone (BCE), before the decoder joins; 0 = the paper
-aux_weight = 0.0  # weight of that label BCE beside the text loss afterwards; 0 = the paper (text loss only)
+prompt_iters = 0  # the last N of max_iters: f_2d, f_3d frozen, the decoder learns multiple choice with a findings token (docstring); 0 = the paper
 freeze_vit = False  # Table 3: f_2d frozen during fine-tuning
 freeze_aggregator = False  # Table 3: f_3d frozen during fine-tuning
 max_iters = 30000  # stage 3 optimizer steps (not in the paper)
@@ -213,13 +216,13 @@ PRESETS = {
     "cpu": dict(shape=(32, 64, 64), vit_img=64, vit_stem="conv", vit_dim=128, vit_depth=2, vit_heads=4, agg_heads=4,
                 dino_iters=150, dino_batch=32, dino_lr=1e-3, dino_local=4, dino_local_size=32, dino_hidden=256,
                 dino_bottleneck=64, dino_out=1024, ssl_warmup=True, warmup_iters=40, warmup_batch=16, dim=128,
-                n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=1024, max_iters=250, eval_interval=125,
+                n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=1024, max_iters=3250, prompt_iters=3000, eval_interval=250,
                 batch_size=8, grad_accum=1, learning_rate=2e-3, n_train=400, n_val=32, n_test=128, num_workers=2,
                 max_new_tokens=320),
 }
 MODEL_KEYS = ("fusion", "shape", "n_slices", "vit_img", "vit_patch", "vit_stem", "vit_dim", "vit_depth", "vit_heads",
               "agg_depth", "agg_heads", "slice_tokens", "d_proj", "llm", "dim", "n_layers", "n_heads", "n_kv_heads",
-              "vocab_size", "lora_r", "lora_alpha", "lora_dropout", "max_text_len", "label_iters", "aux_weight")
+              "vocab_size", "lora_r", "lora_alpha", "lora_dropout", "max_text_len", "prompt_iters")
 FUSIONS = ("samf", "ao2d")
 STAGES = ("dino", "warmup", "finetune")
 INSTRUCTION = "Write the findings of this chest CT."
@@ -483,8 +486,7 @@ class SAMFModel(nn.Module):
     forward(volume, *texts): texts are one or more (q_ids, q_mask, inputs, targets) groups about the same volumes
     (a report and a multiple-choice example share one pass of f_2d and f_3d); returns the mean over groups of the
     cross-entropy of their answer tokens. inputs start with <BOS>; the visual tokens go right after it. labels (B, 18)
-    or None: with a label head (--label_iters, --aux_weight), its BCE on z_3d is added (x aux_weight), or is the
-    whole loss when no texts are given (the label phase)."""
+    or None: the training scans' labels, used only by the findings token in training (--prompt_iters)."""
     def __init__(self, cfg: dict, decoder):
         super().__init__()
         assert cfg["fusion"] in FUSIONS, f"--fusion={cfg['fusion']!r}: expected one of {FUSIONS}"
@@ -497,9 +499,12 @@ class SAMFModel(nn.Module):
         self.fusion = SAMF(c_vis=cfg["vit_dim"], d_text=dim, d_proj=d_proj, dim=dim, ao2d=cfg["fusion"] == "ao2d")
         self.slice_out = nn.Identity() if d_proj == dim else nn.Linear(d_proj, dim)
         self.decoder = decoder
-        self.n_visual = 1 + (self.S if self.slice_tokens else 0)
-        self.aux_weight = cfg["aux_weight"]  # --label_iters / --aux_weight: a linear 18-label head on z_3d (not in the paper)
-        self.label_head = nn.Linear(cfg["vit_dim"], len(LABELS)) if cfg["label_iters"] or cfg["aux_weight"] else None
+        self.label_head = self.label_embed = None  # --prompt_iters: the findings token (not in the paper)
+        if cfg["prompt_iters"]:
+            self.label_head = nn.Linear(cfg["vit_dim"], len(LABELS)).requires_grad_(False)  # set by fit_findings (L-BFGS)
+            self.register_buffer("readable", torch.zeros(len(LABELS)))  # 1: a finding the token carries (fit_findings)
+            self.label_embed = nn.Linear(len(LABELS), dim)
+        self.n_visual = 1 + (self.S if self.slice_tokens else 0) + (self.label_embed is not None)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -514,31 +519,32 @@ class SAMFModel(nn.Module):
         z_2d = self.norm_2d(self.f_2d(s.reshape(B * self.S, 1, self.img, self.img))).view(B, self.S, -1)  # Eq. 1: (B, S, C)
         return z_2d, self.f_3d(z_2d)  # Eq. 2: (B, C)
 
-    def visual_tokens(self, volume, q_ids, q_mask, z=None):
-        """The question / instruction ids alone reach the fusion (never the answer). -> (B, n_visual, dim), weights."""
+    def visual_tokens(self, volume, q_ids, q_mask, z=None, labels=None):
+        """The question / instruction ids alone reach the fusion (never the answer). -> (B, n_visual, dim), weights.
+        --prompt_iters: then the findings token, label_embed(readable * calls), the calls being the label head's on
+        this volume's z_3d (logit >= 0); `labels` (training only) replace the calls (teacher forcing)."""
         z_2d, z_3d = self.encode(volume) if z is None else z
         fused, F_2d, att = self.fusion(z_2d, z_3d, self.decoder.tok_embeddings(q_ids), q_mask)
-        vis = fused[:, None] if not self.slice_tokens else torch.cat([fused[:, None], self.slice_out(F_2d)], dim=1)
-        return vis, att
+        vis = [fused[:, None]] + ([self.slice_out(F_2d)] if self.slice_tokens else [])
+        if self.label_embed is not None:
+            calls = (self.label_head(z_3d) >= 0).float() if labels is None else labels.float()  # (B, 18)
+            vis.append(self.label_embed(calls * self.readable)[:, None])
+        return torch.cat(vis, dim=1), att
 
     def forward(self, volume, labels, *texts):
-        z, losses = self.encode(volume), []
-        bce = None if labels is None or self.label_head is None else \
-            F.binary_cross_entropy_with_logits(self.label_head(z[1]), labels.float())  # 18 training labels (B, 18)
-        if not texts:  # --label_iters: the label phase, before the decoder joins
-            return bce
+        """volume (B, 1, Z, Y, X), or (B, S + 1, C): z_2d then z_3d, cached while f_2d and f_3d are frozen."""
+        z, losses = (volume[:, :-1], volume[:, -1]) if volume.dim() == 3 else self.encode(volume), []
         for q_ids, q_mask, inputs, targets in zip(*[iter(texts)] * 4):
-            vis, _ = self.visual_tokens(volume, q_ids, q_mask, z)
+            vis, _ = self.visual_tokens(volume, q_ids, q_mask, z, labels if self.training else None)
             prefix = torch.cat([self.decoder.tok_embeddings(inputs[:, :1]), vis.to(self.decoder.output.weight.dtype)], 1)
             logits = self.decoder(inputs[:, 1:], prefix)[:, prefix.shape[1]:]  # text after <BOS> (B, T - 1, V)
             losses.append(F.cross_entropy(logits.flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-1))
-        loss = sum(losses) / len(losses)
-        return loss if bce is None or not self.aux_weight else loss + self.aux_weight * bce
+        return sum(losses) / len(losses)
 
 
 def build_model(cfg: dict) -> nn.Module:
     """f_2d + f_3d + SAMF/Ao2D around a from-scratch decoder, or a frozen Meta Llama with LoRA when cfg['llm'] is set."""
-    seq = 1 + 1 + (cfg["n_slices"] if cfg["slice_tokens"] else 0) + cfg["max_text_len"]
+    seq = 1 + 1 + (cfg["n_slices"] if cfg["slice_tokens"] else 0) + (cfg["prompt_iters"] > 0) + cfg["max_text_len"]
     if cfg["llm"]:
         decoder, _ = load_llama(cfg["llm"], max_seq_len=seq)
         if "cuda" not in str(cfg["device"]):
@@ -973,7 +979,7 @@ def tokenize(qa: list, enc, max_text_len: int):
 
 def get_batch(ds, idx, tasks, enc, cfg, dev, train=True):
     """tasks: 0 report, 1 multiple choice -> (volume, labels, then q_ids, q_mask, inputs, targets of each task) on dev;
-    tasks () is the label phase: (volume, labels). Labels of training scans only: the test code passes None."""
+    Labels of training scans only: the test code passes None."""
     items = [ds[i] for i in idx]
     out = [torch.stack([it["labels"] for it in items]).to(dev)]
     for task in tasks:
@@ -1005,7 +1011,8 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=N
     accum = cfg["grad_accum"] if stage == "finetune" else 1
     interval = cfg["eval_interval"] if stage == "finetune" else max(1, iters // 3)
     peak = cfg["dino_lr"] if stage == "dino" else cfg["learning_rate"]
-    label = cfg["label_iters"] if stage == "finetune" else 0
+    # --prompt_iters: the findings phase from step `phase` restarts the learning-rate schedule (warm-up, cosine)
+    phase = cfg["max_iters"] - cfg["prompt_iters"] if stage == "finetune" and cfg["prompt_iters"] else 0
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" and "cuda" in dev else nullcontext()
     raw = model
     params = [p for p in raw.parameters() if p.requires_grad]
@@ -1019,7 +1026,7 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=N
         model = torch.compile(model)
     if ddp:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[int(dev.split(":")[1])] if "cuda" in dev else None,
-                                                    find_unused_parameters=stage == "finetune" and cfg["label_iters"] > 0)
+                                                    find_unused_parameters=stage == "finetune" and cfg["prompt_iters"] > 0)
     if master:
         print(f"stage {stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters "
               f"({sum(p.numel() for p in params) / 1e6:.2f}M trained), {describe}, {iters} steps")
@@ -1032,7 +1039,7 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=N
                 "iter_num": iter_num, "best_val_loss": best_val, "config": cfg, "rng": rng_state()})
 
     # FLOPs of one micro-batch (forward x 3), without moving the RNG (exact resume). Approximate: x 3 overstates the
-    # warm-up (f_2d frozen: forward only) and the first micro-batch of fine-tuning sets it (label phase: no decoder)
+    # warm-up (f_2d frozen: forward only) and the findings phase (cached features: no f_2d, f_3d)
     with torch.random.fork_rng():
         first = batch_fn(iter_num, 0)
         fps = 3 * forward_flops(raw, *first) / first[0].shape[0]
@@ -1043,9 +1050,9 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=N
     pbar = tqdm(total=iters, initial=iter_num, disable=not master, desc=stage)
     with StopOnSigint() as sig:
         while iter_num < iters and not sig.stop:
-            for g in opt.param_groups:  # the label phase (--label_iters) has its own schedule; the text phase restarts it
-                g["lr"] = get_lr(iter_num, label, peak, cfg["warmup_ratio"]) if iter_num < label else \
-                    get_lr(iter_num - label, iters - label, peak, cfg["warmup_ratio"])
+            for g in opt.param_groups:
+                g["lr"] = get_lr(iter_num, phase, peak, cfg["warmup_ratio"]) if iter_num < phase else \
+                    get_lr(iter_num - phase, iters - phase, peak, cfg["warmup_ratio"])
             losses = []
             for j in range(accum):
                 sync = nullcontext() if not ddp or j == accum - 1 else model.no_sync()
@@ -1151,6 +1158,52 @@ def load_part(module, path, prefix: str, cfg, keys):
     module.load_state_dict({k[len(prefix):]: v for k, v in ck["model"].items() if k.startswith(prefix)})
 
 
+# Copied from hilt.fit_probe
+def fit_probe(x, y, l2: float = 1e-3) -> nn.Linear:
+    """A logistic regression per label (full-batch L-BFGS, L2 penalty) on features x (n, C), labels y (n, 18)."""
+    head = nn.Linear(x.shape[1], y.shape[1])
+    opt = torch.optim.LBFGS(head.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(head(x), y) + l2 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    return head
+
+
+@torch.no_grad()
+def fit_findings(model, train_ds, val_ds, dev, min_auroc: float = 0.8, l2: float = 1e-2):
+    """--prompt_iters, at the start of the findings phase (f_2d, f_3d frozen from here): the label head becomes a
+    logistic regression on the training scans' z_3d (standardised, folded back); a finding is `readable` when its
+    validation AUROC is >= min_auroc with >= 2 validation positives, and is called above its best-F1 threshold on
+    the validation scans (folded into the bias: logit >= 0). Labels of training and validation scans only.
+    -> the training scans' cached features (n, S + 1, C): z_2d then z_3d."""
+    model.eval()
+    feats = {}
+    for name, ds in (("train", train_ds), ("val", val_ds)):
+        z = [model.encode(torch.stack([ds[j]["volume"] for j in range(i, min(i + 16, len(ds)))]).to(dev).float())
+             for i in range(0, len(ds), 16)]
+        feats[name] = torch.cat([torch.cat([z_2d, z_3d[:, None]], 1) for z_2d, z_3d in z])  # (n, S + 1, C)
+    model.train()
+    x, xv = feats["train"][:, -1].float().cpu(), feats["val"][:, -1].float().cpu()  # z_3d (n, C)
+    y, yv = (torch.stack([it["labels"] for it in ds]).float() for ds in (train_ds, val_ds))
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    probe = fit_probe((x - mu) / sd, y, l2)
+    w = probe.weight / sd  # (18, C): w.(x - mu) / sd + b = (w / sd).x + (b - (w / sd).mu)
+    bias = probe.bias - w @ mu
+    pv = torch.sigmoid(xv @ w.T + bias).numpy()
+    auc = np.array([shared.auroc(yv[:, j].numpy(), pv[:, j]) for j in range(len(LABELS))])
+    t = shared.best_f1_thresholds(yv.numpy(), pv).clip(1e-4, 1 - 1e-4)
+    model.label_head.weight.copy_(w.to(dev))
+    model.label_head.bias.copy_((bias - torch.from_numpy(np.log(t / (1 - t))).float()).to(dev))  # p >= t <=> logit >= 0
+    model.readable.copy_(torch.from_numpy((np.nan_to_num(auc) >= min_auroc) & (yv.sum(0).numpy() >= 2)).float())
+    tqdm.write("findings token: " + ", ".join(f"{l} (val AUROC {a:.2f})" for l, a, r in zip(LABELS, auc, model.readable) if r))
+    return feats["train"]
+
+
 # -----------------------------------------------------------------------------
 # Eval: reports (NLG + clinical efficacy) and multiple choice, each beside its image-blind baselines
 
@@ -1185,6 +1238,19 @@ def mcq_metrics(preds, answers) -> dict:
     p, r, f = (float(np.mean(x)) for x in zip(*prf))
     return {"accuracy": float(np.mean([choice_correct(p, a) for p, a in zip(preds, answers)])), "precision": p,
             "recall": r, "f1": f}
+
+
+def answer_rate(ds) -> dict:
+    """Image-blind: each option's share of being the answer when it is offered, over ds's multiple-choice questions.
+    data.py offers three absent findings and one present one (or "None of these", then always right), so a text-only
+    decoder can learn this rule; it beats the prevalence prior (0.430 vs 0.367 at the cpu preset)."""
+    offered, right = Counter(), Counter()
+    for it in ds:
+        q, a = choice_of(it, False)
+        options = parse_choices(q, f"{it['name']}: question")
+        offered.update(options.values())
+        right[options[answer_letter(a, it["name"])]] += 1
+    return {o: right[o] / n for o, n in offered.items()}
 
 
 @torch.no_grad()
@@ -1238,11 +1304,12 @@ def final_eval(cfg, model, enc, dev, ctx, train_ds) -> dict:
             preds_s += generate_answers(model, vols([(i + 1) % len(qa)]), [q], enc, cfg, ctx, 16)[0]  # another scan
         letters = Counter(answer_letter(choice_of(it, False)[1]) for it in train_ds).most_common(1)[0][0]
         prev = dict(zip(LABELS, y_train.mean(0)), **{"None of these": float((y_train.sum(1) == 0).mean())})
-        prior = [max(parse_choices(q).items(), key=lambda kv: prev.get(kv[1], 0.0))[0] + "." for q, _ in qa]
+        prior, rate = ([max(parse_choices(q).items(), key=lambda kv: p.get(kv[1], 0.0))[0] + "." for q, _ in qa]
+                       for p in (prev, answer_rate(train_ds)))
         res["mcq"] = {"model": mcq_metrics(preds, answers), "zero_visual": mcq_metrics(preds0, answers),
                       "shuffled_visual": mcq_metrics(preds_s, answers),
                       "chance": {"accuracy": 0.25}, f"letter {letters}": mcq_metrics([letters + "."] * len(qa), answers),
-                      "prevalence_prior": mcq_metrics(prior, answers)}
+                      "prevalence_prior": mcq_metrics(prior, answers), "answer_rate_prior": mcq_metrics(rate, answers)}
         res["mcq_loss"] = {"own": test_loss(model, test_ds, enc, cfg, dev, ctx, 1, False),
                            "shuffled": test_loss(model, test_ds, enc, cfg, dev, ctx, 1, True)}
         lines += [f"--- {test_ds[i]['name']}\nQUESTION: {q}\nMODEL: {p}\nZEROED VISUAL: {p0}\nANSWER: {a}\n"
@@ -1340,6 +1407,9 @@ def check_config(cfg):
             raise BadConfig(f"--{key}={cfg[key]!r}: not one of the allowed values (see --help)")
     if cfg["n_slices"] > cfg["shape"][0]:
         raise BadConfig(f"--n_slices={cfg['n_slices']}: the volume has only {cfg['shape'][0]} axial slices (--shape)")
+    if cfg["prompt_iters"] and (cfg["prompt_iters"] >= cfg["max_iters"] or cfg["llm"]):
+        raise BadConfig(f"--prompt_iters={cfg['prompt_iters']}: must be below --max_iters={cfg['max_iters']}, "
+                        "without --llm (it re-initialises the decoder)")
     if cfg["vit_img"] % cfg["vit_patch"]:
         raise BadConfig(f"--vit_img={cfg['vit_img']}: not a multiple of --vit_patch={cfg['vit_patch']}")
 
@@ -1347,10 +1417,11 @@ def check_config(cfg):
 def resume_ckpt(cfg, stage, master):
     """The stage's checkpoint; the model keys come from it (as in hilt.main)."""
     ckpt = load_checkpoint(Path(cfg["out_dir"]) / CKPT[stage])
-    changed = {k: (cfg[k], ckpt["config"][k]) for k in MODEL_KEYS if cfg[k] != ckpt["config"][k]}
+    theirs = {k: ckpt["config"].get(k, DEFAULTS[k]) for k in MODEL_KEYS}  # a key older checkpoints lack: its default
+    changed = {k: (cfg[k], theirs[k]) for k in MODEL_KEYS if cfg[k] != theirs[k]}
     if changed and master:
         print(f"resume: model keys come from the checkpoint, ignoring {changed}")
-    cfg.update({k: ckpt["config"][k] for k in MODEL_KEYS})
+    cfg.update(theirs)
     if stage == "finetune" and master and not cfg["predict"]:
         resume_cleanup(cfg["out_dir"], ckpt["iter_num"])  # a ckpt.pt.tmp of a killed save, log lines past the checkpoint
     return ckpt
@@ -1434,9 +1505,22 @@ def run_finetune(cfg, dev, ddp, world, master, rank):
     micro = cfg["batch_size"] // world // cfg["grad_accum"]
     assert micro * world * cfg["grad_accum"] == cfg["batch_size"], "batch_size must divide by world size * grad_accum"
 
+    start, findings = cfg["max_iters"] - cfg["prompt_iters"], {}  # --prompt_iters: the findings phase from `start`
+
     def batch(it, j):  # every volume of the micro-batch with its report and its multiple-choice question
         idx = micro_batch(len(train_ds), it * cfg["grad_accum"] + j, micro, cfg["seed"], rank, world)
-        return get_batch(train_ds, idx, tasks if it >= cfg["label_iters"] else (), enc, cfg, dev)
+        if it < start:
+            return get_batch(train_ds, idx, tasks, enc, cfg, dev)
+        if not findings:  # the findings phase: f_2d, f_3d frozen, the label head fit, a new decoder (docstring)
+            model.f_2d.requires_grad_(False)
+            model.f_3d.requires_grad_(False)
+            with torch.random.fork_rng():  # the same batches after, whether or not a run resumed here
+                findings["z"] = fit_findings(model, train_ds, val_ds, dev)
+                if it == start and j == 0:  # (a run resumed later has its new decoder in the checkpoint)
+                    torch.manual_seed(cfg["seed"] + 1)
+                    model.decoder.load_state_dict(Decoder(model.decoder.args).state_dict())
+        _, labels, *text = get_batch(train_ds, idx, tasks if (it - start) % 8 == 0 else (1,), enc, cfg, dev)
+        return (findings["z"][idx], labels, *text)
 
     def evaluate():
         res = {f"val_loss_{['report', 'mcq'][t]}": test_loss(model, val_ds, enc, cfg, dev, nullcontext(), t, False)

@@ -22,7 +22,7 @@ TINY = ["--preset=cpu", "--device=cpu", "--shape=8,32,32", "--n_slices=4", "--vi
         "--dino_local=2", "--dino_local_size=16", "--dino_hidden=32", "--dino_bottleneck=16", "--dino_out=64",
         "--warmup_batch=4", "--dim=32", "--n_layers=1", "--n_heads=2", "--n_kv_heads=1", "--vocab_size=320",
         "--n_train=6", "--n_val=4", "--n_test=2", "--batch_size=4", "--grad_accum=2", "--max_new_tokens=4",
-        "--num_workers=0", "--dino_iters=2", "--warmup_iters=2", "--max_iters=2", "--eval_interval=1"]
+        "--num_workers=0", "--dino_iters=2", "--warmup_iters=2", "--max_iters=2", "--eval_interval=1", "--prompt_iters=0"]
 
 
 def cfg_of(argv):
@@ -245,19 +245,6 @@ def test_samf_trains_a_step_and_freezing_flags_freeze(tmp_path, monkeypatch):
         assert not torch.equal(start[k], after[k]), k  # trained
 
 
-def test_label_phase_and_aux_loss_by_hand():
-    """--label_iters: without texts the loss is the label head's BCE on z_3d alone; --aux_weight adds it to the text
-    loss; labels=None (every evaluation) leaves the text loss alone."""
-    torch.manual_seed(0)
-    model = samf.build_model(cfg_of(TINY + ["--label_iters=2", "--aux_weight=0.5"])).eval()
-    enc, vol, y = _tiny_enc(), torch.rand(2, 1, 8, 32, 32), torch.tensor([[1.0] + [0.0] * 17, [0.0] * 17 + [1.0]])
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(model.label_head(model.encode(vol)[1]), y)
-    torch.testing.assert_close(model(vol, y), bce)
-    text = samf.tokenize([(samf.INSTRUCTION, "No findings.")] * 2, enc, 256)
-    torch.testing.assert_close(model(vol, y, *text), model(vol, None, *text) + 0.5 * bce)
-    assert samf.build_model(cfg_of(TINY)).label_head is None  # the paper: no label head
-
-
 def test_mcq_metrics_by_hand():
     m = samf.mcq_metrics(["A. x", "B. y", "nothing", "A."], ["A. x", "A. x", "C. z", "B. y"])
     assert m["accuracy"] == 0.25
@@ -286,3 +273,88 @@ def test_finetune_learns_a_tiny_problem(tmp_path):
     # the report template: from ~ln(vocab) = 5.8 nats per token at initialisation to well under half of it
     assert logs[-1]["val_loss_report"] < 0.45 * math.log(320) and logs[-1]["val_loss_report"] < logs[0]["val_loss_report"]
     assert logs[-1]["train_loss"] < logs[0]["train_loss"]
+
+
+# ----------------------------------------------------------------------------- --prompt_iters: the findings token
+
+def test_answer_rate_by_hand():
+    q = "Which of the following findings is present in this scan? Choices: "
+    items = [{"name": f"s{i}", "labels": torch.zeros(18), "questions": [{"kind": "choice", "question": q + opts, "answer": a}]}
+             for i, (opts, a) in enumerate([
+                 ("A. Cardiomegaly B. Emphysema C. Atelectasis D. Lung nodule", "A. Cardiomegaly"),
+                 ("A. Emphysema B. Cardiomegaly C. None of these D. Atelectasis", "C. None of these"),
+                 ("A. Cardiomegaly B. Lung nodule C. Emphysema D. Hiatal hernia", "B. Lung nodule")])]
+    assert samf.answer_rate(items) == {"Cardiomegaly": 1 / 3, "Emphysema": 0.0, "Atelectasis": 0.0, "Lung nodule": 0.5,
+                                       "None of these": 1.0, "Hiatal hernia": 0.0}
+
+
+def test_findings_token_is_the_scans_own_calls_at_test_time():
+    """In training the token carries the labels of the readable findings (teacher forcing); in eval mode it is the
+    label head's calls on z_3d whatever labels are passed, so labels cannot reach an answer at test time."""
+    torch.manual_seed(0)
+    model = samf.build_model(cfg_of(TINY + ["--max_iters=4", "--prompt_iters=2"]))
+    model.readable[[2, 12]] = 1.0
+    enc, vol = _tiny_enc(), torch.rand(2, 1, 8, 32, 32)
+    y1, y2 = torch.zeros(2, 18), torch.ones(2, 18)
+    text = samf.tokenize([(samf.INSTRUCTION, "No findings.")] * 2, enc, 256)
+    model.eval()
+    q_ids, q_mask = text[:2]
+    vis, _ = model.visual_tokens(vol, q_ids, q_mask)
+    calls = (model.label_head(model.encode(vol)[1]) >= 0).float()
+    assert vis.shape[1] == model.n_visual == 1 + 4 + 1
+    torch.testing.assert_close(vis[:, -1], model.label_embed(calls * model.readable))
+    torch.testing.assert_close(model(vol, y1, *text), model(vol, y2, *text), atol=0, rtol=0)
+    model.train()
+    vis1, _ = model.visual_tokens(vol, q_ids, q_mask, labels=y2)
+    torch.testing.assert_close(vis1[:, -1], model.label_embed(model.readable.expand(2, -1)))  # only readable findings
+    assert model(vol, y1, *text) != model(vol, y2, *text)
+
+
+def test_fit_findings_keeps_the_readable_finding_only(monkeypatch):
+    """z_3d separates finding 2 (cardiomegaly) and is noise for the others: only it becomes readable, and its calls
+    follow it on the validation scans."""
+    torch.manual_seed(0)
+    model = samf.build_model(cfg_of(TINY + ["--max_iters=4", "--prompt_iters=2"]))
+    g = torch.Generator().manual_seed(0)
+
+    def scans(n):
+        y = (torch.rand(n, 18, generator=g) < 0.4).float()
+        z = torch.randn(n, 32, generator=g)
+        z[:, 0] += 4 * y[:, 2]
+        return [{"labels": y[i], "volume": z[i].view(1, 1, 1, 32)} for i in range(n)]
+    monkeypatch.setattr(model, "encode", lambda v: (v[:, 0, 0].expand(-1, 4, -1), v[:, 0, 0, 0]))  # z_2d, z_3d
+    train_ds, val_ds = scans(200), scans(40)
+    cache = samf.fit_findings(model, train_ds, val_ds, "cpu")
+    assert cache.shape == (200, 4 + 1, 32)
+    torch.testing.assert_close(cache[:, -1], torch.stack([it["volume"][0, 0, 0] for it in train_ds]))
+    assert model.readable.nonzero().flatten().tolist() == [2]
+    zv, yv = torch.stack([it["volume"][0, 0, 0] for it in val_ds]), torch.stack([it["labels"] for it in val_ds])
+    calls = (model.label_head(zv) >= 0).float()
+    assert (calls[:, 2] == yv[:, 2]).float().mean() >= 0.95
+
+
+def test_prompt_phase_freezes_the_encoder_and_resumes_exactly(tmp_path, monkeypatch):
+    argv = TINY + ["--stage=finetune", "--max_iters=4", "--prompt_iters=2", "--eval_interval=2", "--n_test=2",
+                   "--max_new_tokens=1"]
+    real_save = samf.save_checkpoint
+
+    def save_and_keep(path, state):
+        real_save(path, state)
+        if state["iter_num"] == 2:
+            shutil.copy(path, tmp_path / "mid.pt")
+    monkeypatch.setattr(samf, "save_checkpoint", save_and_keep)
+    res = samf.main(argv + [f"--out_dir={tmp_path / 'a'}"])
+    assert {"answer_rate_prior", "prevalence_prior", "shuffled_visual"} <= set(res["mcq"]) and res["n_visual"] == 1 + 4 + 1
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "mid.pt", tmp_path / "b" / "ckpt.pt")
+    shutil.copy(tmp_path / "a" / "bpe.tiktoken", tmp_path / "b" / "bpe.tiktoken")
+    samf.main(argv + [f"--out_dir={tmp_path / 'b'}", "--init_from=resume"])
+    mid, a, b = (torch.load(p, weights_only=True)["model"] for p in (tmp_path / "mid.pt", tmp_path / "a" / "ckpt.pt",
+                                                                       tmp_path / "b" / "ckpt.pt"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+        if k.startswith(("f_2d.", "f_3d.")):
+            assert torch.equal(a[k], mid[k]), k  # frozen in the findings phase
+    assert not torch.equal(a["decoder.output.weight"], mid["decoder.output.weight"]) and "readable" in a
+    with pytest.raises(ValueError, match="--prompt_iters=4: must be below --max_iters=4"):
+        samf.check_config(cfg_of(TINY + ["--max_iters=4", "--prompt_iters=4"]))
