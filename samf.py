@@ -91,7 +91,11 @@ findings token carried medical material (val AUROC 0.81), cardiomegaly, pericard
 BLEU-1 0.80, clinical-efficacy macro F1 0.067 (micro 0.198), below prevalence-random 0.177 (0.233). +Ao2D
 (--fusion=ao2d, the same way, 8 min 48 s): the token carried pleural effusion alone (cardiomegaly's validation AUROC
 fell under 0.8 on the 32 validation scans; test 0.87), and the answers barely read the scan: 0.453 vs 0.445 with
-another scan's tokens (0.391 zeroed). One seed each: which findings pass the gate decides the result.
+another scan's tokens (0.391 zeroed). --seed=1 (other phantoms, all stages, 10 min 06 s): token cardiomegaly and
+pericardial effusion, MCQ 0.383 vs 0.391 another scan's tokens, below the prevalence prior 0.492 and the answer-rate
+prior 0.484 of that test set. So the findings token made the answers read the scan in 1 of 3 runs, and the new
+decoder learns the text prior less well than the rules do: the target (0.10 above every image-blind baseline) is
+not met robustly.
 The paper's fine-tuning alone (--max_iters=250 --prompt_iters=0) answers from the question: 0.359, the same with
 another scan's tokens. An earlier variant that trained f_2d + f_3d on a label BCE on z_3d (before and beside the text
 loss; removed) brought cardiomegaly to test AUROC 0.91-1.00 while the MCQ accuracy stayed at 0.31-0.38. Ceiling on these 128 questions: an oracle that knows the
