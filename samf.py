@@ -233,61 +233,6 @@ INSTRUCTION = "Write the findings of this chest CT."
 CACHE_BYTES = 2 * 2**30  # synthetic splits up to this size (float16) are rendered once and kept in RAM
 
 
-# Copied from ct_scroll._cast
-def _cast(key, value: str, default):
-    """Cast a command-line string to the type of the key's default. An error naming the key: a wrong type, a
-    list of another length than the default's, a number that is not finite, or negative where the default is not
-    (a list whose default values are all positive must stay positive)."""
-    try:
-        if isinstance(default, bool):
-            if value.lower() not in ("true", "false"):
-                raise ValueError
-            return value.lower() == "true"
-        if isinstance(default, tuple):  # comma lists -> tuples of int/float
-            out = tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(",") if v.strip())
-            if out and default and len(out) != len(default):
-                raise SystemExit(f"--{key}={value!r}: expected {len(default)} comma-separated values, like "
-                                 f"{','.join(map(str, default))}")
-            if not all(math.isfinite(v) for v in out) or (all(d > 0 for d in default) and any(v <= 0 for v in out)):
-                raise SystemExit(f"--{key}={value!r}: every value must be a positive finite number")
-            return out
-        out = type(default)(value)
-    except ValueError:
-        raise SystemExit(f"--{key}={value!r}: expected a value like {default!r}") from None
-    if isinstance(out, (int, float)) and (not math.isfinite(out) or (default >= 0 and out < 0)):
-        raise SystemExit(f"--{key}={value!r}: expected a finite number" + (" >= 0" if default >= 0 else ""))
-    return out
-
-
-# Copied from ct_scroll.parse_config
-def parse_config(argv, defaults, presets):
-    """defaults <- preset <- command line. `--key=value` and `--key value` both work; unknown keys and bad values
-    stop with a message that lists the valid keys; `--help` prints every key with its default."""
-    args, given = list(sys.argv[1:] if argv is None else argv), {}
-    while args:
-        arg = args.pop(0)
-        if arg in ("-h", "--help"):
-            print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]   presets: {', '.join(presets)}")
-            print("\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
-            raise SystemExit(0)
-        key, eq, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or key not in defaults:
-            raise SystemExit(f"unknown argument {arg!r}; valid keys: {', '.join('--' + k for k in defaults)}")
-        if not eq:
-            if not args:
-                raise SystemExit(f"--{key} needs a value")
-            value = args.pop(0)
-        given[key] = value
-    name = given.get("preset") or defaults["preset"] or ("paper" if torch.cuda.is_available() else "cpu")
-    if name not in presets:
-        raise SystemExit(f"unknown preset {name!r}; valid presets: {', '.join(presets)}")
-    cfg = {**defaults, **presets[name], "preset": name}
-    for key, value in given.items():
-        if key != "preset":
-            cfg[key] = _cast(key, value, cfg[key])
-    return cfg
-
-
 # -----------------------------------------------------------------------------
 # The paper's model: f_2d (Eq. 1) and its DINO pre-training, f_3d (Eq. 2) and its InfoNCE warm-up, SAMF / Ao2D (Eq. 3-12)
 
@@ -1386,6 +1331,64 @@ def predict_file(cfg, model, enc, dev, path, question: str) -> str:
     print(f"alpha over the {cfg['n_slices']} centre slices: {' '.join(f'{a:.3f}' for a in att['alpha'][0].tolist())}")
     print(f"{question or INSTRUCTION}\n{text[0]}\n(attention over slices: {png})")
     return text[0]
+
+
+# -----------------------------------------------------------------------------
+# CLI: the parser (copied from ct_scroll)
+
+# Copied from ct_scroll._cast
+def _cast(key, value: str, default):
+    """Cast a command-line string to the type of the key's default. An error naming the key: a wrong type, a
+    list of another length than the default's, a number that is not finite, or negative where the default is not
+    (a list whose default values are all positive must stay positive)."""
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false"):
+                raise ValueError
+            return value.lower() == "true"
+        if isinstance(default, tuple):  # comma lists -> tuples of int/float
+            out = tuple(int(v) if v.strip().lstrip("-").isdigit() else float(v) for v in value.split(",") if v.strip())
+            if out and default and len(out) != len(default):
+                raise SystemExit(f"--{key}={value!r}: expected {len(default)} comma-separated values, like "
+                                 f"{','.join(map(str, default))}")
+            if not all(math.isfinite(v) for v in out) or (all(d > 0 for d in default) and any(v <= 0 for v in out)):
+                raise SystemExit(f"--{key}={value!r}: every value must be a positive finite number")
+            return out
+        out = type(default)(value)
+    except ValueError:
+        raise SystemExit(f"--{key}={value!r}: expected a value like {default!r}") from None
+    if isinstance(out, (int, float)) and (not math.isfinite(out) or (default >= 0 and out < 0)):
+        raise SystemExit(f"--{key}={value!r}: expected a finite number" + (" >= 0" if default >= 0 else ""))
+    return out
+
+
+# Copied from ct_scroll.parse_config
+def parse_config(argv, defaults, presets):
+    """defaults <- preset <- command line. `--key=value` and `--key value` both work; unknown keys and bad values
+    stop with a message that lists the valid keys; `--help` prints every key with its default."""
+    args, given = list(sys.argv[1:] if argv is None else argv), {}
+    while args:
+        arg = args.pop(0)
+        if arg in ("-h", "--help"):
+            print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]   presets: {', '.join(presets)}")
+            print("\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+            raise SystemExit(0)
+        key, eq, value = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or key not in defaults:
+            raise SystemExit(f"unknown argument {arg!r}; valid keys: {', '.join('--' + k for k in defaults)}")
+        if not eq:
+            if not args:
+                raise SystemExit(f"--{key} needs a value")
+            value = args.pop(0)
+        given[key] = value
+    name = given.get("preset") or defaults["preset"] or ("paper" if torch.cuda.is_available() else "cpu")
+    if name not in presets:
+        raise SystemExit(f"unknown preset {name!r}; valid presets: {', '.join(presets)}")
+    cfg = {**defaults, **presets[name], "preset": name}
+    for key, value in given.items():
+        if key != "preset":
+            cfg[key] = _cast(key, value, cfg[key])
+    return cfg
 
 
 # -----------------------------------------------------------------------------
