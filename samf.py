@@ -987,11 +987,12 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=N
                           if not cfg["llm"] or not k.startswith("decoder.") or ".lora_" in k}, "optimizer": opt.state_dict(),
                 "iter_num": iter_num, "best_val_loss": best_val, "config": cfg, "rng": rng_state()})
 
-    # FLOPs of one micro-batch (forward x 3), without moving the RNG (exact resume). Approximate: x 3 overstates the
-    # warm-up (f_2d frozen: forward only) and the findings phase (cached features: no f_2d, f_3d)
+    # FLOPs of one training sample, without moving the RNG (exact resume): forward x 3 (forward + backward); the
+    # warm-up counts the forward once (f_2d is frozen and dominates; the aggregator's backward is left out: a lower
+    # bound); the findings phase is recounted when it starts (cached features: the decoder alone)
     with torch.random.fork_rng():
         first = batch_fn(iter_num, 0)
-        fps = 3 * forward_flops(raw, *first) / first[0].shape[0]
+        fps = (1 if stage == "warmup" else 3) * forward_flops(raw, *first) / first[0].shape[0]
     timer = StepTimer(dev, fps)  # data wait vs compute, samples/s, TFLOP/s, MFU: means since the last eval
     timer.stats()  # the first call measures the device's peak FLOP/s, outside the first timed window
     log = Path(cfg["out_dir"]) / ("log.jsonl" if stage == "finetune" else f"log_{stage}.jsonl")
@@ -1007,6 +1008,8 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=N
                 sync = nullcontext() if not ddp or j == accum - 1 else model.no_sync()
                 with timer.data():
                     inputs = batch_fn(iter_num, j)
+                if phase and j == 0 and iter_num == phase:  # the findings phase starts: cached features
+                    timer.flops = 3 * forward_flops(raw, *inputs) / inputs[0].shape[0]
                 with ctx, sync:
                     loss = model(*inputs)
                     (loss / accum).backward()
