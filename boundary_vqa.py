@@ -73,7 +73,7 @@ from data import (FOV, LABELS, REGION_IDS, SPECIAL_TOKENS, BadConfig, BadVolume,
                   forward_flops, load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, load_nifti, preprocess,
                   report_labels, report_metrics, resume_cleanup, rng_state, run, save_bpe, save_checkpoint,
                   set_rng_state, setup_ddp, train_bpe, vqa_closed_accuracy, sample_patient, finding_region,
-                  _finding_name)
+                  _finding_name, optimizer_step)
 
 # -----------------------------------------------------------------------------
 preset = ""  # cpu | paper; empty: paper on CUDA, cpu otherwise
@@ -1009,16 +1009,7 @@ def train_loop(cfg, tag, model, opt, n_items, batch_fn, loss_fn, val_fn, save, *
                     loss = loss_fn(fwd, batch)
                     (loss / cfg["grad_accum"]).backward()
                 losses.append(loss.item())
-            norm = nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
-            if torch.isfinite(norm):  # grads are all-reduced, so every rank takes the same decision
-                opt.step()
-                bad = 0
-            else:
-                bad += 1
-                tqdm.write(f"warning: {tag} step {iter_num}: non-finite loss/gradient ({losses}), step skipped")
-                if bad >= 5:
-                    raise RuntimeError("5 non-finite steps in a row: stopping (lower the learning rate?)")
-            opt.zero_grad(set_to_none=True)
+            bad = optimizer_step(opt, params, cfg["grad_clip"], bad, iter_num)  # clip, step unless non-finite
             iter_num += 1
             timer.step(micro * cfg["grad_accum"])
             loss_sum, n_sum = loss_sum + sum(losses) / len(losses), n_sum + 1

@@ -139,7 +139,7 @@ import data as shared
 from data import (FOV, LABELS, BadConfig, InputError, Interrupted, StopOnSigint, append_jsonl, choice_correct, collate, get_dataset,
                   load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, preprocess, report_metrics, resume_cleanup,
                   rng_state, run, save_bpe, save_checkpoint, set_rng_state, setup_ddp, train_bpe)
-from data import StepTimer, Stream, forward_flops  # per-step data wait vs compute, samples/s, TFLOP/s, MFU
+from data import StepTimer, Stream, forward_flops, optimizer_step  # per-step data wait vs compute, samples/s, TFLOP/s, MFU
 
 # -----------------------------------------------------------------------------
 preset = ""  # cpu | paper; empty: paper on CUDA, cpu otherwise
@@ -1014,18 +1014,9 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=N
                     loss = model(*inputs)
                     (loss / accum).backward()
                 losses.append(loss.item())
-            norm = nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or float("inf"))
-            if torch.isfinite(norm):  # grads are all-reduced, so every rank takes the same decision
-                opt.step()
-                if stage == "dino":  # teacher momentum: cosine from dino_momentum to 1
-                    raw.update_teacher(1 - (1 - cfg["dino_momentum"]) * (math.cos(math.pi * iter_num / iters) + 1) / 2)
-                bad_steps = 0
-            else:
-                bad_steps += 1
-                tqdm.write(f"warning: step {iter_num}: non-finite loss/gradient ({losses}), step skipped")
-                if bad_steps >= 5:
-                    raise RuntimeError("5 non-finite steps in a row: stopping (lower --learning_rate?)")
-            opt.zero_grad(set_to_none=True)
+            bad_steps = optimizer_step(opt, params, cfg["grad_clip"], bad_steps, iter_num)  # clip, step unless non-finite
+            if stage == "dino" and bad_steps == 0:  # stepped: teacher momentum, cosine from dino_momentum to 1
+                raw.update_teacher(1 - (1 - cfg["dino_momentum"]) * (math.cos(math.pi * iter_num / iters) + 1) / 2)
             iter_num += 1
             steps += 1
             timer.step(inputs[0].shape[0] * accum)
