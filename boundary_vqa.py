@@ -1,10 +1,9 @@
 """Boundary-guided 3D CT VQA: a contour of the asked-about anatomy on every axial slice, DCFormer + Mixer, slice
 self-attention in a compact decoder, LoRA.
 
-Paper: anonymous, "Boundary Guidance for Efficient 3D CT Vision-Language Reasoning", submission under review
-(no arXiv id, no public code). Built on Med3DVLM (Xin et al., arXiv:2503.20047), DCFormer (Ates et al.,
-arXiv:2502.05091), SigLIP (Zhai et al., ICCV 2023), LoRA (Hu et al., arXiv:2106.09685), focal loss (Lin et al.,
-ICCV 2017), RadGenome-ChestCT (Zhang et al., arXiv:2404.16754).
+Paper: anonymous, "Boundary Guidance for Efficient 3D CT Vision-Language Reasoning", submission under review (no
+arXiv id, no public code). Built on Med3DVLM (arXiv:2503.20047), DCFormer (arXiv:2502.05091), SigLIP (ICCV 2023),
+LoRA (arXiv:2106.09685), focal loss (ICCV 2017), RadGenome-ChestCT (arXiv:2404.16754).
 
 What this file implements (M the binary mask of the QUESTION's region, x one CT volume):
     Eq. 1     B = {(x, y) : sum_{(u,v) in N8(x,y)} |M_uv - M_xy| > 0} per axial slice, on M's largest component per
@@ -29,25 +28,23 @@ Qwen-2.5 0.5B/1.5B/3B shapes at --preset=paper), or --llm=path: a Meta-format Ll
 used Qwen-2.5, which this repo cannot load without transformers).
 
 Deviations, on purpose:
-- SigLIP pre-training is ours (the paper reuses Med3DVLM's weights): report SENTENCES, each a positive for every
-  volume whose report states its findings (whole-report pairs at batch 32 stayed at the constant solution), b
-  starting at -log(batch); half its volumes carry a random region's outline so that channel's filters train.
-- The cpu preset drops the constant system instruction (--system_prompt=false: ~100 tokens, no information).
+- --stage=siglip is ours (the paper reuses Med3DVLM's weights): report SENTENCES, each a positive for every volume
+  whose report states its findings, b starting at -log(batch); --siglip_contour of its volumes carry a region's outline.
+- --system_prompt=false (the cpu preset) drops the constant ~100-token system instruction.
 - The frozen features are standardised per (token, channel) with training-set statistics, then a trained Linear
-  adapts the fixed Mixer width (proj_dim) to each decoder.
-- Training scans get extra yes/no questions from their own labels (--extra_questions); test questions are
-  data.make_questions' own.
-- Open answers do NOT get the paper's "Within the blue boundary," prefix (a constant string would lift one group's
-  BLEU/ROUGE). Yes/no questions are answered by the classification head, choice and open ones by generation.
+  adapts the fixed Mixer width (--proj_dim) to each decoder.
+- --extra_questions: training scans get extra yes/no questions from their own labels; test questions are
+  data.make_questions' own. Open answers do NOT get the "Within the blue boundary," prefix (a constant string would
+  lift one group's BLEU/ROUGE). Yes/no questions are answered by the classification head, the others by generation.
 
 Commands:
-    python boundary_vqa.py                          # cpu: render, SigLIP, VQA (contour), no-prompt and question-only twins
-                                                    # (~6 min + rendering on 2 busy cores; region acc. 77.0 vs 72.5
-                                                    #  question-only vs 64.0 majority; closed at the prior: README)
+    python boundary_vqa.py                          # cpu: render, SigLIP, VQA with the contour + its two twins
     python boundary_vqa.py --table=true             # Table 1: prompt x decoder size, peak memory per size
     python boundary_vqa.py --preset=paper --llm=/path/to/Llama-3.2-1B-Instruct/original   # GPU, LoRA r 16
     torchrun --standalone --nproc_per_node=2 boundary_vqa.py --stage=vqa
-    python boundary_vqa.py --init_from=resume --predict=scan.nii.gz --mask=region.nii.gz --question="Is there an abnormality in the left lung?"
+    python boundary_vqa.py --data=/path/to/RadGenome-ChestCT  # masks seg_<volume>/<region>.nii.gz + grounded QA CSVs
+    python boundary_vqa.py --init_from=resume --predict=scan.nii.gz --mask=region.nii.gz \
+        --question="Is there an abnormality in the left lung?"   # the answer + a PNG montage of the prompted slices
 """
 import json
 import math
@@ -69,11 +66,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (FOV, LABELS, REGION_IDS, SPECIAL_TOKENS, BadConfig, BadVolume, InputError, Interrupted, RadGenomeCT,
-                  StepTimer, StopOnSigint, Stream, SyntheticCT, append_jsonl, bootstrap_diff, choice_correct, crop_or_pad,
-                  forward_flops, load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, load_nifti, preprocess,
-                  report_labels, report_metrics, resume_cleanup, rng_state, run, save_bpe, save_checkpoint,
-                  set_rng_state, setup_ddp, train_bpe, vqa_closed_accuracy, sample_patient, finding_region,
-                  _finding_name, optimizer_step)
+                  StepTimer, StopOnSigint, Stream, SyntheticCT, _finding_name, autocast_ctx, bootstrap_diff,
+                  choice_correct, crop_or_pad, finding_region, forward_flops, load_bpe, load_checkpoint, load_ct,
+                  load_llama3_tokenizer, load_nifti, log_eval, optimizer_step, preprocess, report_labels,
+                  report_metrics, resume_checkpoint, rng_state, run, sample_patient, save_bpe, save_checkpoint,
+                  set_rng_state, setup_ddp, train_bpe, vqa_closed_accuracy, wrap_model)
 
 # -----------------------------------------------------------------------------
 preset = ""  # cpu | paper; empty: paper on CUDA, cpu otherwise
@@ -143,7 +140,8 @@ rescale = "auto"  # --predict: stored values -> HU by the header | none | auto (
 strict = False  # a bad volume in a dataset is fatal instead of skipped
 debug = False  # tracebacks instead of one-line errors
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
+DEFAULTS = {k: v for k, v in globals().items()
+            if k.islower() and not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
 
 PRESETS = {
     "paper": {},  # the defaults above are the paper's settings
@@ -178,16 +176,9 @@ def _max3(x: torch.Tensor) -> torch.Tensor:
 
 
 def largest_component(m: torch.Tensor, max_iter: int = 10000) -> torch.Tensor:
-    """Per axial slice, the largest 8-connected component of a bool mask (Z, Y, X), on its bounding box. Label
-    propagation: each pixel takes the max label of its 8-neighbourhood and of the pixel its label names (pointer
-    jumping) until nothing changes, so a component ends up labelled by its largest index."""
-    if not m.any():
-        return m.clone()
-    (z0, y0, x0), (z1, y1, x1) = m.nonzero().amin(0).tolist(), (m.nonzero().amax(0) + 1).tolist()
-    if (z1 - z0, y1 - y0, x1 - x0) != tuple(m.shape):
-        out = torch.zeros_like(m)
-        out[z0:z1, y0:y1, x0:x1] = largest_component(m[z0:z1, y0:y1, x0:x1], max_iter)
-        return out
+    """Per axial slice, the largest 8-connected component of a bool mask (Z, Y, X). Label propagation: each pixel
+    takes the max label of its 8-neighbourhood and of the pixel its label names (pointer jumping) until nothing
+    changes, so a component ends up labelled by its largest index (ties: the component of the smaller one)."""
     Z, Y, X = m.shape
     idx = torch.arange(1, Y * X + 1, dtype=torch.float32, device=m.device).view(1, Y, X).expand(Z, Y, X)
     lab = torch.where(m, idx, 0.0)
@@ -224,12 +215,11 @@ def boundary_prompt(region: torch.Tensor) -> torch.Tensor:
     the largest component per slice, its holes filled; B = pixels with sum over N8 of |S_uv - S_xy| > 0 (Eq. 1),
     kept on the region's side (one pixel wide); dilated to 3 px; the interior stays empty (Sec. 3.1: "suppresses all
     interior voxels"). Slices the region misses stay empty."""
-    s = largest_component(region.bool())
-    if s.any():  # on the bounding box (+1 px so the border is outside)
-        (z0, y0, x0), (z1, y1, x1) = s.nonzero().amin(0).tolist(), (s.nonzero().amax(0) + 1).tolist()
-        y0, x0, y1, x1 = max(y0 - 1, 0), max(x0 - 1, 0), y1 + 1, x1 + 1
-        s[z0:z1, y0:y1, x0:x1] = fill_holes(s[z0:z1, y0:y1, x0:x1])
-    s = s.float()
+    m, s = region.bool(), torch.zeros(region.shape, device=region.device)
+    if m.any():  # on the region's bounding box, +1 px in-plane so that the box's border is background
+        (z0, y0, x0), (z1, y1, x1) = m.nonzero().amin(0).tolist(), (m.nonzero().amax(0) + 1).tolist()
+        box = (slice(z0, z1), slice(max(y0 - 1, 0), y1 + 1), slice(max(x0 - 1, 0), x1 + 1))
+        s[box] = fill_holes(largest_component(m[box])).float()
     p = F.pad(s[None], (1, 1, 1, 1), mode="replicate")[0]  # the image border is not an edge
     Y, X = s.shape[1:]
     diff = sum((p[:, 1 + dy: 1 + dy + Y, 1 + dx: 1 + dx + X] - s).abs()
@@ -812,12 +802,6 @@ def generate(decoder: Decoder, prompt, prefix=None, *, max_new_tokens: int, eos_
     return out
 
 
-def micro_batch(n: int, k: int, micro: int, seed: int, rank: int = 0, world: int = 1) -> list:
-    """Items of micro-batch k (k = step * grad_accum + micro_step) of this rank: data.Stream's batches, the ones
-    every script trains on (an endless stream of shuffled epochs, a function of (seed, position) alone)."""
-    return next(iter(Stream(n, micro, seed, k, k + 1, 1, rank, world)))
-
-
 def build_model(cfg: dict) -> nn.Module:
     """BoundaryVQA: vision tower + a from-scratch decoder of size cfg['decoder'], or a frozen Meta Llama + LoRA."""
     tower = VisionTower(cfg)
@@ -829,17 +813,13 @@ def build_model(cfg: dict) -> nn.Module:
         add_lora(dec, r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"])
         bos = enc.encode_single_token("<|begin_of_text|>")
     else:
-        if cfg["decoder"] not in "sml" or len(cfg["decoder"]) != 1:
+        if cfg["decoder"] not in ("s", "m", "l"):
             raise BadConfig(f"--decoder={cfg['decoder']!r}: expected s, m or l")
         i = "sml".index(cfg["decoder"])
         dec = Decoder(ModelArgs(dim=cfg["dims"][i], n_layers=cfg["layers"][i], n_heads=cfg["heads"][i],
                                 n_kv_heads=cfg["kv_heads"][i], vocab_size=cfg["vocab_size"], max_seq_len=seq))
         bos = cfg["vocab_size"] - len(SPECIAL_TOKENS)  # data.py's BPE: the special tokens follow the ranks, BOS first
     return BoundaryVQA(cfg, tower, dec, bos)
-
-
-def build_siglip(cfg: dict) -> SigLIP:
-    return SigLIP(VisionTower(cfg), TextEncoder(cfg["vocab_size"], cfg["text_dim"], cfg["text_layers"], cfg["proj_dim"]))
 
 
 # -----------------------------------------------------------------------------
@@ -860,7 +840,8 @@ class _Rendered(torch.utils.data.Dataset):
     def __getitem__(self, i):
         it = self.ds[i]
         regions = {question_region(q) for q in it["questions"]} | {SIGLIP_REGIONS[i % len(SIGLIP_REGIONS)]}
-        outlines = {r: torch.nonzero(boundary_prompt(region_mask(it, r)).flatten())[:, 0].int() for r in sorted(regions)}
+        outlines = {r: torch.nonzero(boundary_prompt(region_mask(it, r)).flatten())[:, 0].int()
+                    for r in sorted(regions)}
         return dict(volume=it["volume"].half(), masks=it["masks"].to(torch.uint8), questions=it["questions"],
                     report=it["report"], name=it["name"], labels=it["labels"], outlines=outlines)
 
@@ -877,8 +858,8 @@ def outline_of(item: dict, region: str) -> torch.Tensor:
 def get_items(cfg, split: str) -> list:
     n = {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_test"]}[split]
     if cfg["data"] != "synthetic":
-        ds = RadGenomeCT(cfg["data"], split, shape=tuple(cfg["shape"]), spacing=tuple(f / s for f, s in zip(FOV, cfg["shape"])),
-                         strict=cfg["strict"])
+        spacing = tuple(f / s for f, s in zip(FOV, cfg["shape"]))
+        ds = RadGenomeCT(cfg["data"], split, shape=tuple(cfg["shape"]), spacing=spacing, strict=cfg["strict"])
         return [ds[i] for i in range(len(ds))]
     path = Path(cfg["cache_dir"]) / f"{split}_{n}_{'x'.join(map(str, cfg['shape']))}_{cfg['seed']}.pt"
     if path.is_file():
@@ -944,21 +925,21 @@ def feature_cache(model, items, qs, cfg, dev) -> dict:
     return cache
 
 
-def encode_q(enc, q: dict, prompt: str, max_len: int, system: bool = True) -> tuple:
+def encode_q(enc, q: dict, cfg) -> tuple:
     """-> (question ids, answer ids + EOS or [] for yes/no kinds)."""
-    ids = enc.encode(rewrite(q["question"], prompt, system), disallowed_special=())
+    ids = enc.encode(rewrite(q["question"], cfg["prompt"], cfg["system_prompt"]), disallowed_special=())
     ans = [] if q["kind"] in ("closed", "region") else enc.encode(" " + q["answer"], disallowed_special=()) + [
         enc.encode_single_token("<|end_of_text|>")]
-    return ids[-(max_len - len(ans)):], ans
+    return ids[-(cfg["max_text_len"] - len(ans)):], ans
 
 
 def vqa_batch(samples, cache, enc, cfg, dev):
     """-> feats (B, N_s, proj), inputs (B, T), targets (B, T) (-1 but on open answers), tmask (B, T) (question
     tokens), last (B,) (last question token), cls (B,) (0 No / 1 Yes, -1 for generated kinds)."""
     eos = enc.encode_single_token("<|end_of_text|>")
-    seqs = [encode_q(enc, q, cfg["prompt"], cfg["max_text_len"], cfg["system_prompt"]) for _, q in samples]
-    T = max(len(a) + len(b) - (1 if b else 0) for a, b in seqs)
-    inputs, targets, tmask = torch.full((len(seqs), T), eos), torch.full((len(seqs), T), -1), torch.zeros(len(seqs), T, dtype=torch.bool)
+    seqs = [encode_q(enc, q, cfg) for _, q in samples]
+    B, T = len(seqs), max(len(a) + len(b) - (1 if b else 0) for a, b in seqs)
+    inputs, targets, tmask = torch.full((B, T), eos), torch.full((B, T), -1), torch.zeros(B, T, dtype=torch.bool)
     for j, (a, b) in enumerate(seqs):
         s = a + b
         inputs[j, : len(s) - (1 if b else 0)] = torch.tensor(s[: len(s) - (1 if b else 0)])
@@ -984,15 +965,16 @@ def get_lr(it: int, lr: float, warmup: int, iters: int) -> float:
 def train_loop(cfg, tag, model, opt, n_items, batch_fn, loss_fn, val_fn, save, *, iters, lr, warmup, micro, start,
                dev, ddp, rank, world, master, model_args=lambda b: b):
     """AdamW steps with grad accumulation, clipping and the non-finite guard; val + checkpoint every eval_interval.
-    batch_fn(idx) -> batch (tuple, first item batched; model(*model_args(batch)) is a forward); loss_fn(module, batch) -> loss; val_fn() -> val loss;
-    save(iter_num, best) writes the checkpoint. The log line has data wait, samples/s and MFU (data.StepTimer)."""
+    batch_fn(item indices) -> batch (its first entry batched; model(*model_args(batch)) is a forward);
+    loss_fn(module, batch) -> loss; val_fn() -> val loss; save(iter_num, best) writes the checkpoint. The batches
+    are data.Stream's (a function of (seed, position) alone); the log line has data.StepTimer's numbers."""
     params = [p for g in opt.param_groups for p in g["params"]]
-    fwd = nn.parallel.DistributedDataParallel(model, device_ids=[int(dev.split(":")[1])] if "cuda" in dev else None
-                                              ) if ddp else model
+    fwd = wrap_model(model, dev, ddp)
     with torch.random.fork_rng():  # FLOPs of one sample (forward x 3), without moving the RNG (exact resume)
-        first = batch_fn(micro_batch(n_items, 0, micro, cfg["seed"]))
+        first = batch_fn(next(iter(Stream(n_items, micro, cfg["seed"], 0, 1))))
         timer = StepTimer(dev, 3 * forward_flops(model, *model_args(first)) / first[0].shape[0])
     timer.stats()  # the first call measures the device's peak FLOP/s, outside the first timed window
+    batches = iter(Stream(n_items, micro, cfg["seed"], start, iters, cfg["grad_accum"], rank, world))
     iter_num, best, bad, loss_sum, n_sum = start, float("inf"), 0, 0.0, 0
     pbar = tqdm(total=iters, initial=iter_num, disable=not master, desc=tag)
     with StopOnSigint() as sig:
@@ -1001,10 +983,9 @@ def train_loop(cfg, tag, model, opt, n_items, batch_fn, loss_fn, val_fn, save, *
                 g["lr"] = get_lr(iter_num, lr, warmup, iters)
             losses = []
             for j in range(cfg["grad_accum"]):
-                idx = micro_batch(n_items, iter_num * cfg["grad_accum"] + j, micro, cfg["seed"], rank, world)
                 sync = nullcontext() if not ddp or j == cfg["grad_accum"] - 1 else fwd.no_sync()
                 with timer.data():
-                    batch = batch_fn(idx)
+                    batch = batch_fn(next(batches))
                 with sync:
                     loss = loss_fn(fwd, batch)
                     (loss / cfg["grad_accum"]).backward()
@@ -1020,11 +1001,10 @@ def train_loop(cfg, tag, model, opt, n_items, batch_fn, loss_fn, val_fn, save, *
                 perf = timer.stats()
                 val = val_fn()
                 best = min(best, val)
-                rec = {"stage": tag, "iter": iter_num, "train_loss": loss_sum / n_sum, "val_loss": val,
-                       "lr": opt.param_groups[0]["lr"], **perf}
                 if master:
-                    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-                    append_jsonl(Path(cfg["out_dir"]) / ("log.jsonl" if tag == "vqa" else f"log_{tag}.jsonl"), rec)
+                    log_eval(Path(cfg["out_dir"]) / ("log.jsonl" if tag == "vqa" else f"log_{tag}.jsonl"),
+                             {"stage": tag, "iter": iter_num, "train_loss": loss_sum / n_sum, "val_loss": val,
+                              "lr": opt.param_groups[0]["lr"], **perf})
                     save(iter_num, best)
                 loss_sum, n_sum = 0.0, 0
                 timer.reset()
@@ -1033,18 +1013,10 @@ def train_loop(cfg, tag, model, opt, n_items, batch_fn, loss_fn, val_fn, save, *
         if master:
             save(iter_num, best)
         raise Interrupted(f"{tag}: checkpoint saved in {cfg['out_dir']}; continue with --stage={tag} --init_from=resume")
-    return sig.stop
-
-
-def siglip_x(item, g: torch.Generator, p: float):
-    """A SigLIP input: the CT, and with probability p the outline of one of its regions (so that channel learns)."""
-    regions = sorted(item["outlines"] if "outlines" in item else item["region_masks"])
-    r = regions[int(torch.randint(len(regions), (), generator=g))]
-    use = float(torch.rand((), generator=g)) < p
-    return model_input(item["volume"].float(), outline_of(item, r) if use else None)
 
 
 def text_batch(enc, texts, dev, max_len=512):
+    """-> ids (N, T) padded with EOS, pad (N, T) True on padding."""
     eos = enc.encode_single_token("<|end_of_text|>")
     ids = [enc.encode(t, disallowed_special=())[:max_len] for t in texts]
     T = max(map(len, ids))
@@ -1058,7 +1030,7 @@ def sentence_pairs(items, idx, g: torch.Generator, per_report: int = 2):
     """Sentence-level SigLIP pairs: up to `per_report` abnormal sentences of each report in the batch; a sentence is
     a positive for every volume whose report states its findings (data.report_labels reads both texts), so two
     patients with the same finding are not pushed apart. -> texts, z (B, N) in {-1, 1}."""
-    texts, labs = [], []
+    texts = []
     for i in idx:
         sents = [t for t in re.split(r"(?<=[.!?])\s+", items[i]["report"]) if report_labels([t]).any()]
         for k in torch.randperm(len(sents), generator=g)[:per_report].tolist():
@@ -1074,36 +1046,38 @@ def sentence_pairs(items, idx, g: torch.Generator, per_report: int = 2):
 def train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master):
     """Stage 1: DCFormer + Mixer (+ a text encoder) on (volume, report sentence) pairs with the sigmoid loss."""
     torch.manual_seed(cfg["seed"])
-    model = build_siglip(cfg).to(dev)
+    tower = VisionTower(cfg)  # built before the text encoder: the init order is the RNG's
+    model = SigLIP(tower, TextEncoder(cfg["vocab_size"], cfg["text_dim"], cfg["text_layers"], cfg["proj_dim"])).to(dev)
     with torch.no_grad():  # b = -10 suits 32k-pair batches; at a few dozen it only collapses the first steps
         model.b.fill_(-math.log(cfg["siglip_batch"]))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["siglip_lr"], betas=(0.9, 0.98), weight_decay=1e-4)
-    micro = cfg["siglip_batch"] // world
     if master:
         print(f"SigLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{len(items)} volumes with their reports' sentences, {cfg['siglip_iters']} steps of {cfg['siglip_batch']}")
 
     def batch_on(its, idx, g):  # -> x (B, 2, Z, Y, X), ids (N, T), pad (N, T), z (B, N) or None
-        x = torch.stack([siglip_x(its[i], g, cfg["siglip_contour"]) for i in idx]).to(dev)
+        xs = []
+        for i in idx:  # the CT, and with probability siglip_contour one of its regions' outline (so that channel learns)
+            regions = sorted(its[i]["outlines"] if "outlines" in its[i] else its[i]["region_masks"])
+            r = regions[int(torch.randint(len(regions), (), generator=g))]
+            use = float(torch.rand((), generator=g)) < cfg["siglip_contour"]
+            xs.append(model_input(its[i]["volume"].float(), outline_of(its[i], r) if use else None))
         texts, z = sentence_pairs(its, idx, g)
-        return (x, *text_batch(enc, texts, dev), None if z is None else z.to(dev))
-
-    def batch_fn(idx):
-        return batch_on(items, idx, torch.Generator().manual_seed(idx[0] * 7919 + len(idx)))
+        return (torch.stack(xs).to(dev), *text_batch(enc, texts, dev), None if z is None else z.to(dev))
 
     @torch.no_grad()
     def val_fn():
-        return model(*batch_on(val_items, list(range(min(len(val_items), cfg["siglip_batch"]))),
-                               torch.Generator().manual_seed(0))).item()
+        idx = list(range(min(len(val_items), cfg["siglip_batch"])))
+        return model(*batch_on(val_items, idx, torch.Generator().manual_seed(0))).item()
 
     def save(it, best):
         save_checkpoint(Path(cfg["out_dir"]) / "siglip.pt", {"model": model.state_dict(), "iter_num": it,
                                                               "config": cfg, "val_loss": best})
-    save_cfg = {**cfg, "eval_interval": max(1, cfg["siglip_iters"] // 3), "grad_accum": 1}
-    train_loop(save_cfg, "siglip", model, opt, len(items), batch_fn, lambda fwd, b: fwd(*b), val_fn, save, iters=cfg["siglip_iters"],
-               lr=cfg["siglip_lr"], warmup=max(1, cfg["siglip_iters"] // 10), micro=micro, start=0, dev=dev, ddp=ddp,
-               rank=rank, world=world, master=master)
-    return model
+    iters = cfg["siglip_iters"]
+    train_loop({**cfg, "eval_interval": max(1, iters // 3), "grad_accum": 1}, "siglip", model, opt, len(items),
+               lambda idx: batch_on(items, idx, torch.Generator().manual_seed(idx[0] * 7919 + len(idx))),
+               lambda fwd, b: fwd(*b), val_fn, save, iters=iters, lr=cfg["siglip_lr"], warmup=max(1, iters // 10),
+               micro=cfg["siglip_batch"] // world, start=0, dev=dev, ddp=ddp, rank=rank, world=world, master=master)
 
 
 def vqa_losses(fwd, batch, alpha, cfg, lora_params):
@@ -1120,8 +1094,18 @@ def vqa_losses(fwd, batch, alpha, cfg, lora_params):
     return loss
 
 
-def train_vqa(cfg, model, items, val_items, enc, dev, ddp, rank, world, master, ckpt=None):
-    """Stage 2: frozen tower (features cached), adapter + SSA/MSSA + decoder (or LoRA) + head -> ckpt.pt."""
+def run_vqa(cfg, tower_state, items, val_items, test_items, enc, dev, ddp, rank, world, master, ckpt=None) -> dict:
+    """Stage 2 for one variant (prompt, blind): frozen tower (features cached), adapter + SSA/MSSA + decoder (or
+    LoRA) + head trained (or resumed from ckpt) -> ckpt.pt; then the test questions -> its scores and predictions."""
+    torch.manual_seed(cfg["seed"])
+    model = build_model(cfg).to(dev)
+    if ckpt is not None:
+        missing, unexpected = model.load_state_dict(ckpt["model"], strict=not cfg["llm"])
+        assert not unexpected, unexpected
+    else:
+        model.tower.load_state_dict(tower_state)
+    Path(cfg["out_dir"]).mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
     qs, val_qs = questions_of(items), questions_of(val_items)
     if cfg["extra_questions"] and cfg["data"] == "synthetic":
         qs += extra_questions(items, "train", cfg["seed"])
@@ -1134,22 +1118,22 @@ def train_vqa(cfg, model, items, val_items, enc, dev, ddp, rank, world, master, 
     alpha = class_balanced_alpha([counts[a] for a in YES_NO], cfg["cb_beta"])
     lora = [p for n, p in model.named_parameters() if ".lora_" in n]
     other = [p for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n]
-    opt = torch.optim.AdamW([{"params": lora, "weight_decay": cfg["weight_decay"]}, {"params": other, "weight_decay": 0.0}],
+    opt = torch.optim.AdamW([{"params": lora, "weight_decay": cfg["weight_decay"]},
+                             {"params": other, "weight_decay": 0.0}],
                             lr=cfg["learning_rate"], betas=(0.9, 0.98), fused="cuda" in dev)
     micro = cfg["batch_size"] // world // cfg["grad_accum"]
     if micro < 1:
         raise BadConfig(f"--batch_size={cfg['batch_size']}: below the world size ({world}) x --grad_accum")
-    start = 0 if ckpt is None else ckpt["iter_num"]
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" and "cuda" in dev else nullcontext()
+    ctx = autocast_ctx(cfg["dtype"], dev)
     if cfg["compile"]:
         model.decoder = torch.compile(model.decoder)
     if master:
         n_all, n_tr = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in lora + other)
-        print(f"VQA --prompt={cfg['prompt']}{' --blind' if cfg['blind'] else ''} --decoder={cfg['llm'] or cfg['decoder']}: "
-              f"{n_all / 1e6:.2f}M parameters, {n_tr / 1e6:.2f}M trained ({100 * n_tr / n_all:.1f}%), "
+        print(f"VQA --prompt={cfg['prompt']}{' --blind' if cfg['blind'] else ''} "
+              f"--decoder={cfg['llm'] or cfg['decoder']}: {n_all / 1e6:.2f}M parameters, {n_tr / 1e6:.2f}M trained ({100 * n_tr / n_all:.1f}%), "
               f"{model.tower.n_visual} visual tokens, SSA/MSSA in blocks 0..{cfg['ssa_layers'] - 1}, "
               f"{len(qs)} train / {len(val_qs)} val questions, class weights No/Yes {alpha.tolist()}")
 
@@ -1171,11 +1155,22 @@ def train_vqa(cfg, model, items, val_items, enc, dev, ddp, rank, world, master, 
             "model": {k: v for k, v in model.state_dict().items() if k not in frozen or not cfg["llm"]},
             "optimizer": opt.state_dict(), "iter_num": it, "best_val_loss": best, "config": cfg, "rng": rng_state()})
     model.train()
-    stopped = train_loop(cfg, "vqa", model, opt, len(qs), lambda idx: vqa_batch([qs[i] for i in idx], cache, enc, cfg, dev),
-                         loss_fn, val_fn, save, iters=cfg["max_iters"],
-                         lr=cfg["learning_rate"], warmup=cfg["warmup_iters"], micro=micro, start=start, dev=dev,
-                         ddp=ddp, rank=rank, world=world, master=master, model_args=lambda b: (b[0], b[1], b[3], b[4]))
-    return ctx, stopped
+    train_loop(cfg, "vqa", model, opt, len(qs), lambda idx: vqa_batch([qs[i] for i in idx], cache, enc, cfg, dev),
+               loss_fn, val_fn, save, iters=cfg["max_iters"], lr=cfg["learning_rate"], warmup=cfg["warmup_iters"],
+               micro=micro, start=0 if ckpt is None else ckpt["iter_num"], dev=dev, ddp=ddp, rank=rank, world=world,
+               master=master, model_args=lambda b: (b[0], b[1], b[3], b[4]))
+    if not master:
+        return {}
+    test_qs = questions_of(test_items)
+    preds = answer(model, enc, cfg, test_qs, feature_cache(model, test_items, test_qs, cfg, dev), dev, ctx)
+    res = {"prompt": cfg["prompt"], "blind": cfg["blind"], "decoder": cfg["llm"] or cfg["decoder"],
+           "scores": score(test_qs, preds), "train_s": time.time() - t0, "peak_mb": peak_memory_mb(dev),
+           "n_params": sum(p.numel() for p in model.decoder.parameters())}
+    (Path(cfg["out_dir"]) / "vqa_metrics.json").write_text(json.dumps(res, indent=2))  # this variant alone
+    lines = [f"{test_items[i]['name']} [{q['kind']}, outline: {q['outline']}] {q['question']}\n  answer: {p}  "
+             f"reference: {q['answer']}" for (i, q), p in zip(test_qs, preds)]
+    (Path(cfg["out_dir"]) / "answers.txt").write_text("\n".join(lines) + "\n")
+    return {**res, "preds": preds}
 
 
 # -----------------------------------------------------------------------------
@@ -1198,7 +1193,7 @@ def answer(model, enc, cfg, samples, cache, dev, ctx) -> list:
     groups = {}
     for j, (_, q) in enumerate(samples):
         if q["kind"] not in ("closed", "region"):
-            ids = encode_q(enc, q, cfg["prompt"], cfg["max_text_len"], cfg["system_prompt"])[0]
+            ids = encode_q(enc, q, cfg)[0]
             groups.setdefault(len(ids), []).append((j, ids))
     for group in tqdm(groups.values(), desc="generate", leave=False):
         for s in range(0, len(group), 32):
@@ -1226,13 +1221,15 @@ def score(samples, preds) -> dict:
         if p and kind == "open":
             m = report_metrics(p, [[r] for r in ref])
             res.update(bleu4=m["bleu4"], rougeL=m["rougeL"], meteor=m["meteor"])
+        elif p and kind == "choice":
+            res[kind] = float(np.mean([choice_correct(a, r) for a, r in zip(p, ref)]))
         elif p:
-            res[kind] = float(np.mean([choice_correct(a, r) for a, r in zip(p, ref)])) if kind == "choice" else \
-                vqa_closed_accuracy(p, ref)
+            res[kind] = vqa_closed_accuracy(p, ref)
     return res
 
 
 def correct(samples, preds, kind) -> np.ndarray:
+    """1 per question of `kind` answered right (yes/no, case and final period aside), else 0: the paired bootstrap's input."""
     yn = lambda s: s.strip().lower().rstrip(".")
     return np.array([yn(p) == yn(q["answer"]) for (_, q), p in zip(samples, preds) if q["kind"] == kind], dtype=float)
 
@@ -1243,36 +1240,20 @@ def peak_memory_mb(dev: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_vqa(cfg, tower_state, items, val_items, test_items, enc, dev, ddp, rank, world, master, ckpt=None) -> dict:
-    """Build, train (or resume) and test one VQA variant; returns its scores and the per-question predictions."""
-    torch.manual_seed(cfg["seed"])
-    model = build_model(cfg).to(dev)
-    if ckpt is not None:
-        missing, unexpected = model.load_state_dict(ckpt["model"], strict=not cfg["llm"])
-        assert not unexpected, unexpected
-    else:
-        model.tower.load_state_dict(tower_state)
-    Path(cfg["out_dir"]).mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    ctx, stopped = train_vqa(cfg, model, items, val_items, enc, dev, ddp, rank, world, master, ckpt)
-    if stopped or not master:
-        return {}
-    test_qs = questions_of(test_items)
-    preds = answer(model, enc, cfg, test_qs, feature_cache(model, test_items, test_qs, cfg, dev), dev, ctx)
-    res = {"prompt": cfg["prompt"], "blind": cfg["blind"], "decoder": cfg["llm"] or cfg["decoder"],
-           "scores": score(test_qs, preds), "train_s": time.time() - t0, "peak_mb": peak_memory_mb(dev),
-           "n_params": sum(p.numel() for p in model.decoder.parameters())}
-    (Path(cfg["out_dir"]) / "vqa_metrics.json").write_text(json.dumps(res, indent=2))  # this variant alone
-    lines = [f"{test_items[i]['name']} [{q['kind']}, outline: {q['outline']}] {q['question']}\n  answer: {p}  "
-             f"reference: {q['answer']}" for (i, q), p in zip(test_qs, preds)]
-    (Path(cfg["out_dir"]) / "answers.txt").write_text("\n".join(lines) + "\n")
-    return {**res, "preds": preds}
-
-
 def majority(train_qs, test_qs) -> dict:
     """Image-blind baselines: the most frequent training answer of each kind, given to every test question."""
     top = {k: Counter(q["answer"] for _, q in train_qs if q["kind"] == k).most_common(1) for k in KINDS}
     return score(test_qs, [top[q["kind"]][0][0] if top[q["kind"]] else "" for _, q in test_qs])
+
+
+def print_results(res: dict):
+    cols = ("closed", "region", "choice", "bleu4", "rougeL", "meteor")
+    print(f"\n{'test questions':<34}" + "".join(f"{c:>9}" for c in cols))
+    for name, s in res["rows"].items():
+        print(f"{name:<34}" + "".join(f"{100 * s[c]:>9.1f}" if c in s else f"{'-':>9}" for c in cols))
+    for name, d in res.get("paired", {}).items():
+        print(f"{name}: {100 * d['diff']:+.1f} points, 95% paired bootstrap interval "
+              f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] over {d['n']} questions")
 
 
 # -----------------------------------------------------------------------------
@@ -1297,23 +1278,18 @@ def montage(volume, outline, path, n: int = 12):
     return zs
 
 
-def question_kind(cfg) -> str:
-    if cfg["kind"]:
-        if cfg["kind"] not in KINDS:
-            raise BadConfig(f"--kind={cfg['kind']!r}: unknown question kind; expected one of {KINDS}")
-        return cfg["kind"]
-    if "Choices:" in cfg["question"]:
-        return "choice"
-    first = cfg["question"].split()[0].lower() if cfg["question"].split() else ""
-    return "closed" if first in ("is", "are", "does", "do", "has", "have", "can", "was", "were") else "open"
-
-
 @torch.no_grad()
 def predict_file(cfg, model, enc, dev) -> str:
+    """--predict: the answer to --question about one NIfTI, with --mask's outline (--prompt=contour); --kind, when
+    not given, is choice with "Choices:", closed for a yes/no question, else open."""
     if not cfg["question"].strip():
         raise BadConfig("--question: empty; pass the question to answer, e.g. --question=\"Is there an abnormality "
-                         "in the left lung?\"")
-    kind = question_kind(cfg)
+                        "in the left lung?\"")
+    if cfg["kind"] and cfg["kind"] not in KINDS:
+        raise BadConfig(f"--kind={cfg['kind']!r}: unknown question kind; expected one of {KINDS}")
+    first = cfg["question"].split()[0].lower()
+    yes_no = first in ("is", "are", "does", "do", "has", "have", "can", "was", "were")
+    kind = cfg["kind"] or ("choice" if "Choices:" in cfg["question"] else "closed" if yes_no else "open")
     raw, sp = load_ct(cfg["predict"], cfg["rescale"])
     spacing = tuple(f / s for f, s in zip(FOV, cfg["shape"]))
     vol = preprocess(raw, sp, target_spacing=spacing, shape=tuple(cfg["shape"]), window=(-1000, 200), norm="unit")
@@ -1324,21 +1300,22 @@ def predict_file(cfg, model, enc, dev) -> str:
         m, _ = load_nifti(cfg["mask"])  # BadVolume naming the file if unreadable
         if m.shape != raw.shape:
             raise BadVolume(f"{cfg['mask']}: mask shape {tuple(m.shape)} differs from the volume's {tuple(raw.shape)} "
-                             f"({cfg['predict']}); the mask must be on the scan's grid")
+                            f"({cfg['predict']}); the mask must be on the scan's grid")
         if not np.isin(vals := np.unique(m), (0, 1)).all():
-            raise BadVolume(f"{cfg['mask']}: not a binary mask (values {vals[:6].tolist()}{' ...' if len(vals) > 6 else ''}"
-                            f"); expected 0 outside and 1 inside one region")
+            raise BadVolume(f"{cfg['mask']}: not a binary mask (values {vals[:6].tolist()}"
+                            f"{' ...' if len(vals) > 6 else ''}); expected 0 outside and 1 inside one region")
         size = [max(1, round(n * s / t)) for n, s, t in zip(m.shape, sp, spacing)]
         m = F.interpolate(torch.as_tensor(m > 0.5).float()[None, None], size=size, mode="nearest")[0, 0]
         region = crop_or_pad(m, tuple(cfg["shape"]), value=0.0) > 0.5
         if not region.any():
             raise BadVolume(f"{cfg['mask']}: empty mask: no axial slice intersects the region (after resampling to "
-                             f"{tuple(cfg['shape'])}), so there is no outline to draw and the prompt would be the text "
-                             f"alone; pass a mask with voxels, or use a --prompt=none model")
+                            f"{tuple(cfg['shape'])}), so there is no outline to draw and the prompt would be the text "
+                            f"alone; pass a mask with voxels, or use a --prompt=none model")
         outline = boundary_prompt(region)
     feats = model.features(model_input(vol[None], outline)[None].to(dev)).float().cpu()
     q = {"question": cfg["question"], "kind": kind, "answer": "No", "outline": "mask"}
-    ans = answer(model, enc, cfg, [(0, q)], {(0, "mask" if outline is not None else None): feats[0]}, dev, nullcontext())[0]
+    cache = {(0, "mask" if outline is not None else None): feats[0]}
+    ans = answer(model, enc, cfg, [(0, q)], cache, dev, nullcontext())[0]
     png = Path(cfg["out_dir"]) / f"predict_{Path(cfg['predict']).name.split('.')[0]}.png"
     zs = montage(vol, outline if outline is not None else torch.zeros_like(vol), png)
     print(f"{cfg['predict']}: (z, y, x) {tuple(raw.shape)} -> {tuple(vol.shape)}; outline on {len(zs)} shown slices "
@@ -1370,16 +1347,6 @@ def table(cfg):
                   f"peak {rows[-1]['peak_mb']:.0f} MB  decoder {rows[-1]['n_params'] / 1e6:.2f}M", flush=True)
     (base / "table.json").write_text(json.dumps(rows, indent=2))
     return rows
-
-
-def print_results(res: dict):
-    cols = ("closed", "region", "choice", "bleu4", "rougeL", "meteor")
-    print(f"\n{'test questions':<34}" + "".join(f"{c:>9}" for c in cols))
-    for name, s in res["rows"].items():
-        print(f"{name:<34}" + "".join(f"{100 * s[c]:>9.1f}" if c in s else f"{'-':>9}" for c in cols))
-    for name, d in res.get("paired", {}).items():
-        print(f"{name}: {100 * d['diff']:+.1f} points, 95% paired bootstrap interval "
-              f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] over {d['n']} questions")
 
 
 # -----------------------------------------------------------------------------
@@ -1459,23 +1426,15 @@ def main(argv=None):
     cfg = parse_config(argv, DEFAULTS, PRESETS)
     if cfg["table"]:
         return table(cfg)
-    for key, ok in (("stage", ("all", "siglip", "vqa")), ("prompt", ("contour", "none")), ("init_from", ("scratch", "resume")),
-                    ("rescale", ("auto", "header", "none"))):
+    for key, ok in (("stage", ("all", "siglip", "vqa")), ("prompt", ("contour", "none")),
+                    ("init_from", ("scratch", "resume")), ("rescale", ("auto", "header", "none"))):
         if cfg[key] not in ok:
             raise BadConfig(f"--{key}={cfg[key]!r}: expected one of {ok}")
     ddp, rank, world, dev, master = setup_ddp(cfg["device"])
     if master:
         print(f"preset {cfg['preset']}, device {dev}" + ("" if world == 1 else f", DDP world {world}"))
     out = Path(cfg["out_dir"])
-    ckpt = None
-    if cfg["init_from"] == "resume":
-        ckpt = load_checkpoint(out / "ckpt.pt")
-        changed = {k: (cfg[k], ckpt["config"][k]) for k in MODEL_KEYS if cfg[k] != ckpt["config"][k]}
-        if changed and master:
-            print(f"resume: model keys come from the checkpoint, ignoring {changed}")
-        cfg.update({k: ckpt["config"][k] for k in MODEL_KEYS})
-        if not cfg["predict"]:
-            resume_cleanup(out, ckpt["iter_num"])  # a ckpt.pt.tmp of a killed save, log lines past the checkpoint
+    ckpt = resume_checkpoint(cfg, MODEL_KEYS, master)  # None from scratch
     if cfg["predict"]:
         if ckpt is None:
             raise BadConfig("--predict needs a trained run: add --init_from=resume (and its --out_dir)")
@@ -1510,7 +1469,8 @@ def main(argv=None):
     for k, v in enumerate(variants):
         if v["out_dir"] != cfg["out_dir"]:
             Path(v["out_dir"]).mkdir(parents=True, exist_ok=True)
-            save_bpe(enc, Path(v["out_dir"]) / "bpe.tiktoken") if master and not cfg["llm"] else None
+            if master and not cfg["llm"]:
+                save_bpe(enc, Path(v["out_dir"]) / "bpe.tiktoken")
         results.append(run_vqa(v, tower_state, items, val_items, test_items, enc, dev, ddp, rank, world, master,
                                ckpt if k == 0 else None))
     if ddp:
@@ -1518,7 +1478,9 @@ def main(argv=None):
     if not master or not results[0]:
         return None
     train_qs, test_qs = questions_of(items), questions_of(test_items)
-    name = lambda r: "question-only (visual tokens zeroed)" if r["blind"] else f"--prompt={r['prompt']} --decoder={r['decoder']}"
+
+    def name(r):
+        return "question-only (visual tokens zeroed)" if r["blind"] else f"--prompt={r['prompt']} --decoder={r['decoder']}"
     res = {"rows": {"majority answer": majority(train_qs, test_qs), **{name(r): r["scores"] for r in results}},
            "peak_mb": {name(r): r["peak_mb"] for r in results}, "paired": {}}
     for r in results[1:]:
