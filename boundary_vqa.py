@@ -136,7 +136,7 @@ predict = ""  # a .nii.gz to answer --question about (with --init_from=resume an
 mask = ""  # the region's mask (.nii.gz, nonzero = region) on the --predict volume's grid
 question = ""  # the question for --predict
 kind = ""  # closed | open | choice | region for --predict; empty: closed when it is a yes/no question, else open
-rescale = "auto"  # --predict: stored values -> HU by the header | none | auto (header or header - 1024, by the air level)
+rescale = "auto"  # --predict: stored values -> HU by the header | none | auto (header, or header - 1024 by the air)
 strict = False  # a bad volume in a dataset is fatal instead of skipped
 debug = False  # tracebacks instead of one-line errors
 # -----------------------------------------------------------------------------
@@ -229,7 +229,7 @@ def boundary_prompt(region: torch.Tensor) -> torch.Tensor:
 
 
 def region_mask(item: dict, region: str) -> torch.Tensor:
-    """Bool (Z, Y, X) mask of a region named by a question: a RadGenome mask file, or synthetic ids (data.REGION_IDS)."""
+    """Bool (Z, Y, X) mask of a region a question names: a RadGenome mask file, or synthetic ids (data.REGION_IDS)."""
     if "region_masks" in item:
         if region not in item["region_masks"]:
             raise InputError(f"{item['name']}: region {region!r} has no mask; found {sorted(item['region_masks'])}")
@@ -347,7 +347,6 @@ class VisionTower(nn.Module):
                                      for g, c in zip(grids, cfg["enc_dims"][-2:]))
         self.centres = [(z + 0.5) * st[0] for g, st in zip(grids, self.encoder.strides[-2:]) for z in range(g[0])
                         for _ in range(cfg["mixer_tokens"])]  # each token's slice centre, in input slices
-        self.register_buffer("slice_pos", torch.tensor(self.centres), False)
         self.n_visual = len(self.centres)
 
     def forward(self, x):
@@ -438,7 +437,8 @@ class SliceBlock(nn.Module):
         return x + self.mssa(self.norm_z(x), zmask, offsets, vis_at)  # Eq. (4)
 
     def forward(self, x, rope, mask=None, input_pos=None):
-        if self.ctx is not None and x.shape[1] == self.ctx[0].shape[1] and (input_pos is None or int(input_pos[0]) == 0):
+        prompt_pass = input_pos is None or int(input_pos[0]) == 0  # the whole prompt at once, not a decode step
+        if self.ctx is not None and x.shape[1] == self.ctx[0].shape[1] and prompt_pass:
             x = self.fuse(x, *self.ctx)
         return self.block(x, rope, mask, input_pos)
 
@@ -452,7 +452,7 @@ class BoundaryVQA(nn.Module):
         self.tower.requires_grad_(False)
         dim = decoder.args.dim
         self.adapter = nn.Linear(cfg["proj_dim"], dim)
-        # per (token, channel) mean and std of the frozen features over the training volumes (set once by train_vqa):
+        # per (token, channel) mean and std of the frozen features over the training volumes (set once by run_vqa):
         # all scans share most of their anatomy, so raw features are a large common offset plus a small signal
         self.register_buffer("feat_mu", torch.zeros(tower.n_visual, cfg["proj_dim"]))
         self.register_buffer("feat_sd", torch.ones(tower.n_visual, cfg["proj_dim"]))
@@ -1012,7 +1012,8 @@ def train_loop(cfg, tag, model, opt, n_items, batch_fn, loss_fn, val_fn, save, *
     if sig.stop:  # saved, then out through run(main): exit code 130, and no later stage or twin starts
         if master:
             save(iter_num, best)
-        raise Interrupted(f"{tag}: checkpoint saved in {cfg['out_dir']}; continue with --stage={tag} --init_from=resume")
+        raise Interrupted(f"{tag}: checkpoint saved in {cfg['out_dir']}; "
+                          f"continue with --stage={tag} --init_from=resume")
 
 
 def text_batch(enc, texts, dev, max_len=512):
@@ -1052,12 +1053,12 @@ def train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master):
         model.b.fill_(-math.log(cfg["siglip_batch"]))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["siglip_lr"], betas=(0.9, 0.98), weight_decay=1e-4)
     if master:
-        print(f"SigLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-              f"{len(items)} volumes with their reports' sentences, {cfg['siglip_iters']} steps of {cfg['siglip_batch']}")
+        print(f"SigLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(items)} volumes "
+              f"with their reports' sentences, {cfg['siglip_iters']} steps of {cfg['siglip_batch']}")
 
     def batch_on(its, idx, g):  # -> x (B, 2, Z, Y, X), ids (N, T), pad (N, T), z (B, N) or None
         xs = []
-        for i in idx:  # the CT, and with probability siglip_contour one of its regions' outline (so that channel learns)
+        for i in idx:  # the CT, with probability siglip_contour one of its regions' outline (so that channel learns)
             regions = sorted(its[i]["outlines"] if "outlines" in its[i] else its[i]["region_masks"])
             r = regions[int(torch.randint(len(regions), (), generator=g))]
             use = float(torch.rand((), generator=g)) < cfg["siglip_contour"]
@@ -1133,7 +1134,8 @@ def run_vqa(cfg, tower_state, items, val_items, test_items, enc, dev, ddp, rank,
     if master:
         n_all, n_tr = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in lora + other)
         print(f"VQA --prompt={cfg['prompt']}{' --blind' if cfg['blind'] else ''} "
-              f"--decoder={cfg['llm'] or cfg['decoder']}: {n_all / 1e6:.2f}M parameters, {n_tr / 1e6:.2f}M trained ({100 * n_tr / n_all:.1f}%), "
+              f"--decoder={cfg['llm'] or cfg['decoder']}: {n_all / 1e6:.2f}M parameters, {n_tr / 1e6:.2f}M trained "
+              f"({100 * n_tr / n_all:.1f}%), "
               f"{model.tower.n_visual} visual tokens, SSA/MSSA in blocks 0..{cfg['ssa_layers'] - 1}, "
               f"{len(qs)} train / {len(val_qs)} val questions, class weights No/Yes {alpha.tolist()}")
 
@@ -1229,7 +1231,7 @@ def score(samples, preds) -> dict:
 
 
 def correct(samples, preds, kind) -> np.ndarray:
-    """1 per question of `kind` answered right (yes/no, case and final period aside), else 0: the paired bootstrap's input."""
+    """1 per question of `kind` answered right (case and a final period aside), else 0: the bootstrap's input."""
     yn = lambda s: s.strip().lower().rstrip(".")
     return np.array([yn(p) == yn(q["answer"]) for (_, q), p in zip(samples, preds) if q["kind"] == kind], dtype=float)
 
@@ -1407,7 +1409,7 @@ def parse_config(argv, defaults, presets):
 
 
 def get_tokenizer(cfg, items=None, save=True):
-    """Llama's tokenizer with --llm; else data.py's BPE on the training reports, questions (both prompts) and answers."""
+    """Llama's tokenizer with --llm; else data.py's BPE on the training reports, questions (both prompts), answers."""
     if cfg["llm"]:
         return load_llama3_tokenizer(Path(cfg["llm"]) / "tokenizer.model")
     path = Path(cfg["out_dir"]) / "bpe.tiktoken"
@@ -1480,7 +1482,9 @@ def main(argv=None):
     train_qs, test_qs = questions_of(items), questions_of(test_items)
 
     def name(r):
-        return "question-only (visual tokens zeroed)" if r["blind"] else f"--prompt={r['prompt']} --decoder={r['decoder']}"
+        if r["blind"]:
+            return "question-only (visual tokens zeroed)"
+        return f"--prompt={r['prompt']} --decoder={r['decoder']}"
     res = {"rows": {"majority answer": majority(train_qs, test_qs), **{name(r): r["scores"] for r in results}},
            "peak_mb": {name(r): r["peak_mb"] for r in results}, "paired": {}}
     for r in results[1:]:
