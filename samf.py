@@ -1,120 +1,77 @@
-"""SAMF + Ao2D: DINO-pretrained 2D slice encoder, a 3D aggregator, slice-attentive fusion, and an LLM that writes CT
-reports and answers multiple-choice questions.
+"""SAMF + Ao2D: a DINO-pretrained 2D slice encoder, a 3D aggregator and slice-attentive fusion feed an LLM that writes
+CT reports and answers multiple-choice questions.
 
 Paper: A. Hosseini, A. Ibrahim, A. Serag, "From Slices to Volumes: Multi-Scale Fusion of 2D and 3D Features for CT
 Scan Report Generation", MICCAI 2025 (open access; code github.com/serag-ai/SAMF). Eq. 1-12, Tables 1-3.
 
-What this file implements (x one CT volume, s one of its S axial slices, t one of the T question tokens):
-    Eq. 1     z_2d^s = f_2d(s): a ViT (CLS token) pretrained with DINO on slices of the three planes (stage 1).
-    Eq. 2     z_3d = f_3d({z_2d^s}): a CLS token + position embedding + 2 transformer layers over the S slice
-              embeddings; z_3d is the CLS output.
-    Eq. 3-4   F_2d = W_2d z_2d (B, S, d_proj),  F_3d = W_3d z_3d (B, d_proj),  F_text = W_text E(question) (B, T, d_proj)
-    Eq. 5     alpha = softmax_S(F_2d . F_3d / sqrt(d_proj))                      (B, S)
-    Eq. 6     beta  = softmax_T(F_text . F_3d / sqrt(d_proj))                    (B, T), padding masked
-    Eq. 7     gamma = softmax_S(F_text . F_2d^T / sqrt(d_proj))                  (B, T, S)      (Ao2D only)
-    Eq. 8-9   F_2d3d = alpha^T F_2d,   F_t3d = beta^T F_text                     (B, d_proj) each
-    Eq. 11    F_t2d = 1/T sum_t sum_s gamma_ts F_2d,s                            (B, d_proj)    (Ao2D only)
-    Eq. 10/12 F_fused = W_fusion [F_3d || F_2d3d || F_t3d (|| F_t2d)]            (B, dim)
+x one CT volume, s one of its S centre axial slices, t one of the T question tokens, d = d_proj = the decoder width:
+    Eq. 1     z_2d^s = f_2d(s): a ViT (CLS token) pretrained with DINO on slices of the three planes (stage 1)
+    Eq. 2     z_3d = f_3d({z_2d^s}): a CLS token + positions + 2 transformer layers over the S slices; the CLS output
+    Eq. 3-4   F_2d = W_2d z_2d (B, S, d),   F_3d = W_3d z_3d (B, d),   F_text = W_text E(question) (B, T, d)
+    Eq. 5     alpha = softmax_S(F_2d . F_3d / sqrt(d))                 (B, S)
+    Eq. 6     beta  = softmax_T(F_text . F_3d / sqrt(d))               (B, T), padding masked
+    Eq. 7     gamma = softmax_S(F_text . F_2d^T / sqrt(d))             (B, T, S)   (Ao2D only)
+    Eq. 8-9   F_2d3d = alpha^T F_2d,   F_t3d = beta^T F_text            (B, d) each
+    Eq. 11    F_t2d = 1/T sum_t sum_s gamma_ts F_2d,s                   (B, d)      (Ao2D only)
+    Eq. 10/12 F_fused = W_fusion [F_3d || F_2d3d || F_t3d (|| F_t2d)]   (B, dim)
     Decoder   <BOS> [F_fused, F_2d,1 .. F_2d,S] question answer <EOS>, loss on the answer tokens and <EOS> only.
-Eq. 9 as printed (beta^T F_3d) would return F_3d itself, since beta sums to one; the authors' code pools the text
-(beta^T F_text), and so does this file. The 1/sqrt(d_proj) is ours (their code has none): at d_proj = 3072 an
-unscaled softmax is one-hot. The text side of the fusion is the question / instruction ONLY: the authors feed the
-embeddings of the whole training sequence, so at training time the answer leaks into the visual tokens (while at test
-time only the question is there); here the answer never reaches F_fused (a test holds it).
-Visual tokens: 1 + S: F_fused plus the S projected slice tokens F_2d (d_proj = decoder width). The authors repeat
-F_fused 256 times; identical copies carry one vector, too little for a report that names 18 findings with side and
-level. `--slice_tokens=false` gives the decoder F_fused alone (their information content).
+Eq. 9 as printed (beta^T F_3d) would return F_3d, since beta sums to one; the authors' code pools the text, as here.
+The fusion sees the question / instruction only: the authors feed the whole training sequence, so their answer leaks
+into the visual tokens; here it never reaches F_fused (a test holds it). Visual tokens: F_fused and the S slice tokens
+F_2d; the authors repeat F_fused 256 times, one vector, too little for a report that names 18 findings with side and
+level (--slice_tokens=false: F_fused alone).
 
-Stages (one command runs what is missing: `python samf.py` = dino -> [warmup] -> finetune):
-    1 `--stage=dino`: DINO (Caron et al. 2021) on 2D slices of the axial, coronal and sagittal planes of the training
-      volumes: student/teacher, teacher = EMA of the student (momentum 0.996 -> 1, cosine), centring and sharpening
-      (teacher temperature 0.04, student 0.1), multi-crop (2 global + n local crops), projection head (MLP ->
-      L2-normalised bottleneck -> weight-normalised prototypes). Prints the DINO loss and a k-NN probe (plane; a large
-      finding on the slice) against the same probe on the random-init encoder. Saves out_dir/dino.pt.
-    2 `--stage=warmup` (Table 3's "SSL warm-up", on with --ssl_warmup=true): f_2d frozen, f_3d trained with InfoNCE.
-      A view is a run of S adjacent slices of one plane. Anchor i: z_3d of S adjacent axial slices of volume i;
-      positive: z_3d of S adjacent coronal or sagittal slices (a random plane) of the same volume i; negatives: the
-      non-axial views of the other B - 1 volumes of the batch. L = (CE(U V^T / tau, diag) + CE(V U^T / tau, diag)) / 2
-      with U, V the L2-normalised z_3d of the two views. Saves out_dir/warmup.pt.
-    3 `--stage=finetune` (the default when out_dir/dino.pt exists; with none, `--stage=finetune` warns and starts f_2d
-      from random init, while the stage-less default runs stage 1 first): f_2d -> f_3d -> SAMF or `--fusion=ao2d` ->
-      decoder on one joint dataset: every volume gives a report example (instruction "Write the findings of this chest
-      CT.") and a multiple-choice example in M3D's form (data.py's "Which of the following findings is present in this
-      scan? Choices: A. .. B. .. C. .. D. ..", answer "B. text"). A micro-batch holds both examples of each of its
-      volumes: one pass of f_2d and f_3d, two of the fusion and decoder (no padding of answers to report length). Table 3's ablations: --freeze_vit, --freeze_aggregator, --ssl_warmup.
+Stages (`python samf.py` runs the missing ones in order: dino -> [warmup] -> finetune):
+    --stage=dino      DINO (Caron et al. 2021) on axial, coronal and sagittal slices of the training volumes: the
+                      teacher is an EMA of the student (momentum 0.996 -> 1, cosine), centring and sharpening (teacher
+                      temperature 0.04, student 0.1), 2 global + n local crops, head MLP -> L2-normalised bottleneck ->
+                      weight-normalised prototypes; logs a k-NN probe (plane; a large finding). Saves dino.pt.
+    --stage=warmup    Table 3's SSL warm-up (--ssl_warmup=true): f_2d frozen, f_3d trained with InfoNCE. Anchor i: z_3d
+                      of S adjacent axial slices of volume i; positive: z_3d of S adjacent coronal or sagittal slices (a
+                      random plane) of the same volume; negatives: that view of the other B - 1 volumes of the batch.
+                      L = (CE(U V^T / tau, diag) + CE(V U^T / tau, diag)) / 2, U, V the L2-normalised z_3d. Saves
+                      warmup.pt.
+    --stage=finetune  f_2d -> f_3d -> SAMF or --fusion=ao2d -> decoder on one joint dataset: each volume's report
+                      (instruction "Write the findings of this chest CT.") and its M3D multiple choice ("... Choices:
+                      A. .. B. .. C. .. D. ..", answer "B. text") in the same micro-batch. Without dino.pt it warns and
+                      f_2d starts from random init. Saves ckpt.pt. Each stage resumes with --init_from=resume.
+Evaluation (test split): BLEU-1..4, METEOR, ROUGE-L, CIDEr and the clinical-efficacy metrics of the 18 findings read
+from the reports; MCQ accuracy (M3D's rule: the answer's letter and its period appear in the output) and precision /
+recall / F1 over letters: the predicted letter is the output's first "X." (X in A-D), each letter a class, macro over
+A-D, zero_division = 0. Beside them, image-blind baselines: chance, the most frequent letter, the prevalence prior, the
+answer-rate prior (the option most often right when offered in training), the visual tokens zeroed, another scan's
+tokens. BERT-F1 and the Llama-70B score need downloaded models: not computed.
 
-Evaluation (test split): BLEU-1..4, METEOR, ROUGE-L, CIDEr of generated reports and the clinical-efficacy metrics of
-the 18 findings read back from them (data.clinical_metrics) beside their image-blind baselines; MCQ accuracy
-(M3D's rule: correct when the answer's letter and its period appear in the output) and precision / recall / F1 over
-the answer letters: the predicted letter is the first "X." (X in A-D) of the output, each letter is a class, macro
-means over A-D with zero_division = 0 (an output without a letter is a miss for its true letter and predicts none).
-Baselines beside it: chance (25%), the most frequent training letter, the prevalence prior (the choice whose finding
-is most common in training), the answer-rate prior (the choice most often right when offered in the training
-questions: answer_rate, the best text-only rule here), this model with its visual tokens zeroed, and this model shown another test scan
-(shuffled_visual: in-distribution visual tokens that carry no information about this scan); plus the test loss
-with each scan's own volume vs the volumes shuffled. BERT-F1 needs BERT weights and the Llama score needs Llama-3-70B: neither can be
-computed here (nothing is downloaded), so neither is reported.
-
-Deviations, on purpose:
-- f_2d at the `cpu` preset (--vit_stem=conv): a ViT with a convolutional stem (4 stride-2 3x3 convs with BatchNorm,
-  Xiao et al. 2021) at 64 x 64 px, 128-d x 2 layers, because a patch-embedding ViT learns nothing from a few hundred phantoms in
-  minutes; the paper preset keeps ViT-B/16 at 224 (--vit_stem=patch). DINO pretrains on the training phantoms'
-  slices, not MedMNIST organ slices (not downloadable). 6 crops (2 global 64 px + 4 local 32 px) instead of 2 + 10.
-- Text projection W_text on both fusions (their SAMF uses the embeddings unprojected); attention scaled (above).
-- z_2d is standardised over the batch (norm_2d: BatchNorm without affine) before W_2d and f_3d. Without it, our cpu
-  runs' f_2d collapsed to a constant (std of z_2d across volumes 0.0096 after 250 steps) and the decoder used the
-  visual tokens as a learned prompt; with it the features keep varying (after the paper's 250 steps z_3d separates
-  the large findings: see the findings token below).
-- A findings token for the answers (not in the paper; --prompt_iters=N: 3000 at the cpu preset, 0 at the paper preset;
-  from-scratch decoder only): the last N of --max_iters steps are a second phase. f_2d and f_3d are frozen (features
-  cached); the label head becomes a logistic regression on the training scans' z_3d (fit_findings); a finding is
-  `readable` when its validation AUROC is >= 0.8; the decoder is re-initialised and trained on multiple choice (and
-  reports every 8th step) with one more prefix token, label_embed(readable * calls): the true labels of the readable
-  findings in training (teacher forcing), the label head's calls on the scan's own z_3d at evaluation and --predict.
-  Why: after the paper's 250 steps z_3d separates the large findings (linear probe, test AUROC: cardiomegaly 0.99,
-  pleural effusion 0.96, pericardial effusion 0.89, atelectasis 0.74), yet the decoder answered from the question
-  alone (0.359, the same with another scan's tokens); given the findings token, that decoder still ignored it after
-  4000 more multiple-choice steps (0.422 vs 0.438 with another scan's), while a new decoder learned to read it.
-- Training-time MCQ augmentation (--mcq_aug): the letters are re-shuffled and the three absent options redrawn from
-  the patient's absent labels (data.py's wording kept); test questions are data.py's, untouched.
-- The paper fine-tunes Phi-3 (other loading code): `--llm=path` loads a Meta-format Llama 3 with LoRA (as hilt.py);
-  without it the decoder is trained from scratch on data.py's BPE. Learning rate and steps are not in the paper.
-- cpu preset: phantom 32 x 64 x 64 (11 x 5.6 x 5.6 mm), its 24 centre axial slices (the paper's 24), decoder 128-d x 3;
-  DINO 150 steps of 32 slices, warm-up 40 steps of 16 volumes, fine-tuning 250 steps of 8 volumes (x 2 examples),
-  then the findings phase: 3000 steps of 8 multiple-choice questions on the cached features (--prompt_iters).
-
-What the cpu preset does (`OMP_NUM_THREADS=1 python samf.py --out_dir=out/samf2` on the 2 shared cores under load:
-the fine-tuning stage 10 min 50 s wall incl. rendering, dino + warm-up about 1.7 min more): 128 test questions,
-MCQ accuracy 0.500 against 0.391 with another scan's visual and findings tokens, 0.305 zeroed, 0.367 for the
-prevalence prior, 0.430 for the answer-rate prior, 0.25 chance; answer loss own scan 0.696 vs shuffled 0.984. The
-findings token carried medical material (val AUROC 0.81), cardiomegaly, pericardial and pleural effusion. Reports:
-BLEU-1 0.80, clinical-efficacy macro F1 0.067 (micro 0.198), below prevalence-random 0.177 (0.233). +Ao2D
-(--fusion=ao2d, the same way, 8 min 48 s): the token carried pleural effusion alone (cardiomegaly's validation AUROC
-fell under 0.8 on the 32 validation scans; test 0.87), and the answers barely read the scan: 0.453 vs 0.445 with
-another scan's tokens (0.391 zeroed). --seed=1 (other phantoms, all stages, 10 min 06 s): token cardiomegaly and
-pericardial effusion, MCQ 0.383 vs 0.391 another scan's tokens, below the prevalence prior 0.492 and the answer-rate
-prior 0.484 of that test set. So the findings token made the answers read the scan in 1 of 3 runs, and the new
-decoder learns the text prior less well than the rules do: the target (0.10 above every image-blind baseline) is
-not met robustly.
-The paper's fine-tuning alone (--max_iters=250 --prompt_iters=0) answers from the question: 0.359, the same with
-another scan's tokens. An earlier variant that trained f_2d + f_3d on a label BCE on z_3d (before and beside the text
-loss; removed) brought cardiomegaly to test AUROC 0.91-1.00 while the MCQ accuracy stayed at 0.31-0.38. Ceiling on these 128 questions: an oracle that knows the
-findings z_3d separates (cardiomegaly, pericardial and pleural effusion, atelectasis) and uses the prevalence prior
-otherwise scores 0.555; the same rule with a linear probe's calls 0.41-0.47 (over features and L2); so 0.10 above the
-answer-rate prior (0.53) needs a near-perfect reading of those findings.
+Deviations:
+- --vit_stem=conv (cpu preset): a ViT on a convolutional stem (Xiao et al. 2021) at 64 px, 128-d x 2 layers, since a
+  patch-embedding ViT learns nothing from a few hundred phantoms in minutes; the paper preset is ViT-B/16 at 224.
+  DINO pretrains on the training phantoms' slices (MedMNIST cannot be downloaded); 2 + 4 crops instead of 2 + 10.
+- W_text on both fusions (their SAMF uses the embeddings unprojected); the 1/sqrt(d) scale is ours (at d = 3072 an
+  unscaled softmax is one-hot).
+- norm_2d: z_2d is standardised over the batch (BatchNorm without affine) before W_2d and f_3d; without it f_2d
+  collapsed to a constant in our cpu runs.
+- --prompt_iters=N, a findings token (not in the paper; 3000 at cpu, 0 at paper; from-scratch decoder only): the last
+  N steps freeze f_2d and f_3d (features cached), fit the label head (a logistic regression on the training scans'
+  z_3d; a finding is `readable` at validation AUROC >= 0.8), re-initialise the decoder and train it on multiple choice
+  (reports every 8th step) with one more prefix token, label_embed(readable * calls): the true labels in training,
+  the label head's calls at evaluation and --predict.
+- --mcq_aug: training questions get reshuffled letters and absent options redrawn from the patient's absent labels.
+- --llm=path: a Meta-format Llama 3 with LoRA (as hilt.py) instead of Phi-3 (other loading code); without it the
+  decoder trains from scratch on data.py's BPE. Learning rates and steps are not in the paper.
+- cpu preset: 32 x 64 x 64 phantoms, 24 centre slices, decoder 128-d x 3; DINO 150 steps of 32 slices, warm-up 40 of
+  16 volumes, fine-tuning 250 of 8 volumes, then 3000 findings-token steps.
 
 Commands:
     python samf.py                                           # cpu preset on CPU: dino -> warmup -> finetune -> eval
     python samf.py --stage=dino|warmup|finetune              # one stage (each resumable with --init_from=resume)
     python samf.py --fusion=ao2d --out_dir=out/samf_ao2d     # + Ao2D (Eq. 11-12)
-    python samf.py --max_iters=250 --prompt_iters=0 --eval_interval=125   # the paper's fine-tuning alone (no findings token)
+    python samf.py --max_iters=250 --prompt_iters=0 --eval_interval=125   # the paper's fine-tuning alone
     python samf.py --freeze_vit=true --freeze_aggregator=true --ssl_warmup=false   # Table 3's rows
     python samf.py --preset=paper --param_counts=true        # paper sizes on the meta device: parameter counts
     python samf.py --preset=paper --llm=/path/to/Llama-3.2-1B-Instruct/original   # GPU, LoRA on a Llama
     torchrun --standalone --nproc_per_node=2 samf.py --stage=finetune               # DDP
     python samf.py --init_from=resume --predict=scan.nii.gz [--question="... Choices: A. .. B. .. C. .. D. .."]
-predict reads the NIfTI with data.load_ct (--rescale=auto|header|none: HU from the header, or header - 1024 for
-CT-RATE's original release, chosen by the air level) and writes <name>_attention.png in out_dir.
+--predict reads the NIfTI with data.load_ct (--rescale) and writes <name>_attention.png (alpha, and gamma for Ao2D).
 """
 import copy
 import json
@@ -135,11 +92,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-import data as shared
-from data import (FOV, LABELS, BadConfig, InputError, Interrupted, StopOnSigint, append_jsonl, choice_correct, collate, get_dataset,
-                  load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, preprocess, report_metrics, resume_cleanup,
-                  rng_state, run, save_bpe, save_checkpoint, set_rng_state, setup_ddp, train_bpe)
-from data import StepTimer, Stream, forward_flops, optimizer_step  # per-step data wait vs compute, samples/s, TFLOP/s, MFU
+from data import (FOV, LABELS, BadConfig, InputError, Interrupted, StopOnSigint, auroc, best_f1_thresholds,
+                  ce_baselines, choice_correct, clinical_metrics, get_dataset, load_bpe, load_checkpoint, load_ct,
+                  load_llama3_tokenizer, preprocess, report_metrics, resume_cleanup, rng_state, run, save_bpe,
+                  save_checkpoint, set_rng_state, setup_ddp, train_bpe)
+from data import StepTimer, Stream, autocast_ctx, forward_flops, log_eval, optimizer_step, wrap_model
 
 # -----------------------------------------------------------------------------
 preset = ""  # cpu | paper; empty: paper on CUDA, cpu otherwise
@@ -148,7 +105,7 @@ dtype = "bfloat16"  # autocast dtype on CUDA (bfloat16 | float32); CPU always ru
 compile = False  # torch.compile the model
 seed = 1337  # model init, batch order and synthetic patients
 data = "synthetic"  # synthetic | a prepared cache folder | a CT-RATE root
-out_dir = "out/samf"  # dino.pt, warmup.pt, ckpt.pt, log.jsonl (log_dino/log_warmup.jsonl), metrics.json, samples.txt, bpe.tiktoken, PNGs
+out_dir = "out/samf"  # dino.pt, warmup.pt, ckpt.pt, log*.jsonl, metrics.json, samples.txt, bpe.tiktoken, PNGs
 init_from = "scratch"  # scratch | resume (the checkpoint of --stage)
 stage = ""  # dino | warmup | finetune; empty: the missing stages in order (dino if no dino.pt, warmup, finetune)
 fusion = "samf"  # samf (Eq. 10) | ao2d (+ Attention over 2D slices, Eq. 11-12)
@@ -177,9 +134,8 @@ warmup_iters = 2000  # stage 2 steps
 warmup_batch = 32  # volumes per InfoNCE step (2B views)
 warmup_tau = 0.1  # InfoNCE temperature
 slice_tokens = True  # give the decoder the S projected slice tokens after F_fused (false: F_fused alone)
-d_proj = 0  # shared projection width; 0 = the decoder width (the paper)
 llm = ""  # Meta-format Llama folder (params.json, consolidated.00.pth, tokenizer.model): frozen + LoRA
-dim = 3072  # decoder width (from scratch; Phi-3-mini's shape)
+dim = 3072  # decoder width (from scratch; Phi-3-mini's shape) = d_proj
 n_layers = 32  # decoder layers (from scratch)
 n_heads = 32  # decoder query heads (from scratch)
 n_kv_heads = 32  # decoder key/value heads (from scratch)
@@ -189,12 +145,12 @@ lora_alpha = 64  # LoRA alpha
 lora_dropout = 0.1  # LoRA dropout
 max_text_len = 512  # question + answer tokens
 mcq_aug = True  # training MCQs: letters reshuffled, the absent options redrawn from the patient's absent labels
-prompt_iters = 0  # the last N of max_iters: f_2d, f_3d frozen, the decoder learns multiple choice with a findings token (docstring); 0 = the paper
+prompt_iters = 0  # the last N of max_iters: the findings-token phase (docstring); 0 = the paper
 freeze_vit = False  # Table 3: f_2d frozen during fine-tuning
 freeze_aggregator = False  # Table 3: f_3d frozen during fine-tuning
 max_iters = 30000  # stage 3 optimizer steps (not in the paper)
 eval_interval = 2000  # stage 3 steps between validation loss + checkpoint
-batch_size = 8  # volumes per optimizer step, each with its report and its multiple-choice example (split across DDP ranks, then into grad_accum micro-batches)
+batch_size = 8  # volumes per optimizer step (each with its report and its multiple choice), over DDP ranks
 grad_accum = 2  # micro-batches per optimizer step
 learning_rate = 5e-5  # AdamW peak (not in the paper)
 warmup_ratio = 0.03  # linear learning-rate warm-up share of each stage, then cosine to 10%
@@ -204,37 +160,40 @@ n_train = 2000  # synthetic volumes in the training split
 n_val = 100  # synthetic validation volumes
 n_test = 200  # synthetic test volumes
 num_workers = 4  # processes rendering the synthetic splits once into RAM
-max_new_tokens = 400  # generation cap per report (answers: 16)
-top_k = 0  # 0 = greedy decoding; k > 0 samples from the k most likely tokens
+max_new_tokens = 400  # generation cap per report (answers: 16), greedy
 predict = ""  # path to a .nii.gz: its report, or the answer to --question (with --init_from=resume)
 question = ""  # with --predict: an M3D multiple-choice question ("... Choices: A. x B. y C. z D. w")
 param_counts = False  # build the model on the meta device, print parameter counts of f_2d, f_3d, fusion, decoder; exit
 strict = False  # a bad volume in a dataset is fatal instead of skipped
-rescale = "auto"  # --predict: stored values -> HU by the header | none | auto (header or header - 1024, by the air level)
+rescale = "auto"  # --predict: stored values -> HU by the header | none | auto (header or header - 1024, by air)
 debug = False  # tracebacks instead of one-line errors
 # -----------------------------------------------------------------------------
-DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
+DEFAULTS = {k: v for k, v in globals().items()
+            if k.islower() and not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
 
 PRESETS = {
     "paper": {},  # the defaults above are the paper's settings where it gives them
     "cpu": dict(shape=(32, 64, 64), vit_img=64, vit_stem="conv", vit_dim=128, vit_depth=2, vit_heads=4, agg_heads=4,
                 dino_iters=150, dino_batch=32, dino_lr=1e-3, dino_local=4, dino_local_size=32, dino_hidden=256,
                 dino_bottleneck=64, dino_out=1024, ssl_warmup=True, warmup_iters=40, warmup_batch=16, dim=128,
-                n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=1024, max_iters=3250, prompt_iters=3000, eval_interval=250,
-                batch_size=8, grad_accum=1, learning_rate=2e-3, n_train=400, n_val=32, n_test=128, num_workers=2,
-                max_new_tokens=320),
+                n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=1024, max_iters=3250, prompt_iters=3000,
+                eval_interval=250, batch_size=8, grad_accum=1, learning_rate=2e-3, n_train=400, n_val=32, n_test=128,
+                num_workers=2, max_new_tokens=320),
 }
 MODEL_KEYS = ("fusion", "shape", "n_slices", "vit_img", "vit_patch", "vit_stem", "vit_dim", "vit_depth", "vit_heads",
-              "agg_depth", "agg_heads", "slice_tokens", "d_proj", "llm", "dim", "n_layers", "n_heads", "n_kv_heads",
+              "agg_depth", "agg_heads", "slice_tokens", "llm", "dim", "n_layers", "n_heads", "n_kv_heads",
               "vocab_size", "lora_r", "lora_alpha", "lora_dropout", "max_text_len", "prompt_iters")
 FUSIONS = ("samf", "ao2d")
 STAGES = ("dino", "warmup", "finetune")
+CKPT = {"dino": "dino.pt", "warmup": "warmup.pt", "finetune": "ckpt.pt"}
+VIT_KEYS = ("vit_img", "vit_patch", "vit_stem", "vit_dim", "vit_depth", "vit_heads")
+AGG_KEYS = VIT_KEYS + ("n_slices", "agg_depth", "agg_heads")
 INSTRUCTION = "Write the findings of this chest CT."
 CACHE_BYTES = 2 * 2**30  # synthetic splits up to this size (float16) are rendered once and kept in RAM
 
 
 # -----------------------------------------------------------------------------
-# The paper's model: f_2d (Eq. 1) and its DINO pre-training, f_3d (Eq. 2) and its InfoNCE warm-up, SAMF / Ao2D (Eq. 3-12)
+# The paper's model: f_2d (Eq. 1) and DINO, f_3d (Eq. 2) and its InfoNCE warm-up, SAMF / Ao2D (Eq. 3-12)
 
 def plane_slices(volume, plane: int, start: int, n: int, img: int):
     """n adjacent slices from index `start` of one plane (0 axial, 1 coronal, 2 sagittal), resized to img x img.
@@ -250,7 +209,8 @@ def centre_slices(volume, n: int, img: int):
     """The n centre axial slices (the authors' code: 24 around the middle) -> (B, n, img, img)."""
     Z = volume.shape[2]
     if Z < n:
-        raise BadConfig(f"--n_slices={n}: the volume has only {Z} axial slices (--shape={','.join(map(str, volume.shape[2:]))})")
+        raise BadConfig(f"--n_slices={n}: the volume has only {Z} axial slices "
+                        f"(--shape={','.join(map(str, volume.shape[2:]))})")
     return plane_slices(volume, 0, (Z - n) // 2, n, img)
 
 
@@ -260,7 +220,7 @@ class SliceEncoder(nn.Module):
     (img / patch)^2 cells, bicubically resized for other inputs (DINO's local crops)."""
     def __init__(self, *, img: int, patch: int, dim: int, depth: int, heads: int, stem: str):
         super().__init__()
-        assert stem in ("patch", "conv") and img % patch == 0, f"--vit_stem={stem}, --vit_img={img}, --vit_patch={patch}"
+        assert stem in ("patch", "conv") and img % patch == 0, (stem, img, patch)  # check_config names them
         if stem == "patch":
             self.stem = nn.Conv2d(1, dim, patch, stride=patch)
         else:
@@ -277,12 +237,19 @@ class SliceEncoder(nn.Module):
 
     def forward(self, x):
         x = self.stem(x)  # (N, C, h, w)
-        pos = self.pos if x.shape[-2:] == self.pos.shape[-2:] else F.interpolate(self.pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
+        pos = self.pos
+        if x.shape[-2:] != pos.shape[-2:]:
+            pos = F.interpolate(pos, size=x.shape[-2:], mode="bicubic", align_corners=False)
         x = (x + pos).flatten(2).transpose(1, 2)  # (N, h * w, C)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)  # (N, 1 + h * w, C)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x[:, 0])
+
+
+def slice_encoder(cfg: dict) -> SliceEncoder:
+    return SliceEncoder(img=cfg["vit_img"], patch=cfg["vit_patch"], dim=cfg["vit_dim"], depth=cfg["vit_depth"],
+                        heads=cfg["vit_heads"], stem=cfg["vit_stem"])
 
 
 def random_crops(x, n: int, size: int, scale) -> list:
@@ -336,7 +303,8 @@ class DINO(nn.Module):
             t_prob = F.softmax((t - self.center) / t_temp, dim=-1).chunk(2)
         s = [self.student_head(self.student(glob))]
         if self.n_local:
-            s.append(self.student_head(self.student(torch.cat(random_crops(x, self.n_local, self.local_size, (0.05, 0.4))))))
+            local = torch.cat(random_crops(x, self.n_local, self.local_size, (0.05, 0.4)))  # (n_local N, 1, px, px)
+            s.append(self.student_head(self.student(local)))
         s_logp = F.log_softmax(torch.cat(s) / s_temp, dim=-1).chunk(2 + self.n_local)
         loss = sum(-(tp * sp).sum(-1).mean() for i, tp in enumerate(t_prob) for j, sp in enumerate(s_logp) if i != j)
         if self.training:
@@ -367,7 +335,8 @@ class Aggregator(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, z_2d):
-        x = torch.cat([self.cls.expand(z_2d.shape[0], -1, -1), z_2d], dim=1) + self.pos[:, : z_2d.shape[1] + 1]  # (B, 1 + S, C)
+        x = torch.cat([self.cls.expand(z_2d.shape[0], -1, -1), z_2d], dim=1)  # (B, 1 + S, C)
+        x = x + self.pos[:, : z_2d.shape[1] + 1]
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x[:, 0])
@@ -385,7 +354,8 @@ class Warmup(nn.Module):
     """Stage 2. forward(volume (B, 1, Z, Y, X)) -> InfoNCE between z_3d of S adjacent axial slices and z_3d of S
     adjacent coronal or sagittal slices (one random plane and random starts per batch) of the same volumes; f_2d is
     frozen (no gradient, eval mode); z_2d is standardised by norm_2d as in fine-tuning."""
-    def __init__(self, f_2d: SliceEncoder, norm_2d: nn.Module, f_3d: Aggregator, *, n_slices: int, img: int, tau: float):
+    def __init__(self, f_2d: SliceEncoder, norm_2d: nn.Module, f_3d: Aggregator, *, n_slices: int, img: int,
+                 tau: float):
         super().__init__()
         self.f_2d, self.norm_2d, self.f_3d = f_2d.requires_grad_(False), norm_2d, f_3d
         self.S, self.img, self.tau = n_slices, img, tau
@@ -397,10 +367,8 @@ class Warmup(nn.Module):
             z = self.f_2d.eval()(s.reshape(B * self.S, 1, self.img, self.img))  # (B * S, C)
         return self.f_3d(self.norm_2d(z).view(B, self.S, -1))  # (B, S, C) -> (B, C)
 
-    def forward(self, volume, planes=None):
-        if volume.shape[2] < self.S:
-            raise BadConfig(f"--n_slices={self.S}: the volume has only {volume.shape[2]} axial slices")
-        plane = int(torch.randint(1, 3, ())) if planes is None else planes
+    def forward(self, volume):
+        plane = int(torch.randint(1, 3, ()))  # coronal or sagittal (check_config: the volume has >= S slices)
         starts = [int(torch.randint(0, volume.shape[2 + p] - self.S + 1, ())) for p in (0, plane)]
         return info_nce(self.view(volume, 0, starts[0]), self.view(volume, plane, starts[1]), self.tau)
 
@@ -416,10 +384,12 @@ class SAMF(nn.Module):
         self.W_fusion = nn.Linear((4 if ao2d else 3) * d_proj, dim)
 
     def forward(self, z_2d, z_3d, text, text_mask):
-        F_2d, F_3d, F_text = self.W_2d(z_2d), self.W_3d(z_3d)[:, :, None], self.W_text(text)  # Eq. 3-4: (B,S,d) (B,d,1) (B,T,d)
+        # Eq. 3-4: F_2d (B, S, d), F_3d (B, d, 1), F_text (B, T, d)
+        F_2d, F_3d, F_text = self.W_2d(z_2d), self.W_3d(z_3d)[:, :, None], self.W_text(text)
         scale = F_2d.shape[-1] ** -0.5
         alpha = torch.softmax((F_2d @ F_3d)[..., 0] * scale, dim=1)  # Eq. 5: over slices (B, S)
-        beta = torch.softmax(((F_text @ F_3d)[..., 0] * scale).masked_fill(~text_mask, float("-inf")), dim=1)  # Eq. 6 (B, T)
+        beta = ((F_text @ F_3d)[..., 0] * scale).masked_fill(~text_mask, float("-inf"))
+        beta = torch.softmax(beta, dim=1)  # Eq. 6: over the question's tokens (B, T)
         parts = [F_3d[..., 0], (alpha[:, None] @ F_2d)[:, 0], (beta[:, None] @ F_text)[:, 0]]  # Eq. 8-9: (B, d) each
         att = {"alpha": alpha, "beta": beta}
         if self.ao2d:
@@ -432,26 +402,23 @@ class SAMF(nn.Module):
 
 class SAMFModel(nn.Module):
     """volume (B, 1, Z, Y, X) + question -> visual tokens [F_fused, F_2d] (B, n_visual, dim) -> decoder.
-    forward(volume, *texts): texts are one or more (q_ids, q_mask, inputs, targets) groups about the same volumes
-    (a report and a multiple-choice example share one pass of f_2d and f_3d); returns the mean over groups of the
-    cross-entropy of their answer tokens. inputs start with <BOS>; the visual tokens go right after it. labels (B, 18)
-    or None: the training scans' labels, used only by the findings token in training (--prompt_iters)."""
+    forward(volume, labels, *texts): texts are (q_ids, q_mask, inputs, targets) groups about the same volumes (a
+    report and a multiple choice share one pass of f_2d and f_3d) -> the mean over groups of their answer loss.
+    labels (B, 18): the training scans' labels, read only by the findings token in training (--prompt_iters)."""
     def __init__(self, cfg: dict, decoder):
         super().__init__()
         assert cfg["fusion"] in FUSIONS, f"--fusion={cfg['fusion']!r}: expected one of {FUSIONS}"
-        dim, d_proj = decoder.args.dim, cfg["d_proj"] or decoder.args.dim
+        dim = decoder.args.dim  # = d_proj, as in the paper
         self.S, self.img, self.slice_tokens = cfg["n_slices"], cfg["vit_img"], cfg["slice_tokens"]
-        self.f_2d = SliceEncoder(img=cfg["vit_img"], patch=cfg["vit_patch"], dim=cfg["vit_dim"], depth=cfg["vit_depth"],
-                                 heads=cfg["vit_heads"], stem=cfg["vit_stem"])
+        self.f_2d = slice_encoder(cfg)
         self.f_3d = Aggregator(n_slices=self.S, dim=cfg["vit_dim"], depth=cfg["agg_depth"], heads=cfg["agg_heads"])
-        self.norm_2d = nn.BatchNorm1d(cfg["vit_dim"], affine=False)  # z_2d standardised over the batch (see docstring)
-        self.fusion = SAMF(c_vis=cfg["vit_dim"], d_text=dim, d_proj=d_proj, dim=dim, ao2d=cfg["fusion"] == "ao2d")
-        self.slice_out = nn.Identity() if d_proj == dim else nn.Linear(d_proj, dim)
+        self.norm_2d = nn.BatchNorm1d(cfg["vit_dim"], affine=False)  # z_2d standardised over the batch (docstring)
+        self.fusion = SAMF(c_vis=cfg["vit_dim"], d_text=dim, d_proj=dim, dim=dim, ao2d=cfg["fusion"] == "ao2d")
         self.decoder = decoder
         self.label_head = self.label_embed = None  # --prompt_iters: the findings token (not in the paper)
         if cfg["prompt_iters"]:
-            self.label_head = nn.Linear(cfg["vit_dim"], len(LABELS)).requires_grad_(False)  # set by fit_findings (L-BFGS)
-            self.register_buffer("readable", torch.zeros(len(LABELS)))  # 1: a finding the token carries (fit_findings)
+            self.label_head = nn.Linear(cfg["vit_dim"], len(LABELS)).requires_grad_(False)  # set by fit_findings
+            self.register_buffer("readable", torch.zeros(len(LABELS)))  # 1: a finding the token carries
             self.label_embed = nn.Linear(len(LABELS), dim)
         self.n_visual = 1 + (self.S if self.slice_tokens else 0) + (self.label_embed is not None)
 
@@ -465,34 +432,38 @@ class SAMFModel(nn.Module):
     def encode(self, volume):
         s = centre_slices(volume, self.S, self.img)  # (B, S, img, img)
         B = s.shape[0]
-        z_2d = self.norm_2d(self.f_2d(s.reshape(B * self.S, 1, self.img, self.img))).view(B, self.S, -1)  # Eq. 1: (B, S, C)
+        z_2d = self.f_2d(s.reshape(B * self.S, 1, self.img, self.img))  # Eq. 1: (B * S, C)
+        z_2d = self.norm_2d(z_2d).view(B, self.S, -1)  # (B, S, C)
         return z_2d, self.f_3d(z_2d)  # Eq. 2: (B, C)
 
     def visual_tokens(self, volume, q_ids, q_mask, z=None, labels=None):
-        """The question / instruction ids alone reach the fusion (never the answer). -> (B, n_visual, dim), weights.
-        --prompt_iters: then the findings token, label_embed(readable * calls), the calls being the label head's on
-        this volume's z_3d (logit >= 0); `labels` (training only) replace the calls (teacher forcing)."""
+        """The question / instruction ids alone reach the fusion (never the answer) -> (B, n_visual, dim), weights.
+        The findings token: label_embed(readable * calls), the calls being the label head's on z_3d (logit >= 0), or
+        `labels` in training (teacher forcing). z: (z_2d, z_3d) when cached."""
         z_2d, z_3d = self.encode(volume) if z is None else z
         fused, F_2d, att = self.fusion(z_2d, z_3d, self.decoder.tok_embeddings(q_ids), q_mask)
-        vis = [fused[:, None]] + ([self.slice_out(F_2d)] if self.slice_tokens else [])
+        vis = [fused[:, None]] + ([F_2d] if self.slice_tokens else [])
         if self.label_embed is not None:
             calls = (self.label_head(z_3d) >= 0).float() if labels is None else labels.float()  # (B, 18)
             vis.append(self.label_embed(calls * self.readable)[:, None])
         return torch.cat(vis, dim=1), att
+
+    def prefix(self, inputs, vis):  # <BOS> then the visual tokens
+        return torch.cat([self.decoder.tok_embeddings(inputs[:, :1]), vis.to(self.decoder.output.weight.dtype)], 1)
 
     def forward(self, volume, labels, *texts):
         """volume (B, 1, Z, Y, X), or (B, S + 1, C): z_2d then z_3d, cached while f_2d and f_3d are frozen."""
         z, losses = (volume[:, :-1], volume[:, -1]) if volume.dim() == 3 else self.encode(volume), []
         for q_ids, q_mask, inputs, targets in zip(*[iter(texts)] * 4):
             vis, _ = self.visual_tokens(volume, q_ids, q_mask, z, labels if self.training else None)
-            prefix = torch.cat([self.decoder.tok_embeddings(inputs[:, :1]), vis.to(self.decoder.output.weight.dtype)], 1)
+            prefix = self.prefix(inputs, vis)
             logits = self.decoder(inputs[:, 1:], prefix)[:, prefix.shape[1]:]  # text after <BOS> (B, T - 1, V)
             losses.append(F.cross_entropy(logits.flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-1))
         return sum(losses) / len(losses)
 
 
 def build_model(cfg: dict) -> nn.Module:
-    """f_2d + f_3d + SAMF/Ao2D around a from-scratch decoder, or a frozen Meta Llama with LoRA when cfg['llm'] is set."""
+    """f_2d + f_3d + SAMF/Ao2D around a from-scratch decoder, or a frozen Meta Llama with LoRA (--llm)."""
     seq = 1 + 1 + (cfg["n_slices"] if cfg["slice_tokens"] else 0) + (cfg["prompt_iters"] > 0) + cfg["max_text_len"]
     if cfg["llm"]:
         decoder, _ = load_llama(cfg["llm"], max_seq_len=seq)
@@ -506,13 +477,12 @@ def build_model(cfg: dict) -> nn.Module:
 
 
 def build_dino(cfg: dict) -> DINO:
-    f_2d = SliceEncoder(img=cfg["vit_img"], patch=cfg["vit_patch"], dim=cfg["vit_dim"], depth=cfg["vit_depth"],
-                        heads=cfg["vit_heads"], stem=cfg["vit_stem"])
+    f_2d = slice_encoder(cfg)  # before the head: the same initial weights as always
     head = DINOHead(cfg["vit_dim"], cfg["dino_hidden"], cfg["dino_bottleneck"], cfg["dino_out"])
     return DINO(f_2d, head, n_local=cfg["dino_local"], local_size=cfg["dino_local_size"], img=cfg["vit_img"])
 
 
-def build_warmup(cfg: dict) -> Warmup:
+def build_warmup(cfg: dict) -> Warmup:  # f_2d, norm_2d and f_3d as build_model makes them (same init, same RNG use)
     m = build_model({**cfg, "llm": "", "dim": 8, "n_layers": 0, "n_heads": 1, "n_kv_heads": 1, "vocab_size": 8})
     return Warmup(m.f_2d, m.norm_2d, m.f_3d, n_slices=cfg["n_slices"], img=cfg["vit_img"], tau=cfg["warmup_tau"])
 
@@ -852,7 +822,8 @@ def choice_of(item: dict, augment: bool):
     """The item's M3D question and answer. augment (training): letters reshuffled, the three absent options redrawn
     from the patient's absent labels (the global RNG: resumed runs redraw the same)."""
     qa = next(q for q in item["questions"] if q["kind"] == "choice")
-    options, letter = parse_choices(qa["question"], f"{item['name']}: question"), answer_letter(qa["answer"], item["name"])
+    options = parse_choices(qa["question"], f"{item['name']}: question")
+    letter = answer_letter(qa["answer"], item["name"])
     if not augment:
         return qa["question"], qa["answer"]
     absent = [l for l, y in zip(LABELS, item["labels"].tolist()) if not y]
@@ -860,8 +831,8 @@ def choice_of(item: dict, augment: bool):
         [o for k, o in options.items() if k != letter]
     opts = [wrong[i] if i < 3 else options[letter] for i in torch.randperm(4).tolist()]
     right = "ABCD"[opts.index(options[letter])]
-    text = qa["question"].split("Choices:")[0] + "Choices: " + " ".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(opts))
-    return text, f"{right}. {options[letter]}"
+    choices = " ".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(opts))
+    return qa["question"].split("Choices:")[0] + "Choices: " + choices, f"{right}. {options[letter]}"
 
 
 def target_spacing(cfg) -> tuple:
@@ -889,25 +860,22 @@ def get_split(cfg, split: str):
     return _SPLITS[key]
 
 
-def get_tokenizer(cfg, texts=None, save=True):
-    """Llama's tokenizer with --llm; else data.py's BPE, trained on the training texts (scratch) or loaded."""
+def get_tokenizer(cfg, train_ds=None, save=True):
+    """Llama's tokenizer with --llm; else data.py's BPE, trained on train_ds's reports and multiple choices, or
+    loaded from out_dir when train_ds is None."""
     if cfg["llm"]:
         return load_llama3_tokenizer(Path(cfg["llm"]) / "tokenizer.model")
     path = Path(cfg["out_dir"]) / "bpe.tiktoken"
-    if texts is None:
+    if train_ds is None:
         return load_bpe(path)
+    texts = []
+    for it in train_ds:
+        texts.append(it["report"])
+        texts += [q["question"] + " " + q["answer"] for q in it.get("questions", []) if q["kind"] == "choice"]
     enc = train_bpe(texts + [INSTRUCTION], cfg["vocab_size"])
     if save:
         save_bpe(enc, path)
     return enc
-
-
-def training_texts(ds) -> list:
-    out = []
-    for it in ds:
-        out.append(it["report"])
-        out += [q["question"] + " " + q["answer"] for q in it.get("questions", []) if q["kind"] == "choice"]
-    return out
 
 
 def tokenize(qa: list, enc, max_text_len: int):
@@ -915,7 +883,8 @@ def tokenize(qa: list, enc, max_text_len: int):
     <EOS> shifted by one, targets -1 (no loss) on the question and the padding (after the end)."""
     bos, eos = enc.encode_single_token("<|begin_of_text|>"), enc.encode_single_token("<|end_of_text|>")
     qs = [enc.encode(q, disallowed_special=())[: max_text_len // 2] for q, _ in qa]
-    seqs = [([bos] + q + enc.encode(" " + a, disallowed_special=()) + [eos])[: max_text_len + 1] for q, (_, a) in zip(qs, qa)]
+    seqs = [([bos] + q + enc.encode(" " + a, disallowed_special=()) + [eos])[: max_text_len + 1]
+            for q, (_, a) in zip(qs, qa)]
     T, Tq = max(map(len, seqs)) - 1, max(map(len, qs))
     inputs, targets = torch.full((len(seqs), T), eos), torch.full((len(seqs), T), -1)
     q_ids, q_mask = torch.zeros(len(qs), Tq, dtype=torch.long), torch.zeros(len(qs), Tq, dtype=torch.bool)
@@ -927,8 +896,7 @@ def tokenize(qa: list, enc, max_text_len: int):
 
 
 def get_batch(ds, idx, tasks, enc, cfg, dev, train=True):
-    """tasks: 0 report, 1 multiple choice -> (volume, labels, then q_ids, q_mask, inputs, targets of each task) on dev;
-    Labels of training scans only: the test code passes None."""
+    """tasks: 0 report, 1 multiple choice -> (volume, labels, then q_ids, q_mask, inputs, targets of each task)."""
     items = [ds[i] for i in idx]
     out = [torch.stack([it["labels"] for it in items]).to(dev)]
     for task in tasks:
@@ -940,11 +908,6 @@ def get_batch(ds, idx, tasks, enc, cfg, dev, train=True):
 # -----------------------------------------------------------------------------
 # Train: one loop with hilt.train's skeleton for the three stages
 
-CKPT = {"dino": "dino.pt", "warmup": "warmup.pt", "finetune": "ckpt.pt"}
-VIT_KEYS = ("vit_img", "vit_patch", "vit_stem", "vit_dim", "vit_depth", "vit_heads")
-AGG_KEYS = VIT_KEYS + ("n_slices", "agg_depth", "agg_heads")
-
-
 def get_lr(it: int, iters: int, peak: float, warmup_ratio: float) -> float:
     """Linear warm-up over warmup_ratio of the steps, then cosine to 10% of the peak."""
     warm = max(1, round(warmup_ratio * iters))
@@ -953,39 +916,36 @@ def get_lr(it: int, iters: int, peak: float, warmup_ratio: float) -> float:
     return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * (it - warm) / max(1, iters - warm))))
 
 
-def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=None, describe=""):
+def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, master, ckpt=None, describe=""):
     """batch_fn(iter_num, j) -> the model's inputs for micro-batch j; evaluate() -> dict, every eval interval.
-    Checkpoints (atomic) in out_dir/<stage>.pt with optimizer, RNG and position: --init_from=resume continues exactly."""
+    Checkpoints (atomic) in out_dir/<stage>.pt with optimizer, RNG and position: --init_from=resume continues exactly.
+    Trains `model` in place."""
     iters = {"dino": cfg["dino_iters"], "warmup": cfg["warmup_iters"], "finetune": cfg["max_iters"]}[stage]
     accum = cfg["grad_accum"] if stage == "finetune" else 1
     interval = cfg["eval_interval"] if stage == "finetune" else max(1, iters // 3)
     peak = cfg["dino_lr"] if stage == "dino" else cfg["learning_rate"]
     # --prompt_iters: the findings phase from step `phase` restarts the learning-rate schedule (warm-up, cosine)
     phase = cfg["max_iters"] - cfg["prompt_iters"] if stage == "finetune" and cfg["prompt_iters"] else 0
-    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if cfg["dtype"] == "bfloat16" and "cuda" in dev else nullcontext()
-    raw = model
-    params = [p for p in raw.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.04 if stage == "dino" else cfg["weight_decay"], fused="cuda" in dev)
+    raw, params = model, [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.04 if stage == "dino" else cfg["weight_decay"],
+                            fused="cuda" in dev)
     iter_num, best_val = 0, float("inf")
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
         set_rng_state(ckpt["rng"])
-    if cfg["compile"]:
-        model = torch.compile(model)
-    if ddp:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[int(dev.split(":")[1])] if "cuda" in dev else None,
-                                                    find_unused_parameters=stage == "finetune" and cfg["prompt_iters"] > 0)
+    model = wrap_model(raw, dev, ddp, cfg["compile"], find_unused=stage == "finetune" and cfg["prompt_iters"] > 0)
     if master:
         print(f"stage {stage}: {sum(p.numel() for p in raw.parameters()) / 1e6:.2f}M parameters "
               f"({sum(p.numel() for p in params) / 1e6:.2f}M trained), {describe}, {iters} steps")
 
     def save():
-        if master:
+        if master:  # with --llm, all but the frozen Llama weights
+            weights = {k: v for k, v in raw.state_dict().items()
+                       if not cfg["llm"] or not k.startswith("decoder.") or ".lora_" in k}
             save_checkpoint(Path(cfg["out_dir"]) / CKPT[stage], {
-                "model": {k: v for k, v in raw.state_dict().items()  # with --llm, all but the frozen Llama weights
-                          if not cfg["llm"] or not k.startswith("decoder.") or ".lora_" in k}, "optimizer": opt.state_dict(),
-                "iter_num": iter_num, "best_val_loss": best_val, "config": cfg, "rng": rng_state()})
+                "model": weights, "optimizer": opt.state_dict(), "iter_num": iter_num, "best_val_loss": best_val,
+                "config": cfg, "rng": rng_state()})
 
     # FLOPs of one training sample, without moving the RNG (exact resume): forward x 3 (forward + backward); the
     # warm-up counts the forward once (f_2d is frozen and dominates; the aggregator's backward is left out: a lower
@@ -1010,11 +970,11 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=N
                     inputs = batch_fn(iter_num, j)
                 if phase and j == 0 and iter_num == phase:  # the findings phase starts: cached features
                     timer.flops = 3 * forward_flops(raw, *inputs) / inputs[0].shape[0]
-                with ctx, sync:
+                with autocast_ctx(cfg["dtype"], dev), sync:
                     loss = model(*inputs)
                     (loss / accum).backward()
                 losses.append(loss.item())
-            bad_steps = optimizer_step(opt, params, cfg["grad_clip"], bad_steps, iter_num)  # clip, step unless non-finite
+            bad_steps = optimizer_step(opt, params, cfg["grad_clip"], bad_steps, iter_num)  # skips a non-finite step
             if stage == "dino" and bad_steps == 0:  # stepped: teacher momentum, cosine from dino_momentum to 1
                 raw.update_teacher(1 - (1 - cfg["dino_momentum"]) * (math.cos(math.pi * iter_num / iters) + 1) / 2)
             iter_num += 1
@@ -1030,8 +990,7 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=N
                        "lr": opt.param_groups[0]["lr"], **perf}
                 best_val = min(best_val, rec.get("val_loss", float("inf")))
                 if master:
-                    tqdm.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-                    append_jsonl(log, rec)
+                    log_eval(log, rec)
                 save()
                 steps, loss_sum = 0, 0.0
                 timer.reset()
@@ -1040,7 +999,6 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, world, master, ckpt=N
         save()
         raise Interrupted(f"stage {stage}: checkpoint saved in {cfg['out_dir']}; continue with --stage={stage} "
                           f"--init_from=resume")
-    return raw, ctx, sig.stop
 
 
 @torch.no_grad()
@@ -1052,15 +1010,14 @@ def knn_probe(f_2d, cfg, dev, k=10) -> dict:
     hf = [LABELS.index(l) for l in ("Cardiomegaly", "Pericardial effusion", "Pleural effusion")]
 
     def embed(ds, n):
-        xs, plane, finding = [], [], []
+        xs, finding = [], []
         for i in range(min(n, len(ds))):
             v, y = ds[i]["volume"][None].float().to(dev), ds[i]["labels"]
-            xs += [plane_slices(v, p, v.shape[2 + p] // 2, 1, cfg["vit_img"])[0] for p in range(3)]
-            xs.append(plane_slices(v, 0, int(0.6 * v.shape[2]), 1, cfg["vit_img"])[0])
-            plane += [0, 1, 2]
+            xs += [plane_slices(v, p, v.shape[2 + p] // 2, 1, cfg["vit_img"])[0] for p in range(3)]  # centres
+            xs.append(plane_slices(v, 0, int(0.6 * v.shape[2]), 1, cfg["vit_img"])[0])  # through the heart
             finding.append(int(y[hf].max()))
         z = F.normalize(f_2d(torch.stack(xs)), dim=-1).view(-1, 4, f_2d.norm.normalized_shape[0])  # (n, 4, C)
-        return z, torch.tensor(plane), torch.tensor(finding)
+        return z, torch.tensor([0, 1, 2] * len(finding)), torch.tensor(finding)
 
     zb, pb, fb = embed(get_split(cfg, "train"), 128)
     zq, pq, fq = embed(get_split(cfg, "val"), 64)
@@ -1079,8 +1036,8 @@ def knn_probe(f_2d, cfg, dev, k=10) -> dict:
 
 @torch.no_grad()
 def warmup_probe(warm: Warmup, cfg, dev) -> dict:
-    """Validation InfoNCE and top-1 retrieval (the coronal view of the same volume among the batch's) with fixed views:
-    the centre S axial vs the centre S coronal slices."""
+    """Validation InfoNCE and top-1 retrieval (the coronal view of the same volume among the batch's) with fixed
+    views: the centre S axial vs the centre S coronal slices."""
     ds = get_split(cfg, "val")
     vol = torch.stack([ds[i]["volume"] for i in range(min(64, len(ds)))]).to(dev).float()
     warm.eval()
@@ -1091,14 +1048,21 @@ def warmup_probe(warm: Warmup, cfg, dev) -> dict:
     return {"val_loss": info_nce(u, v, warm.tau).item(), "val_retrieval": hit.float().mean().item()}
 
 
-def load_part(module, path, prefix: str, cfg, keys):
-    """Load module from the `prefix` entries of a stage checkpoint; a checkpoint of other sizes is an error."""
+def load_parts(cfg, stage: str, parts: dict, keys, master: bool, what: str):
+    """parts {prefix: module} from the checkpoint of an earlier stage in out_dir; one of other sizes is an error;
+    without one, a warning and `what` keeps its random init."""
+    path = Path(cfg["out_dir"]) / CKPT[stage]
+    if not path.is_file():
+        if master:
+            print(f"warning: {path}: no {stage} checkpoint; {what} starts from random init")
+        return
     ck = load_checkpoint(path)
     bad = [k for k in keys if tuple(np.atleast_1d(ck["config"].get(k))) != tuple(np.atleast_1d(cfg[k]))]
     if bad:
         theirs, ours = (" ".join(f"--{k}={c[k]}" for k in bad) for c in (ck["config"], cfg))
         raise InputError(f"{path}: trained with {theirs}; this run has {ours} (use its settings or run that stage again)")
-    module.load_state_dict({k[len(prefix):]: v for k, v in ck["model"].items() if k.startswith(prefix)})
+    for prefix, module in parts.items():
+        module.load_state_dict({k[len(prefix):]: v for k, v in ck["model"].items() if k.startswith(prefix)})
 
 
 # Copied from hilt.fit_probe
@@ -1138,12 +1102,13 @@ def fit_findings(model, train_ds, val_ds, dev, min_auroc: float = 0.8, l2: float
     w = probe.weight / sd  # (18, C): w.(x - mu) / sd + b = (w / sd).x + (b - (w / sd).mu)
     bias = probe.bias - w @ mu
     pv = torch.sigmoid(xv @ w.T + bias).numpy()
-    auc = np.array([shared.auroc(yv[:, j].numpy(), pv[:, j]) for j in range(len(LABELS))])
-    t = shared.best_f1_thresholds(yv.numpy(), pv).clip(1e-4, 1 - 1e-4)
+    auc = np.array([auroc(yv[:, j].numpy(), pv[:, j]) for j in range(len(LABELS))])
+    t = best_f1_thresholds(yv.numpy(), pv).clip(1e-4, 1 - 1e-4)
     model.label_head.weight.copy_(w.to(dev))
-    model.label_head.bias.copy_((bias - torch.from_numpy(np.log(t / (1 - t))).float()).to(dev))  # p >= t <=> logit >= 0
+    model.label_head.bias.copy_((bias - torch.from_numpy(np.log(t / (1 - t))).float()).to(dev))  # p >= t: logit >= 0
     model.readable.copy_(torch.from_numpy((np.nan_to_num(auc) >= min_auroc) & (yv.sum(0).numpy() >= 2)).float())
-    tqdm.write("findings token: " + ", ".join(f"{l} (val AUROC {a:.2f})" for l, a, r in zip(LABELS, auc, model.readable) if r))
+    tqdm.write("findings token: " + ", ".join(f"{l} (val AUROC {a:.2f})"
+                                              for l, a, r in zip(LABELS, auc, model.readable) if r))
     return feats["train"]
 
 
@@ -1152,17 +1117,17 @@ def fit_findings(model, train_ds, val_ds, dev, min_auroc: float = 0.8, l2: float
 
 @torch.no_grad()
 def generate_answers(model, volumes, questions, enc, cfg, ctx, max_new: int, zero_visual=False):
-    """volumes (B, 1, Z, Y, X) + B questions of the same token length -> (B answers, attention weights)."""
+    """volumes (B, 1, Z, Y, X) + B questions of the same token length -> (B answers, attention weights). Greedy."""
     model.eval()
     eos = enc.encode_single_token("<|end_of_text|>")
-    q_ids, q_mask, inputs, _ = (t.to(volumes.device) for t in tokenize([(q, "") for q in questions], enc, cfg["max_text_len"]))
+    q_ids, q_mask, inputs, _ = (t.to(volumes.device) for t in tokenize([(q, "") for q in questions], enc,
+                                                                        cfg["max_text_len"]))
     assert q_mask.all(), "generate_answers: questions of one batch must have the same token length"
     with ctx:
         vis, att = model.visual_tokens(volumes, q_ids, q_mask)
-        vis = torch.zeros_like(vis) if zero_visual else vis
-        prefix = torch.cat([model.decoder.tok_embeddings(inputs[:, :1]), vis.to(model.decoder.output.weight.dtype)], 1)
+        prefix = model.prefix(inputs, torch.zeros_like(vis) if zero_visual else vis)
         room = model.decoder.args.max_seq_len - prefix.shape[1] - q_ids.shape[1]
-        ids = generate(model.decoder, q_ids, prefix, max_new_tokens=min(max_new, room), eos_id=eos, top_k=cfg["top_k"])
+        ids = generate(model.decoder, q_ids, prefix, max_new_tokens=min(max_new, room), eos_id=eos)
     model.train()
     return [enc.decode(row[: row.index(eos)] if eos in row else row).strip() for row in ids.tolist()], att
 
@@ -1186,7 +1151,7 @@ def mcq_metrics(preds, answers) -> dict:
 def answer_rate(ds) -> dict:
     """Image-blind: each option's share of being the answer when it is offered, over ds's multiple-choice questions.
     data.py offers three absent findings and one present one (or "None of these", then always right), so a text-only
-    decoder can learn this rule; it beats the prevalence prior (0.430 vs 0.367 at the cpu preset)."""
+    decoder can learn this rule."""
     offered, right = Counter(), Counter()
     for it in ds:
         q, a = choice_of(it, False)
@@ -1214,26 +1179,27 @@ def test_loss(model, ds, enc, cfg, dev, ctx, task: int, shuffle: bool) -> float:
 def final_eval(cfg, model, enc, dev, ctx, train_ds) -> dict:
     test_ds = get_split(cfg, "test")
     vols = lambda idx: torch.stack([test_ds[i]["volume"] for i in idx]).to(dev).float()
+    bs = max(1, cfg["batch_size"] // cfg["grad_accum"])
+    batches = [list(range(i, min(i + bs, len(test_ds)))) for i in range(0, len(test_ds), bs)]
     res = {"fusion": cfg["fusion"], "n_visual": model.n_visual, "n_test": len(test_ds)}
     refs, gen, gen0 = [it["report"] for it in test_ds], [], []
-    bs = max(1, cfg["batch_size"] // cfg["grad_accum"])
-    for i in tqdm(range(0, len(test_ds), bs), desc="reports", leave=False):
-        idx = list(range(i, min(i + bs, len(test_ds))))
+    for idx in tqdm(batches, desc="reports", leave=False):
         for out, zero in ((gen, False), (gen0, True)):
-            out += generate_answers(model, vols(idx), [INSTRUCTION] * len(idx), enc, cfg, ctx, cfg["max_new_tokens"], zero)[0]
-    res["report"] = {"model": report_metrics(gen, [[r] for r in refs]), "zero_visual": report_metrics(gen0, [[r] for r in refs])}
+            out += generate_answers(model, vols(idx), [INSTRUCTION] * len(idx), enc, cfg, ctx, cfg["max_new_tokens"],
+                                    zero)[0]
+    res["report"] = {"model": report_metrics(gen, [[r] for r in refs]),
+                     "zero_visual": report_metrics(gen0, [[r] for r in refs])}
     y_test = np.stack([it["labels"].numpy() for it in test_ds]).astype(int)
     y_train = np.stack([it["labels"].numpy() for it in train_ds]).astype(int)
-    if hasattr(shared, "clinical_metrics"):
-        res["ce"] = {"model": shared.clinical_metrics(gen, y_test), "zero_visual": shared.clinical_metrics(gen0, y_test),
-                     **shared.ce_baselines(y_train, y_test, seed=0)}
+    res["ce"] = {"model": clinical_metrics(gen, y_test), "zero_visual": clinical_metrics(gen0, y_test),
+                 **ce_baselines(y_train, y_test, seed=0)}
     if model.label_head is not None:  # how well z_3d carries each finding: test AUROC of the label head
         model.eval()
         with torch.no_grad(), ctx:
-            p = torch.cat([model.label_head(model.encode(vols(list(range(i, min(i + bs, len(test_ds))))))[1]).float()
-                           for i in range(0, len(test_ds), bs)]).sigmoid().cpu().numpy()
+            p = torch.cat([model.label_head(model.encode(vols(idx))[1]).float() for idx in batches]).sigmoid()
         model.train()
-        res["label_auroc"] = {l: shared.auroc(y_test[:, j], p[:, j]) for j, l in enumerate(LABELS)}
+        p = p.cpu().numpy()
+        res["label_auroc"] = {l: auroc(y_test[:, j], p[:, j]) for j, l in enumerate(LABELS)}
     res["report_loss"] = {"own": test_loss(model, test_ds, enc, cfg, dev, ctx, 0, False),
                           "shuffled": test_loss(model, test_ds, enc, cfg, dev, ctx, 0, True)}
     lines = [f"--- {test_ds[i]['name']}\nGENERATED: {g}\nREFERENCE: {r}\n" for i, (g, r) in enumerate(zip(gen, refs))]
@@ -1250,8 +1216,8 @@ def final_eval(cfg, model, enc, dev, ctx, train_ds) -> dict:
         prior, rate = ([max(parse_choices(q).items(), key=lambda kv: p.get(kv[1], 0.0))[0] + "." for q, _ in qa]
                        for p in (prev, answer_rate(train_ds)))
         res["mcq"] = {"model": mcq_metrics(preds, answers), "zero_visual": mcq_metrics(preds0, answers),
-                      "shuffled_visual": mcq_metrics(preds_s, answers),
-                      "chance": {"accuracy": 0.25}, f"letter {letters}": mcq_metrics([letters + "."] * len(qa), answers),
+                      "shuffled_visual": mcq_metrics(preds_s, answers), "chance": {"accuracy": 0.25},
+                      f"letter {letters}": mcq_metrics([letters + "."] * len(qa), answers),
                       "prevalence_prior": mcq_metrics(prior, answers), "answer_rate_prior": mcq_metrics(rate, answers)}
         res["mcq_loss"] = {"own": test_loss(model, test_ds, enc, cfg, dev, ctx, 1, False),
                            "shuffled": test_loss(model, test_ds, enc, cfg, dev, ctx, 1, True)}
@@ -1266,27 +1232,27 @@ def final_eval(cfg, model, enc, dev, ctx, train_ds) -> dict:
 
 
 def print_results(res):
+    def table(rows: dict, keys, name_width=18, fmt="{:>8.3f}", scale=1):
+        for name, m in rows.items():
+            print(f"{name:<{name_width}}" + "".join(fmt.format(scale * m[k]) if k in m else " " * 8 for k in keys))
+
     print(f"\ntest ({res['n_test']} volumes), fusion={res['fusion']}, {res['n_visual']} visual tokens. Reports (x100):")
-    r = res["report"]
-    print(f"{'':<14}" + "".join(f"{k:>8}" for k in ("bleu1", "bleu4", "rougeL", "meteor", "cider")))
-    for name, m in r.items():
-        print(f"{name:<14}" + "".join(f"{100 * m[k]:>8.2f}" for k in ("bleu1", "bleu4", "rougeL", "meteor", "cider")))
-    if "ce" in res:
-        print("clinical efficacy of the 18 findings read from the reports (macro precision / recall / F1, micro F1):")
-        for name, m in res["ce"].items():
-            print(f"{name:<18}" + "".join(f"{m[k]:>8.3f}" for k in ("precision", "recall", "f1", "micro_f1")))
-    else:
-        print("clinical efficacy: data.clinical_metrics is not available in this data.py")
+    nlg = ("bleu1", "bleu4", "rougeL", "meteor", "cider")
+    print(" " * 14 + "".join(f"{k:>8}" for k in nlg))
+    table(res["report"], nlg, 14, "{:>8.2f}", 100)
+    print("clinical efficacy of the 18 findings read from the reports (macro precision / recall / F1, micro F1):")
+    table(res["ce"], ("precision", "recall", "f1", "micro_f1"))
     if "label_auroc" in res:
         au = res["label_auroc"]
+        top = sorted(au.items(), key=lambda kv: -kv[1])[:6]
         print(f"label head on z_3d, test AUROC: macro {np.nanmean(list(au.values())):.3f}; " +
-              ", ".join(f"{k} {v:.2f}" for k, v in sorted(au.items(), key=lambda kv: -kv[1])[:6]))
-    print(f"report loss: own volumes {res['report_loss']['own']:.4f}, shuffled volumes {res['report_loss']['shuffled']:.4f}")
+              ", ".join(f"{k} {v:.2f}" for k, v in top))
+    loss = "loss: own volumes {own:.4f}, shuffled volumes {shuffled:.4f}"
+    print("report " + loss.format(**res["report_loss"]))
     if "mcq" in res:
         print("multiple choice (accuracy: M3D's rule; precision / recall / F1: macro over the letters A-D):")
-        for name, m in res["mcq"].items():
-            print(f"{name:<18}" + "".join(f"{m[k]:>8.3f}" if k in m else f"{'':>8}" for k in ("accuracy", "precision", "recall", "f1")))
-        print(f"answer loss: own volumes {res['mcq_loss']['own']:.4f}, shuffled volumes {res['mcq_loss']['shuffled']:.4f}")
+        table(res["mcq"], ("accuracy", "precision", "recall", "f1"))
+        print("answer " + loss.format(**res["mcq_loss"]))
     print("BERT-F1 and the Llama-3-70B score (Tables 1-2) need downloaded models: not computed.")
 
 
@@ -1301,7 +1267,8 @@ def attention_png(x, att, cfg, path):
     if "gamma" in att:
         bars.append(("gamma", att["gamma"][0].mean(0), (60, 200, 60)))
     img = Image.new("RGB", (64 * S, 64 + 50 * len(bars)), "white")
-    img.paste(Image.fromarray((s.clamp(0, 1) * 255).byte().permute(1, 0, 2).reshape(64, S * 64).cpu().numpy()), (0, 0))
+    row = (s.clamp(0, 1) * 255).byte().permute(1, 0, 2).reshape(64, S * 64)  # (S, 64, 64) -> (64, S * 64)
+    img.paste(Image.fromarray(row.cpu().numpy()), (0, 0))
     draw = ImageDraw.Draw(img)
     for b, (name, w, color) in enumerate(bars):
         top = 64 + 50 * b
@@ -1316,9 +1283,10 @@ def predict_file(cfg, model, enc, dev, path, question: str) -> str:
     if question:
         parse_choices(question)
     vol, sp = load_ct(path, cfg["rescale"])
-    x = preprocess(vol, sp, target_spacing=target_spacing(cfg), shape=tuple(cfg["shape"]), window=(-1000, 200), norm="unit")
-    text, att = generate_answers(model, x[None, None].to(dev).float(), [question or INSTRUCTION], enc, cfg, nullcontext(),
-                                 16 if question else cfg["max_new_tokens"])
+    x = preprocess(vol, sp, target_spacing=target_spacing(cfg), shape=tuple(cfg["shape"]), window=(-1000, 200),
+                   norm="unit")
+    text, att = generate_answers(model, x[None, None].to(dev).float(), [question or INSTRUCTION], enc, cfg,
+                                 nullcontext(), 16 if question else cfg["max_new_tokens"])
     png = Path(cfg["out_dir"]) / (Path(path).name.split(".")[0] + "_attention.png")
     attention_png(x, {k: v.float().cpu() for k, v in att.items()}, cfg, png)
     print(f"{path}: (z, y, x) {tuple(vol.shape)} at {tuple(round(s, 2) for s in sp)} mm -> {tuple(x.shape)}")
@@ -1391,9 +1359,10 @@ def parse_config(argv, defaults, presets):
 def param_counts(cfg) -> dict:
     """The model at cfg's sizes on the meta device (no memory): parameters of f_2d, f_3d, the fusion, the decoder."""
     with torch.device("meta"):
-        m, head = build_model(cfg), DINOHead(cfg["vit_dim"], cfg["dino_hidden"], cfg["dino_bottleneck"], cfg["dino_out"])
+        m = build_model(cfg)
+        head = DINOHead(cfg["vit_dim"], cfg["dino_hidden"], cfg["dino_bottleneck"], cfg["dino_out"])
     n = lambda mod: sum(p.numel() for p in mod.parameters())
-    counts = {"f_2d": n(m.f_2d), "f_3d": n(m.f_3d), "fusion": n(m.fusion) + n(m.slice_out), "decoder": n(m.decoder),
+    counts = {"f_2d": n(m.f_2d), "f_3d": n(m.f_3d), "fusion": n(m.fusion), "decoder": n(m.decoder),
               "dino_head (stage 1 only)": n(head)}
     print(f"preset {cfg['preset']}, fusion {cfg['fusion']}: parameters")
     print("\n".join(f"  {k:<26}{v / 1e6:>10.2f}M" for k, v in counts.items()))
@@ -1401,10 +1370,9 @@ def param_counts(cfg) -> dict:
 
 
 def check_config(cfg):
-    for key, ok in (("stage", cfg["stage"] in ("",) + STAGES), ("fusion", cfg["fusion"] in FUSIONS),
-                    ("init_from", cfg["init_from"] in ("scratch", "resume")), ("vit_stem", cfg["vit_stem"] in ("patch", "conv")),
-                    ("rescale", cfg["rescale"] in ("auto", "header", "none"))):
-        if not ok:
+    for key, allowed in (("stage", ("",) + STAGES), ("fusion", FUSIONS), ("init_from", ("scratch", "resume")),
+                         ("vit_stem", ("patch", "conv")), ("rescale", ("auto", "header", "none"))):
+        if cfg[key] not in allowed:
             raise BadConfig(f"--{key}={cfg[key]!r}: not one of the allowed values (see --help)")
     if cfg["n_slices"] > cfg["shape"][0]:
         raise BadConfig(f"--n_slices={cfg['n_slices']}: the volume has only {cfg['shape'][0]} axial slices (--shape)")
@@ -1416,7 +1384,9 @@ def check_config(cfg):
 
 
 def resume_ckpt(cfg, stage, master):
-    """The stage's checkpoint; the model keys come from it (as in hilt.main)."""
+    """--init_from=resume: the stage's checkpoint, whose model keys replace cfg's (as hilt.main); None from scratch."""
+    if cfg["init_from"] != "resume":
+        return None
     ckpt = load_checkpoint(Path(cfg["out_dir"]) / CKPT[stage])
     theirs = {k: ckpt["config"].get(k, DEFAULTS[k]) for k in MODEL_KEYS}  # a key older checkpoints lack: its default
     changed = {k: (cfg[k], theirs[k]) for k in MODEL_KEYS if cfg[k] != theirs[k]}
@@ -1424,12 +1394,12 @@ def resume_ckpt(cfg, stage, master):
         print(f"resume: model keys come from the checkpoint, ignoring {changed}")
     cfg.update(theirs)
     if stage == "finetune" and master and not cfg["predict"]:
-        resume_cleanup(cfg["out_dir"], ckpt["iter_num"])  # a ckpt.pt.tmp of a killed save, log lines past the checkpoint
+        resume_cleanup(cfg["out_dir"], ckpt["iter_num"])  # a ckpt.pt.tmp of a killed save, log lines past the ckpt
     return ckpt
 
 
-def run_dino(cfg, dev, ddp, world, master):
-    ckpt = resume_ckpt(cfg, "dino", master) if cfg["init_from"] == "resume" else None
+def run_dino(cfg, dev, ddp, rank, world, master):
+    ckpt = resume_ckpt(cfg, "dino", master)
     torch.manual_seed(cfg["seed"])
     model = build_dino(cfg).to(dev)
     if ckpt is not None:
@@ -1439,28 +1409,26 @@ def run_dino(cfg, dev, ddp, world, master):
         print(f"k-NN probe of the random-init f_2d: {knn_probe(model.teacher, cfg, dev)}")
 
     def batch(it, j):  # dino_batch slices: random volume, plane, and position in the central 80% of that axis
-        xs = []
-        for i, p in zip(torch.randint(len(train_ds), (cfg["dino_batch"],)).tolist(), torch.randint(3, (cfg["dino_batch"],)).tolist()):
+        xs, n = [], cfg["dino_batch"]
+        for i, p in zip(torch.randint(len(train_ds), (n,)).tolist(), torch.randint(3, (n,)).tolist()):
             v = train_ds[i]["volume"][None].float()
             L = v.shape[2 + p]
             xs.append(plane_slices(v, p, int(torch.randint(L // 10, L - L // 10, ())), 1, cfg["vit_img"])[0])
         return (torch.stack(xs).to(dev),)  # (N, 1, img, img)
 
-    train(cfg, "dino", model, batch, lambda: knn_probe(model.teacher, cfg, dev), dev, ddp, world, master, ckpt,
-          f"{cfg['dino_batch']} slices x (2 global {cfg['vit_img']} px + {cfg['dino_local']} local {cfg['dino_local_size']} px crops)")
+    crops = f"(2 global {cfg['vit_img']} px + {cfg['dino_local']} local {cfg['dino_local_size']} px crops)"
+    train(cfg, "dino", model, batch, lambda: knn_probe(model.teacher, cfg, dev), dev, ddp, master, ckpt,
+          f"{cfg['dino_batch']} slices x {crops}")
 
 
-def run_warmup(cfg, dev, ddp, world, master, rank):
-    ckpt = resume_ckpt(cfg, "warmup", master) if cfg["init_from"] == "resume" else None
+def run_warmup(cfg, dev, ddp, rank, world, master):
+    ckpt = resume_ckpt(cfg, "warmup", master)
     torch.manual_seed(cfg["seed"])
     model = build_warmup(cfg).to(dev)
-    dino = Path(cfg["out_dir"]) / CKPT["dino"]
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-    elif dino.is_file():
-        load_part(model.f_2d, dino, "teacher.", cfg, VIT_KEYS)
-    elif master:
-        print(f"warning: {dino}: no DINO checkpoint; the warm-up runs on a random-init f_2d")
+    else:
+        load_parts(cfg, "dino", {"teacher.": model.f_2d}, VIT_KEYS, master, "the warm-up's f_2d")
     train_ds = get_split(cfg, "train")
     B = cfg["warmup_batch"] // world
 
@@ -1470,32 +1438,27 @@ def run_warmup(cfg, dev, ddp, world, master, rank):
 
     if ckpt is None and master:
         print(f"warm-up probe before training: {warmup_probe(model, cfg, dev)}")
-    train(cfg, "warmup", model, batch, lambda: warmup_probe(model, cfg, dev), dev, ddp, world, master, ckpt,
-          f"InfoNCE, {B} volumes x (axial, coronal|sagittal) views of {cfg['n_slices']} slices, tau {cfg['warmup_tau']}")
+    train(cfg, "warmup", model, batch, lambda: warmup_probe(model, cfg, dev), dev, ddp, master, ckpt,
+          f"InfoNCE, {B} volumes x (axial, coronal|sagittal) views of {cfg['n_slices']} slices, "
+          f"tau {cfg['warmup_tau']}")
 
 
-def run_finetune(cfg, dev, ddp, world, master, rank):
-    ckpt = resume_ckpt(cfg, "finetune", master) if cfg["init_from"] == "resume" else None
+def run_finetune(cfg, dev, ddp, rank, world, master):
+    ckpt = resume_ckpt(cfg, "finetune", master)
     torch.manual_seed(cfg["seed"])
     train_ds = None if cfg["predict"] else get_split(cfg, "train")
-    enc = get_tokenizer(cfg, None if ckpt is not None else training_texts(train_ds), save=master)
+    enc = get_tokenizer(cfg, None if ckpt is not None else train_ds, save=master)
     if not cfg["llm"]:
         cfg["vocab_size"] = enc.n_vocab  # a small corpus can run out of merges before the requested size
     model = build_model(cfg).to(dev)
-    out = Path(cfg["out_dir"])
     if ckpt is not None:
         missing, unexpected = model.load_state_dict(ckpt["model"], strict=not cfg["llm"])
-        assert not unexpected and all(k.startswith("decoder.") and ".lora_" not in k for k in missing), (missing, unexpected)
+        frozen = all(k.startswith("decoder.") and ".lora_" not in k for k in missing)  # --llm: Meta's weights
+        assert not unexpected and frozen, (missing, unexpected)
     else:
-        if (out / CKPT["dino"]).is_file():
-            load_part(model.f_2d, out / CKPT["dino"], "teacher.", cfg, VIT_KEYS)
-        elif master:
-            print(f"warning: {out / CKPT['dino']}: no DINO checkpoint; f_2d starts from random init")
-        if cfg["ssl_warmup"] and (out / CKPT["warmup"]).is_file():
-            load_part(model.f_3d, out / CKPT["warmup"], "f_3d.", cfg, AGG_KEYS)
-            load_part(model.norm_2d, out / CKPT["warmup"], "norm_2d.", cfg, AGG_KEYS)
-        elif cfg["ssl_warmup"] and master:
-            print(f"warning: {out / CKPT['warmup']}: no warm-up checkpoint; f_3d starts from random init")
+        load_parts(cfg, "dino", {"teacher.": model.f_2d}, VIT_KEYS, master, "f_2d")
+        if cfg["ssl_warmup"]:
+            load_parts(cfg, "warmup", {"f_3d.": model.f_3d, "norm_2d.": model.norm_2d}, AGG_KEYS, master, "f_3d")
     if cfg["predict"]:
         return predict_file(cfg, model, enc, dev, cfg["predict"], cfg["question"])
     model.f_2d.requires_grad_(not cfg["freeze_vit"])
@@ -1505,7 +1468,6 @@ def run_finetune(cfg, dev, ddp, world, master, rank):
     tasks = (0, 1) if "questions" in train_ds[0] else (0,)  # a dataset without questions trains reports only
     micro = cfg["batch_size"] // world // cfg["grad_accum"]
     assert micro * world * cfg["grad_accum"] == cfg["batch_size"], "batch_size must divide by world size * grad_accum"
-
     start, findings = cfg["max_iters"] - cfg["prompt_iters"], {}  # --prompt_iters: the findings phase from `start`
 
     def batch(it, j):  # every volume of the micro-batch with its report and its multiple-choice question
@@ -1528,10 +1490,10 @@ def run_finetune(cfg, dev, ddp, world, master, rank):
                for t in tasks}
         return {"val_loss": sum(res.values()) / len(tasks), **res}
 
-    model, ctx, stopped = train(cfg, "finetune", model, batch, evaluate, dev, ddp, world, master, ckpt,
-                                f"fusion={cfg['fusion']}, {model.n_visual} visual tokens, freeze_vit={cfg['freeze_vit']}, "
-                                f"freeze_aggregator={cfg['freeze_aggregator']}, {len(train_ds)} train / {len(val_ds)} val volumes")
-    return final_eval(cfg, model, enc, dev, ctx, train_ds) if master and not stopped else None
+    train(cfg, "finetune", model, batch, evaluate, dev, ddp, master, ckpt,
+          f"fusion={cfg['fusion']}, {model.n_visual} visual tokens, freeze_vit={cfg['freeze_vit']}, "
+          f"freeze_aggregator={cfg['freeze_aggregator']}, {len(train_ds)} train / {len(val_ds)} val volumes")
+    return final_eval(cfg, model, enc, dev, autocast_ctx(cfg["dtype"], dev), train_ds) if master else None
 
 
 def main(argv=None):
@@ -1546,7 +1508,7 @@ def main(argv=None):
     if cfg["predict"]:
         if cfg["init_from"] != "resume":
             raise BadConfig("--predict: needs a trained run: add --init_from=resume (and its --out_dir)")
-        return run_finetune(cfg, dev, ddp, world, master, rank)
+        return run_finetune(cfg, dev, ddp, rank, world, master)
     if cfg["question"]:
         raise BadConfig("--question: only used with --predict=scan.nii.gz")
     out.mkdir(parents=True, exist_ok=True)
@@ -1560,14 +1522,13 @@ def main(argv=None):
     res, times = None, {}
     for s in stages:
         t0 = time.time()
-        res = {"dino": lambda: run_dino(cfg, dev, ddp, world, master),
-               "warmup": lambda: run_warmup(cfg, dev, ddp, world, master, rank),
-               "finetune": lambda: run_finetune(cfg, dev, ddp, world, master, rank)}[s]()
+        res = {"dino": run_dino, "warmup": run_warmup, "finetune": run_finetune}[s](cfg, dev, ddp, rank, world, master)
         times[s] = time.time() - t0
         if master:
             print(f"stage {s}: {times[s]:.0f} s wall (including rendering the phantoms it first needed)")
     if master and len(times) > 1:
-        print("stage times: " + ", ".join(f"{s} {t:.0f} s" for s, t in times.items()) + f", total {sum(times.values()):.0f} s")
+        print("stage times: " + ", ".join(f"{s} {t:.0f} s" for s, t in times.items()) +
+              f", total {sum(times.values()):.0f} s")
     if isinstance(res, dict) and master:
         res["stage_seconds"] = times
         (out / "metrics.json").write_text(json.dumps(res, indent=2, default=float))
