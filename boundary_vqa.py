@@ -969,7 +969,7 @@ def train_loop(cfg, tag, model, opt, n_items, batch_fn, loss_fn, val_fn, save, *
     loss_fn(module, batch) -> loss; val_fn() -> val loss; save(iter_num, best) writes the checkpoint. The batches
     are data.Stream's (a function of (seed, position) alone); the log line has data.StepTimer's numbers."""
     params = [p for g in opt.param_groups for p in g["params"]]
-    fwd = wrap_model(model, dev, ddp)
+    fwd = wrap_model(model, dev, ddp, find_unused=cfg["blind"])  # the question-only twin's adapter gets no gradient
     with torch.random.fork_rng():  # FLOPs of one sample (forward x 3), without moving the RNG (exact resume)
         first = batch_fn(next(iter(Stream(n_items, micro, cfg["seed"], 0, 1))))
         timer = StepTimer(dev, 3 * forward_flops(model, *model_args(first)) / first[0].shape[0])

@@ -377,3 +377,20 @@ def test_sentence_pairs_positive_for_every_volume_stating_the_finding():
     for j, t in enumerate(texts):
         has_card = "cardiomegaly" in t.lower()
         assert z[:, j].tolist() == ([1.0, 1.0, -1.0] if has_card else [-1.0, 1.0, -1.0]), (t, z[:, j])
+
+
+def test_torchrun_two_ranks_trains_all_three_variants(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo on CPU), baselines on: the question-only twin's adapter gets no gradient,
+    which DDP must be told about (it crashed there before); rank 0 alone writes the log."""
+    import os
+    import subprocess
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", bv.__file__,
+           *TINY, "--baselines=true", *run_dirs(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "question-only (visual tokens zeroed)" in res["rows"] and "--prompt=none --decoder=m" in res["rows"]
+    for sub in ("run", "run/prompt_none", "run/question_only"):
+        log = [json.loads(l) for l in (tmp_path / sub / "log.jsonl").read_text().splitlines()]
+        assert [r["iter"] for r in log] == [1, 2]  # one writer, not two
