@@ -15,26 +15,22 @@ x one CT volume, s one of its S centre axial slices, t one of the T question tok
     Eq. 11    F_t2d = 1/T sum_t sum_s gamma_ts F_2d,s                   (B, d)      (Ao2D only)
     Eq. 10/12 F_fused = W_fusion [F_3d || F_2d3d || F_t3d (|| F_t2d)]   (B, dim)
     Decoder   <BOS> [F_fused, F_2d,1 .. F_2d,S] question answer <EOS>, loss on the answer tokens and <EOS> only.
-Eq. 9 as printed (beta^T F_3d) would return F_3d, since beta sums to one; the authors' code pools the text, as here.
-The fusion sees the question / instruction only: the authors feed the whole training sequence, so their answer leaks
-into the visual tokens; here it never reaches F_fused (a test holds it). Visual tokens: F_fused and the S slice tokens
-F_2d; the authors repeat F_fused 256 times, one vector, too little for a report that names 18 findings with side and
-level (--slice_tokens=false: F_fused alone).
+Eq. 9 as printed (beta^T F_3d) would return F_3d (beta sums to one); the authors' code pools the text, as here.
+The fusion sees the question only (their code feeds the whole training sequence, answer included; a test holds that
+the answer never reaches F_fused). Visual tokens: F_fused and the S slice tokens; the authors repeat F_fused 256
+times, one vector, too little for a report naming 18 findings with side and level (--slice_tokens=false: F_fused).
 
 Stages (`python samf.py` runs the missing ones in order: dino -> [warmup] -> finetune):
-    --stage=dino      DINO (Caron et al. 2021) on axial, coronal and sagittal slices of the training volumes: the
-                      teacher is an EMA of the student (momentum 0.996 -> 1, cosine), centring and sharpening (teacher
-                      temperature 0.04, student 0.1), 2 global + n local crops, head MLP -> L2-normalised bottleneck ->
-                      weight-normalised prototypes; logs a k-NN probe (plane; a large finding). Saves dino.pt.
-    --stage=warmup    Table 3's SSL warm-up (--ssl_warmup=true): f_2d frozen, f_3d trained with InfoNCE. Anchor i: z_3d
-                      of S adjacent axial slices of volume i; positive: z_3d of S adjacent coronal or sagittal slices (a
-                      random plane) of the same volume; negatives: that view of the other B - 1 volumes of the batch.
-                      L = (CE(U V^T / tau, diag) + CE(V U^T / tau, diag)) / 2, U, V the L2-normalised z_3d. Saves
-                      warmup.pt.
-    --stage=finetune  f_2d -> f_3d -> SAMF or --fusion=ao2d -> decoder on one joint dataset: each volume's report
-                      (instruction "Write the findings of this chest CT.") and its M3D multiple choice ("... Choices:
-                      A. .. B. .. C. .. D. ..", answer "B. text") in the same micro-batch. Without dino.pt it warns and
-                      f_2d starts from random init. Saves ckpt.pt. Each stage resumes with --init_from=resume.
+    --stage=dino      DINO (Caron et al. 2021) on axial, coronal and sagittal training slices: teacher = EMA of the
+                      student (momentum 0.996 -> 1, cosine), centring and sharpening (temperatures 0.04 / 0.1), 2
+                      global + n local crops, head MLP -> L2-normalised bottleneck -> prototypes; k-NN probe logged.
+    --stage=warmup    Table 3's SSL warm-up (--ssl_warmup): f_2d frozen, f_3d trained with InfoNCE. Anchor i: z_3d of S
+                      adjacent axial slices of volume i; positive: z_3d of S adjacent coronal or sagittal slices (one
+                      random plane) of volume i; negatives: that view of the other B - 1 volumes of the batch.
+                      L = (CE(U V^T / tau, diag) + CE(V U^T / tau, diag)) / 2, U, V the L2-normalised z_3d.
+    --stage=finetune  f_2d -> f_3d -> SAMF or --fusion=ao2d -> decoder, on each volume's report ("Write the findings
+                      of this chest CT.") and its M3D multiple choice ("... Choices: A. .. B. .. C. .. D. ..", answer
+                      "B. text") in one micro-batch. Without dino.pt it warns and f_2d starts from random init.
 Evaluation (test split): BLEU-1..4, METEOR, ROUGE-L, CIDEr and the clinical-efficacy metrics of the 18 findings read
 from the reports; MCQ accuracy (M3D's rule: the answer's letter and its period appear in the output) and precision /
 recall / F1 over letters: the predicted letter is the output's first "X." (X in A-D), each letter a class, macro over
@@ -43,13 +39,12 @@ answer-rate prior (the option most often right when offered in training), the vi
 tokens. BERT-F1 and the Llama-70B score need downloaded models: not computed.
 
 Deviations:
-- --vit_stem=conv (cpu preset): a ViT on a convolutional stem (Xiao et al. 2021) at 64 px, 128-d x 2 layers, since a
-  patch-embedding ViT learns nothing from a few hundred phantoms in minutes; the paper preset is ViT-B/16 at 224.
-  DINO pretrains on the training phantoms' slices (MedMNIST cannot be downloaded); 2 + 4 crops instead of 2 + 10.
+- --vit_stem=conv (cpu preset): a ViT on a conv stem (Xiao et al. 2021) at 64 px, 128-d x 2, since a patch ViT learns
+  nothing from a few hundred phantoms in minutes (paper preset: ViT-B/16 at 224). DINO on the training phantoms'
+  slices (MedMNIST cannot be downloaded), 2 + 4 crops instead of 2 + 10.
 - W_text on both fusions (their SAMF uses the embeddings unprojected); the 1/sqrt(d) scale is ours (at d = 3072 an
   unscaled softmax is one-hot).
-- norm_2d: z_2d is standardised over the batch (BatchNorm without affine) before W_2d and f_3d; without it f_2d
-  collapsed to a constant in our cpu runs.
+- norm_2d: z_2d standardised over the batch before W_2d and f_3d (without it f_2d collapsed to a constant).
 - --prompt_iters=N, a findings token (not in the paper; 3000 at cpu, 0 at paper; from-scratch decoder only): the last
   N steps freeze f_2d and f_3d (features cached), fit the label head (a logistic regression on the training scans'
   z_3d; a finding is `readable` at validation AUROC >= 0.8), re-initialise the decoder and train it on multiple choice
@@ -58,8 +53,6 @@ Deviations:
 - --mcq_aug: training questions get reshuffled letters and absent options redrawn from the patient's absent labels.
 - --llm=path: a Meta-format Llama 3 with LoRA (as hilt.py) instead of Phi-3 (other loading code); without it the
   decoder trains from scratch on data.py's BPE. Learning rates and steps are not in the paper.
-- cpu preset: 32 x 64 x 64 phantoms, 24 centre slices, decoder 128-d x 3; DINO 150 steps of 32 slices, warm-up 40 of
-  16 volumes, fine-tuning 250 of 8 volumes, then 3000 findings-token steps.
 
 Commands:
     python samf.py                                           # cpu preset on CPU: dino -> warmup -> finetune -> eval
@@ -789,8 +782,7 @@ class ViTBlock(nn.Module):
 
 
 def micro_batch(n: int, k: int, micro: int, seed: int, rank: int = 0, world: int = 1) -> list:
-    """Items of micro-batch k (k = step * grad_accum + micro_step) of this rank: data.Stream's batches, the ones
-    every script trains on (an endless stream of shuffled epochs, a function of (seed, position) alone)."""
+    """Items of micro-batch k (k = step * grad_accum + micro_step) of this rank in data.Stream's epochs."""
     return next(iter(Stream(n, micro, seed, k, k + 1, 1, rank, world)))
 
 
