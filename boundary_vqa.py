@@ -148,7 +148,7 @@ PRESETS = {
     "cpu": dict(shape=(48, 64, 64), enc_dims=(16, 32, 64), enc_depths=(1, 1, 1), enc_kernel=5, mixer_tokens=2,
                 proj_dim=64, text_dim=64, text_layers=1, siglip_iters=150, siglip_lr=2e-3, siglip_batch=32,
                 system_prompt=False, dims=(64, 128, 192), layers=(2, 2, 3), heads=(4, 4, 6), kv_heads=(2, 2, 2),
-                vocab_size=1024, max_iters=300, eval_interval=100, batch_size=32, learning_rate=1e-3,
+                vocab_size=1024, max_iters=1000, eval_interval=100, batch_size=32, learning_rate=1e-3,
                 warmup_iters=30, n_train=400, n_val=40, n_test=100, num_workers=2),
 }
 MODEL_KEYS = ("shape", "enc_stem", "enc_dims", "enc_depths", "enc_kernel", "mixer_tokens", "proj_dim", "text_dim",
