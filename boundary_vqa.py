@@ -39,6 +39,7 @@ Deviations, on purpose:
 
 Commands:
     python boundary_vqa.py                          # cpu: render, SigLIP, VQA with the contour + its two twins
+                                                    # (each non-blind model also asked about another scan)
     python boundary_vqa.py --table=true             # Table 1: prompt x decoder size, peak memory per size
     python boundary_vqa.py --preset=paper --llm=/path/to/Llama-3.2-1B-Instruct/original   # GPU, LoRA r 16
     torchrun --standalone --nproc_per_node=2 boundary_vqa.py --stage=vqa
@@ -1097,7 +1098,8 @@ def vqa_losses(fwd, batch, alpha, cfg, lora_params):
 
 def run_vqa(cfg, tower_state, items, val_items, test_items, enc, dev, ddp, rank, world, master, ckpt=None) -> dict:
     """Stage 2 for one variant (prompt, blind): frozen tower (features cached), adapter + SSA/MSSA + decoder (or
-    LoRA) + head trained (or resumed from ckpt) -> ckpt.pt; then the test questions -> its scores and predictions."""
+    LoRA) + head trained (or resumed from ckpt) -> ckpt.pt; then the test questions -> its scores and predictions,
+    and (unless blind) the same questions about another scan: scores and test loss, own scan vs another."""
     torch.manual_seed(cfg["seed"])
     model = build_model(cfg).to(dev)
     if ckpt is not None:
@@ -1144,12 +1146,13 @@ def run_vqa(cfg, tower_state, items, val_items, test_items, enc, dev, ddp, rank,
             return vqa_losses(fwd, batch, alpha, cfg, lora)
 
     @torch.no_grad()
-    def val_fn():
+    def mean_loss(samples, cache):
         model.eval()
-        tot = sum(vqa_losses(model, vqa_batch(val_qs[s: s + micro], val_cache, enc, cfg, dev), alpha, cfg, lora).item()
-                  * len(val_qs[s: s + micro]) for s in range(0, len(val_qs), micro))
+        tot = sum(vqa_losses(model, vqa_batch(samples[s: s + micro], cache, enc, cfg, dev), alpha, cfg, lora).item()
+                  * len(samples[s: s + micro]) for s in range(0, len(samples), micro))
         model.train()
-        return tot / len(val_qs)
+        return tot / len(samples)
+    val_fn = lambda: mean_loss(val_qs, val_cache)
 
     def save(it, best):
         frozen = {n for n, p in model.named_parameters() if not p.requires_grad and n.startswith("decoder.")}
@@ -1164,11 +1167,19 @@ def run_vqa(cfg, tower_state, items, val_items, test_items, enc, dev, ddp, rank,
     if not master:
         return {}
     test_qs = questions_of(test_items)
-    preds = answer(model, enc, cfg, test_qs, feature_cache(model, test_items, test_qs, cfg, dev), dev, ctx)
+    cache = feature_cache(model, test_items, test_qs, cfg, dev)
+    preds = answer(model, enc, cfg, test_qs, cache, dev, ctx)
     res = {"prompt": cfg["prompt"], "blind": cfg["blind"], "decoder": cfg["llm"] or cfg["decoder"],
            "scores": score(test_qs, preds), "train_s": time.time() - t0, "peak_mb": peak_memory_mb(dev),
            "n_params": sum(p.numel() for p in model.decoder.parameters())}
-    (Path(cfg["out_dir"]) / "vqa_metrics.json").write_text(json.dumps(res, indent=2))  # this variant alone
+    if not cfg["blind"] and len(test_items) > 1:  # each question about the scan half the split away (its own outline)
+        other = [((i + len(test_items) // 2) % len(test_items), q) for i, q in test_qs]
+        o_cache = feature_cache(model, test_items, other, cfg, dev)
+        res["another_preds"] = answer(model, enc, cfg, other, o_cache, dev, ctx)
+        res.update(another_scan=score(test_qs, res["another_preds"]), loss_own=mean_loss(test_qs, cache),
+                   loss_another=mean_loss(other, o_cache))
+    (Path(cfg["out_dir"]) / "vqa_metrics.json").write_text(  # this variant alone
+        json.dumps({k: v for k, v in res.items() if k != "another_preds"}, indent=2))
     lines = [f"{test_items[i]['name']} [{q['kind']}, outline: {q['outline']}] {q['question']}\n  answer: {p}  "
              f"reference: {q['answer']}" for (i, q), p in zip(test_qs, preds)]
     (Path(cfg["out_dir"]) / "answers.txt").write_text("\n".join(lines) + "\n")
@@ -1250,9 +1261,11 @@ def majority(train_qs, test_qs) -> dict:
 
 def print_results(res: dict):
     cols = ("closed", "region", "choice", "bleu4", "rougeL", "meteor")
-    print(f"\n{'test questions':<34}" + "".join(f"{c:>9}" for c in cols))
+    print(f"\n{'test questions':<44}" + "".join(f"{c:>9}" for c in cols))
     for name, s in res["rows"].items():
-        print(f"{name:<34}" + "".join(f"{100 * s[c]:>9.1f}" if c in s else f"{'-':>9}" for c in cols))
+        print(f"{name:<44}" + "".join(f"{100 * s[c]:>9.1f}" if c in s else f"{'-':>9}" for c in cols))
+    for name, (own, other) in res.get("test_loss own / another scan", {}).items():
+        print(f"{name}: test loss {own:.4f} with each question's own scan, {other:.4f} with another scan's")
     for name, d in res.get("paired", {}).items():
         print(f"{name}: {100 * d['diff']:+.1f} points, 95% paired bootstrap interval "
               f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] over {d['n']} questions")
@@ -1486,12 +1499,19 @@ def main(argv=None):
             return "question-only (visual tokens zeroed)"
         return f"--prompt={r['prompt']} --decoder={r['decoder']}"
     res = {"rows": {"majority answer": majority(train_qs, test_qs), **{name(r): r["scores"] for r in results}},
-           "peak_mb": {name(r): r["peak_mb"] for r in results}, "paired": {}}
-    for r in results[1:]:
+           "peak_mb": {name(r): r["peak_mb"] for r in results}, "paired": {}, "test_loss own / another scan": {}}
+    for r in results:  # the image-blind check without retraining: the same model asked about another scan
+        if "another_scan" in r:
+            res["rows"][f"{name(r)}, another scan"] = r["another_scan"]
+            res["test_loss own / another scan"][name(r)] = (r["loss_own"], r["loss_another"])
+    pairs = [(results[0]["preds"], r["preds"], name(r)) for r in results[1:]]
+    if "another_preds" in results[0]:
+        pairs.append((results[0]["preds"], results[0]["another_preds"], "the same model asked about another scan"))
+    for own, ref, ref_name in pairs:
         for kind in ("closed", "region"):
-            a, b = correct(test_qs, results[0]["preds"], kind), correct(test_qs, r["preds"], kind)
+            a, b = correct(test_qs, own, kind), correct(test_qs, ref, kind)
             lo, hi = bootstrap_diff(a, b)
-            res["paired"][f"{kind}: {name(results[0])} minus {name(r)}"] = dict(diff=float(a.mean() - b.mean()),
+            res["paired"][f"{kind}: {name(results[0])} minus {ref_name}"] = dict(diff=float(a.mean() - b.mean()),
                                                                                  lo=lo, hi=hi, n=len(a))
     print_results(res)
     (out / "metrics.json").write_text(json.dumps({**res, "config": cfg}, indent=2, default=str))

@@ -260,6 +260,9 @@ def test_main_end_to_end_resume_and_predict(tmp_path, capsys, monkeypatch):
         recs = [json.loads(line) for line in (out / f).read_text().splitlines()]
         assert recs and all(r["samples_per_s"] > 0 and 0 <= r["data_frac"] <= 1 and r["mfu"] > 0 for r in recs), f
     assert set(res["rows"]["majority answer"]) >= {"closed", "region"}
+    own, other = res["test_loss own / another scan"]["--prompt=contour --decoder=m"]  # scan 0 <-> scan 1 swapped
+    assert own != other and set(res["rows"]["--prompt=contour --decoder=m, another scan"]) >= {"closed", "region"}
+    assert "closed: --prompt=contour --decoder=m minus the same model asked about another scan" in res["paired"]
     siglip = torch.load(out / "siglip.pt", weights_only=True)["model"]
     ref = torch.load(out / "ckpt.pt", weights_only=True)
     for k, v in siglip.items():  # the VQA stage left the encoder and Mixer exactly as SigLIP made them
