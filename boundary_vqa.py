@@ -68,8 +68,8 @@ from tqdm import tqdm
 
 from data import (FOV, LABELS, REGION_IDS, SPECIAL_TOKENS, BadConfig, BadVolume, InputError, Interrupted, RadGenomeCT,
                   StepTimer, StopOnSigint, Stream, SyntheticCT, _finding_name, autocast_ctx, bootstrap_diff,
-                  choice_correct, crop_or_pad, finding_region, forward_flops, load_bpe, load_checkpoint, load_ct,
-                  load_llama3_tokenizer, load_nifti, log_eval, optimizer_step, preprocess, report_labels,
+                  check_fits, choice_correct, crop_or_pad, finding_region, forward_flops, load_bpe, load_checkpoint,
+                  load_ct, load_llama3_tokenizer, load_nifti, log_eval, optimizer_step, preprocess, report_labels,
                   report_metrics, resume_checkpoint, rng_state, run, sample_patient, save_bpe, save_checkpoint,
                   set_rng_state, setup_ddp, train_bpe, vqa_closed_accuracy, wrap_model)
 
@@ -1457,6 +1457,10 @@ def main(argv=None):
         model = build_model(cfg).to(dev)
         model.load_state_dict(ckpt["model"], strict=not cfg["llm"])
         return predict_file(cfg, model, enc, dev)
+    if not cfg["llm"]:  # the whole decoder trains (--decoder=l: 1.6B parameters); the smallest BPE vocabulary: a bound
+        check_fits(lambda: build_model({**cfg, "vocab_size": 256 + len(SPECIAL_TOKENS)}), dev,
+                   f"--decoder={cfg['decoder']}", "pass a smaller --decoder or --llm=<a Meta Llama folder> (frozen, "
+                   "with LoRA)")
     items, val_items = get_items(cfg, "train"), get_items(cfg, "val")
     enc = get_tokenizer(cfg, None if ckpt is not None else items, save=master)
     if not cfg["llm"]:

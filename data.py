@@ -1635,6 +1635,23 @@ def meta_memory(fn) -> int:
     return peak[0]
 
 
+def check_fits(build, dev, what: str, hint: str):
+    """On CUDA, before a run starts: stop when even the memory a training step holds before its first activation
+    (fp32 weights, gradients and AdamW's two moments of every trained parameter: 16 B; 2 B of every frozen one, the
+    bf16 a Meta checkpoint ships in) exceeds the GPU's, rather than an out-of-memory error stages later. build() makes
+    the model; it runs on the meta device, so nothing is allocated."""
+    if torch.device(dev).type != "cuda":
+        return
+    with torch.device("meta"):
+        params = list(build().parameters())
+    need = sum(p.numel() * (16 if p.requires_grad else 2) for p in params)
+    have = torch.cuda.get_device_properties(torch.device(dev)).total_memory
+    if need > have:
+        raise BadConfig(f"{what}: training needs at least {need / 1e9:.1f} GB (fp32 weights, gradients and AdamW "
+                        f"states of {sum(p.numel() for p in params) / 1e6:.0f}M parameters) and this GPU has "
+                        f"{have / 1e9:.1f} GB; {hint}")
+
+
 # ======== Appendix: the phantom, its templates, the CLI. A reader of the scripts can stop here. ========
 
 

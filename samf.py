@@ -85,11 +85,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data import (FOV, LABELS, BadConfig, InputError, Interrupted, StopOnSigint, auroc, best_f1_thresholds,
-                  ce_baselines, choice_correct, clinical_metrics, get_dataset, load_bpe, load_checkpoint, load_ct,
-                  load_llama3_tokenizer, preprocess, report_metrics, resume_cleanup, rng_state, run, save_bpe,
-                  save_checkpoint, set_rng_state, setup_ddp, train_bpe)
-from data import StepTimer, Stream, autocast_ctx, forward_flops, log_eval, optimizer_step, wrap_model
+from data import (FOV, LABELS, SPECIAL_TOKENS, BadConfig, InputError, Interrupted, StopOnSigint, auroc,
+                  best_f1_thresholds, ce_baselines, choice_correct, clinical_metrics, get_dataset, load_bpe,
+                  load_checkpoint, load_ct, load_llama3_tokenizer, preprocess, report_metrics, resume_cleanup,
+                  rng_state, run, save_bpe, save_checkpoint, set_rng_state, setup_ddp, train_bpe)
+from data import StepTimer, Stream, autocast_ctx, check_fits, forward_flops, log_eval, optimizer_step, wrap_model
 
 # -----------------------------------------------------------------------------
 preset = ""  # cpu | paper; empty: paper on CUDA, cpu otherwise
@@ -1503,6 +1503,15 @@ def main(argv=None):
         return run_finetune(cfg, dev, ddp, rank, world, master)
     if cfg["question"]:
         raise BadConfig("--question: only used with --predict=scan.nii.gz")
+
+    def finetune_model():  # the smallest vocabulary the BPE can end with: a lower bound
+        m = build_model({**cfg, "vocab_size": 256 + len(SPECIAL_TOKENS)})
+        m.f_2d.requires_grad_(not cfg["freeze_vit"])
+        m.f_3d.requires_grad_(not cfg["freeze_aggregator"])
+        return m
+    if not cfg["llm"]:  # the paper preset's 3.8B decoder from scratch: stop now, not after stage 1 (DINO)
+        check_fits(finetune_model, dev, "--stage=finetune", "pass --llm=<a Meta Llama folder> (the paper's setting: "
+                   "a frozen decoder with LoRA) or a smaller decoder (--dim, --n_layers)")
     out.mkdir(parents=True, exist_ok=True)
     if cfg["stage"]:
         stages = [cfg["stage"]]

@@ -1,10 +1,10 @@
 """The GPU check .ci/gpu, from a machine without a GPU: it parses, every command, script and flag it runs exists,
 its stage timeouts add up to its 8-minute budget; and the helpers it calls, run here on CPU: the kernel checks
-(Triton under the interpreter, fp16), HILT's memory estimate on the meta device, and data.py's run plumbing
-(peak FLOP/s, the step timer, the on-disk synthetic cache).
+(Triton under the interpreter, fp16), the memory estimates of hilt.py, samf.py and boundary_vqa.py on the meta
+device, and data.py's run plumbing (peak FLOP/s, the step timer, the on-disk synthetic cache, check_fits).
 
 Also importable on the GPU machine: `kernel_checks("cuda", ...)` and `hilt_memory_estimate()` are what .ci/gpu runs.
-`python tests/test_ci_gpu.py` prints the memory table of the README.
+`python tests/test_ci_gpu.py` prints the memory tables of the README.
 """
 import math
 import os
@@ -269,6 +269,73 @@ def hilt_memory_estimate(hr=(512, 512, 256), llm_args=None, text_len=512, micro=
     return res
 
 
+LLAMA_1B = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                ffn_dim_multiplier=1.5, rope_theta=500000.0, use_scaled_rope=True)  # Llama-3.2-1B's params.json
+LLAMA_3B = dict(LLAMA_1B, dim=3072, n_layers=28, n_heads=24, ffn_dim_multiplier=1.0)  # Llama-3.2-3B's
+
+
+def _step_estimate(name, model, fn, verbose) -> dict:
+    """weights (fp32 trained, bf16 frozen) + AdamW + the peak of one micro-batch's forward + backward (fn), in GB."""
+    from data import meta_memory
+    params = list(model.parameters())
+    n_tr = sum(p.numel() for p in params if p.requires_grad)
+    weights, adam = n_tr * 4 + sum(p.numel() for p in params if not p.requires_grad) * 2, n_tr * 8
+    model.to(torch.bfloat16).train()
+    step = meta_memory(fn)
+    res = {"model": name, "params_m": sum(p.numel() for p in params) / 1e6, "trained_m": n_tr / 1e6,
+           "weights_gb": weights / 1e9, "adam_gb": adam / 1e9, "step_peak_gb": step / 1e9,
+           "total_gb": (weights + adam + step) / 1e9}
+    if verbose:
+        print(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()), flush=True)
+    return res
+
+
+def samf_memory_estimate(llm_args=None, text_len=512, argv=("--preset=paper",), verbose=True) -> dict:
+    """samf.py's fine-tuning step (a report of text_len tokens and a 40-token multiple choice per volume, the
+    preset's micro-batch) on the meta device: the from-scratch decoder, or a Llama shape frozen with LoRA."""
+    import samf
+    cfg = samf.parse_config([*argv, "--device=cuda"], samf.DEFAULTS, samf.PRESETS)
+    B = cfg["batch_size"] // cfg["grad_accum"]
+    with torch.device("meta"):
+        if llm_args:
+            dec = samf.Decoder(samf.ModelArgs(**llm_args, max_seq_len=2 + cfg["n_slices"] + cfg["max_text_len"]))
+            samf.add_lora(dec.requires_grad_(False), r=cfg["lora_r"], alpha=cfg["lora_alpha"],
+                          dropout=cfg["lora_dropout"])
+            model = samf.SAMFModel(cfg, dec)
+        else:
+            model = samf.build_model(cfg)
+        x, labels = torch.empty(B, 1, *cfg["shape"], dtype=torch.bfloat16), torch.zeros(B, len(samf.LABELS))
+        q, q_mask = torch.zeros(B, 16, dtype=torch.long), torch.ones(B, 16, dtype=torch.bool)
+        report, mcq = torch.zeros(B, text_len, dtype=torch.long), torch.zeros(B, 40, dtype=torch.long)
+    name = f"samf {'Llama ' + str(llm_args['dim']) + ' x ' + str(llm_args['n_layers']) if llm_args else 'scratch'}"
+    return _step_estimate(name, model, lambda: model(x, labels, q, q_mask, report, report, q, q_mask, mcq, mcq)
+                          .backward(), verbose)
+
+
+def bvqa_memory_estimate(decoder="m", llm_args=None, argv=("--preset=paper",), verbose=True) -> dict:
+    """boundary_vqa.py's VQA step (the frozen tower's features cached, max_text_len tokens, the preset's batch) on
+    the meta device: a from-scratch decoder of size `decoder`, or a Llama shape frozen with LoRA."""
+    import boundary_vqa as bv
+    cfg = bv.parse_config([*argv, "--device=cuda", f"--decoder={decoder}"], bv.DEFAULTS, bv.PRESETS)
+    B, T = cfg["batch_size"] // cfg["grad_accum"], cfg["max_text_len"]
+    with torch.device("meta"):
+        if llm_args:
+            tower = bv.VisionTower(cfg)
+            dec = bv.Decoder(bv.ModelArgs(**llm_args, max_seq_len=1 + tower.n_visual + T))
+            bv.add_lora(dec.requires_grad_(False), r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"])
+            model = bv.BoundaryVQA(cfg, tower, dec, 0)
+        else:
+            model = bv.build_model(cfg)
+        feats = torch.empty(B, model.tower.n_visual, cfg["proj_dim"], dtype=torch.bfloat16)
+        ids, tmask, last = torch.zeros(B, T, dtype=torch.long), torch.ones(B, T, dtype=torch.bool), torch.zeros(B).long()
+
+    def step():
+        logits, yes_no = model(feats, ids, tmask, last)
+        (logits.float().sum() + yes_no.float().sum()).backward()
+    name = f"boundary_vqa {'Llama ' + str(llm_args['dim']) + ' x ' + str(llm_args['n_layers']) if llm_args else decoder}"
+    return _step_estimate(name, model, step, verbose)
+
+
 # ---- tests -------------------------------------------------------------------------------------------------------
 
 def _gpu_commands():
@@ -385,6 +452,23 @@ def test_hilt_memory_estimate_fits_24gb():
     assert 1.0 < r["step_peak_gb"] and r["total_gb"] < 24, r
 
 
+def test_samf_and_bvqa_memory_estimates_count_their_models():
+    """The estimates README's table prints, at the cpu presets (fast): every parameter of build_model counted, fp32
+    for the trained ones, a step peak above zero; with a Llama shape only LoRA and the rest train."""
+    import boundary_vqa as bv
+    import samf
+    tiny = dict(LLAMA_1B, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300)
+    for est, mod, argv in ((samf_memory_estimate, samf, ["--preset=cpu"]),
+                           (bvqa_memory_estimate, bv, ["--preset=cpu", "--decoder=m"])):
+        r = est(argv=argv[:1], verbose=False)
+        with torch.device("meta"):
+            model = mod.build_model(mod.parse_config(argv, mod.DEFAULTS, mod.PRESETS))
+        assert math.isclose(r["params_m"], sum(p.numel() for p in model.parameters()) / 1e6), r
+        assert math.isclose(r["adam_gb"], r["trained_m"] * 8e6 / 1e9) and r["step_peak_gb"] > 0, r
+        lora = est(llm_args=tiny, argv=argv[:1], verbose=False)
+        assert lora["trained_m"] < lora["params_m"] and lora["weights_gb"] < lora["params_m"] * 4e6 / 1e9, lora
+
+
 def test_meta_memory_counts_live_tensors():
     """Two layers without grad: the peak is the first output and the GELU output alive together (2 x 256 x 4000
     fp32 = 8.192 MB); views (the weight's transpose) and the parameters are not counted."""
@@ -398,6 +482,47 @@ def test_meta_memory_counts_live_tensors():
             for _ in range(3):
                 m(x)
     assert meta_memory(forward) == 2 * 256 * 4000 * 4
+
+
+def test_check_fits_stops_a_run_that_cannot_fit(monkeypatch, tmp_path):
+    """data.check_fits: 16 B per trained parameter (fp32 weights, gradient, AdamW's two moments) and 2 B per frozen
+    one against the GPU's memory; nothing is checked on CPU. samf's paper preset (its 3.8B decoder from scratch) and
+    boundary_vqa's --decoder=l stop on a 24 GB GPU before any stage, naming the flag; --decoder=m goes on."""
+    from types import SimpleNamespace
+    import boundary_vqa as bv
+    import data
+    import samf
+
+    def build():
+        m = torch.nn.Sequential(torch.nn.Linear(10, 10), torch.nn.Linear(10, 10))
+        m[1].requires_grad_(False)
+        return m
+
+    def gpu(nbytes):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=nbytes))
+    gpu(110 * 16 + 110 * 2)
+    data.check_fits(build, "cuda", "--x", "hint")  # exactly enough
+    gpu(110 * 16 + 110 * 2 - 1)
+    with pytest.raises(data.BadConfig, match="^--x: training needs at least .* of 0M parameters.*; hint$"):
+        data.check_fits(build, "cuda:0", "--x", "hint")
+    data.check_fits(build, "cpu", "--x", "hint")
+    gpu(24e9)
+    for mod in (samf, bv):
+        monkeypatch.setattr(mod, "setup_ddp", lambda device: (False, 0, 1, "cuda", True))
+    with pytest.raises(data.BadConfig, match=r"^--stage=finetune: training needs at least 60\.3 GB .* 3768M parameters.*--llm="):
+        samf.main(["--preset=paper", f"--out_dir={tmp_path / 'samf'}"])
+    assert not (tmp_path / "samf").exists()  # stopped before stage 1
+    with pytest.raises(data.BadConfig, match=r"^--decoder=l: training needs at least 2\d\.\d GB .* smaller --decoder"):
+        bv.main(["--preset=paper", "--decoder=l", f"--out_dir={tmp_path / 'bv'}"])
+
+    class Reached(Exception):
+        pass
+
+    def get_items(cfg, split):
+        raise Reached
+    monkeypatch.setattr(bv, "get_items", get_items)
+    with pytest.raises(Reached):  # 0.7B parameters: 11.4 GB before activations
+        bv.main(["--preset=paper", "--decoder=m", f"--out_dir={tmp_path / 'bv'}"])
 
 
 def test_peak_flops_by_name_and_step_timer(monkeypatch):
@@ -479,3 +604,11 @@ if __name__ == "__main__":
     hilt_memory_estimate(llm_args=LLAMA_8B)
     hilt_memory_estimate(llm_args=LLAMA_8B, micro=1)
     hilt_memory_estimate(llm_args=LLAMA_8B, micro=1, text_len=256)
+    print("samf.py paper preset, one fine-tuning step per GPU (meta-device estimate):")
+    samf_memory_estimate()
+    samf_memory_estimate(llm_args=LLAMA_1B)
+    samf_memory_estimate(llm_args=LLAMA_3B)
+    print("boundary_vqa.py paper preset, one VQA step per GPU (meta-device estimate):")
+    for size in "sml":
+        bvqa_memory_estimate(size)
+    bvqa_memory_estimate(llm_args=LLAMA_1B)
