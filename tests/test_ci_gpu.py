@@ -274,7 +274,7 @@ LLAMA_1B = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=1282
 LLAMA_3B = dict(LLAMA_1B, dim=3072, n_layers=28, n_heads=24, ffn_dim_multiplier=1.0)  # Llama-3.2-3B's
 
 
-def _step_estimate(name, model, fn, verbose) -> dict:
+def _step_estimate(name, micro, model, fn, verbose) -> dict:
     """weights (fp32 trained, bf16 frozen) + AdamW + the peak of one micro-batch's forward + backward (fn), in GB."""
     from data import meta_memory
     params = list(model.parameters())
@@ -282,7 +282,7 @@ def _step_estimate(name, model, fn, verbose) -> dict:
     weights, adam = n_tr * 4 + sum(p.numel() for p in params if not p.requires_grad) * 2, n_tr * 8
     model.to(torch.bfloat16).train()
     step = meta_memory(fn)
-    res = {"model": name, "params_m": sum(p.numel() for p in params) / 1e6, "trained_m": n_tr / 1e6,
+    res = {"model": name, "micro_batch": micro, "params_m": sum(p.numel() for p in params) / 1e6, "trained_m": n_tr / 1e6,
            "weights_gb": weights / 1e9, "adam_gb": adam / 1e9, "step_peak_gb": step / 1e9,
            "total_gb": (weights + adam + step) / 1e9}
     if verbose:
@@ -308,7 +308,7 @@ def samf_memory_estimate(llm_args=None, text_len=512, argv=("--preset=paper",), 
         q, q_mask = torch.zeros(B, 16, dtype=torch.long), torch.ones(B, 16, dtype=torch.bool)
         report, mcq = torch.zeros(B, text_len, dtype=torch.long), torch.zeros(B, 40, dtype=torch.long)
     name = f"samf {'Llama ' + str(llm_args['dim']) + ' x ' + str(llm_args['n_layers']) if llm_args else 'scratch'}"
-    return _step_estimate(name, model, lambda: model(x, labels, q, q_mask, report, report, q, q_mask, mcq, mcq)
+    return _step_estimate(name, B, model, lambda: model(x, labels, q, q_mask, report, report, q, q_mask, mcq, mcq)
                           .backward(), verbose)
 
 
@@ -333,7 +333,7 @@ def bvqa_memory_estimate(decoder="m", llm_args=None, argv=("--preset=paper",), v
         logits, yes_no = model(feats, ids, tmask, last)
         (logits.float().sum() + yes_no.float().sum()).backward()
     name = f"boundary_vqa {'Llama ' + str(llm_args['dim']) + ' x ' + str(llm_args['n_layers']) if llm_args else decoder}"
-    return _step_estimate(name, model, step, verbose)
+    return _step_estimate(name, B, model, step, verbose)
 
 
 # ---- tests -------------------------------------------------------------------------------------------------------
@@ -374,7 +374,7 @@ def test_ci_gpu_commands_exist():
     kinds = {k for k, _, _ in cmds}
     assert {"script", "module", "code"} <= kinds and "other" not in kinds, cmds
     scripts = {t for k, t, _ in cmds if k == "script"}
-    assert {"ct_scroll.py", "fusion2d3d.py", "hilt.py"} <= scripts, scripts
+    assert {"ct_scroll.py", "fusion2d3d.py", "hilt.py", "samf.py", "boundary_vqa.py"} <= scripts, scripts
     for kind, target, flags in cmds:
         if kind == "script":  # the script's own parser takes the whole command line (unknown keys, value types)
             assert (ROOT / target).is_file(), target
@@ -398,11 +398,21 @@ def test_ci_gpu_commands_exist():
 
 
 def test_ci_gpu_budget():
-    """Every stage runs under `timeout`; the timeouts add up to the total the script states, at most 8 minutes."""
+    """Every stage runs under `timeout`; in each group (GPU_STAGES=core, the default, and vlm) the timeouts of the
+    stages it runs (those before the groups, then its own) add up to the total the script states, at most 8 minutes."""
     text = GPU.read_text()
-    stages = [int(s) for s in re.findall(r"^\s*stage\s+\S+\s+(\d+)\s", text, re.M)]
-    stated = int(re.search(r"# budget: .*= (\d+) s", text).group(1))
-    assert stages and sum(stages) == stated <= BUDGET_S, (stages, stated)
+    limits, group = {"core": [], "vlm": [], None: []}, None
+    for line in text.splitlines():
+        if m := re.match(r'if \[ "\$GROUP" = (\w+) \]; then', line):
+            group = m.group(1)
+        elif line.strip() == "fi":
+            group = None
+        elif m := re.match(r"\s*stage\s+\S+\s+(\d+)\s", line):
+            limits[group].append(int(m.group(1)))
+    stated = dict(re.findall(r"# budget \((\w+)\): .*= (\d+) s", text))
+    assert set(stated) == {"core", "vlm"} and limits["core"] and limits["vlm"], (stated, limits)
+    for g in ("core", "vlm"):
+        assert sum(limits[None] + limits[g]) == int(stated[g]) <= BUDGET_S, (g, limits, stated)
     assert "timeout" in text and 'timeout "$limit"' in text
 
 
@@ -607,6 +617,7 @@ if __name__ == "__main__":
     print("samf.py paper preset, one fine-tuning step per GPU (meta-device estimate):")
     samf_memory_estimate()
     samf_memory_estimate(llm_args=LLAMA_1B)
+    samf_memory_estimate(llm_args=LLAMA_1B, argv=("--preset=paper", "--grad_accum=4"))
     samf_memory_estimate(llm_args=LLAMA_3B)
     print("boundary_vqa.py paper preset, one VQA step per GPU (meta-device estimate):")
     for size in "sml":
