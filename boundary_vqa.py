@@ -29,7 +29,8 @@ used Qwen-2.5, which this repo cannot load without transformers).
 
 Deviations, on purpose:
 - --stage=siglip is ours (the paper reuses Med3DVLM's weights): report SENTENCES, each a positive for every volume
-  whose report states its findings, b starting at -log(batch); --siglip_contour of its volumes carry a region's outline.
+  whose report states its findings, b starting at -log(batch); --siglip_contour of its volumes carry a region's
+  outline, and such a volume is paired only with sentences about that region (region-grounded, as the VQA questions).
 - --system_prompt=false (the cpu preset) drops the constant ~100-token system instruction.
 - The frozen features are standardised per (token, channel) with training-set statistics, then a trained Linear
   adapts the fixed Mixer width (--proj_dim) to each decoder.
@@ -1035,13 +1036,29 @@ def text_batch(enc, texts, dev, max_len=512):
     return out.to(dev), (torch.arange(T)[None] >= torch.tensor([len(s) for s in ids])[:, None]).to(dev)
 
 
-def sentence_pairs(items, idx, g: torch.Generator, per_report: int = 2):
-    """Sentence-level SigLIP pairs: up to `per_report` abnormal sentences of each report in the batch; a sentence is
-    a positive for every volume whose report states its findings (data.report_labels reads both texts), so two
-    patients with the same finding are not pushed apart. -> texts, z (B, N) in {-1, 1}."""
+def sentence_regions(labels) -> set:
+    """The regions a sentence's findings (a row of data.report_labels) sit in: their organs as question_region maps
+    them, "lungs" for lung findings."""
+    return {ORGAN.get(l, "lungs") for l, y in zip(LABELS, labels) if y}
+
+
+def outline_covers(outline, regions) -> bool:
+    """Whether a sentence about `regions` describes a volume drawn with `outline` (None: no outline): always without
+    one; with one, when the outlined region is among them (either lung for a lung finding)."""
+    return outline is None or outline in regions or ("lungs" in regions and "lung" in outline)
+
+
+def sentence_pairs(items, idx, g: torch.Generator, per_report: int = 2, outlines=None):
+    """Sentence-level SigLIP pairs: up to `per_report` abnormal sentences of each report in the batch, and of a
+    volume drawn with an outline (outlines: its region or None, per idx) only those about the outlined region; a
+    sentence is a positive for every volume whose report states its findings, so two patients with the same finding
+    are not pushed apart, and whose outline covers the sentence's region, so that the frozen tower learns what the
+    outline channel means (the paper's tower did not need to: Med3DVLM's). -> texts, z (B, N) in {-1, 1}."""
+    outlines = outlines or [None] * len(idx)
     texts = []
-    for i in idx:
+    for i, r in zip(idx, outlines):
         sents = [t for t in re.split(r"(?<=[.!?])\s+", items[i]["report"]) if report_labels([t]).any()]
+        sents = [t for t in sents if outline_covers(r, sentence_regions(report_labels([t])[0]))]
         for k in torch.randperm(len(sents), generator=g)[:per_report].tolist():
             texts.append(sents[k])
     if not texts:  # a batch of normal scans: fall back to whole reports on the diagonal
@@ -1049,7 +1066,8 @@ def sentence_pairs(items, idx, g: torch.Generator, per_report: int = 2):
     labs = torch.as_tensor(report_labels(texts)).bool()  # (N, 18)
     rep = torch.as_tensor(report_labels([items[i]["report"] for i in idx])).bool()  # (B, 18)
     z = (labs[None] <= rep[:, None]).all(-1)  # (B, N): the report has every finding the sentence states
-    return texts, z.float() * 2 - 1
+    where = torch.tensor([[outline_covers(r, sentence_regions(l)) for l in labs.tolist()] for r in outlines])
+    return texts, (z & where).float() * 2 - 1
 
 
 def train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master):
@@ -1065,13 +1083,14 @@ def train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master):
               f"with their reports' sentences, {cfg['siglip_iters']} steps of {cfg['siglip_batch']}")
 
     def batch_on(its, idx, g):  # -> x (B, 2, Z, Y, X), ids (N, T), pad (N, T), z (B, N) or None
-        xs = []
+        xs, drawn = [], []
         for i in idx:  # the CT, with probability siglip_contour one of its regions' outline (so that channel learns)
             regions = sorted(its[i]["outlines"] if "outlines" in its[i] else its[i]["region_masks"])
             r = regions[int(torch.randint(len(regions), (), generator=g))]
             use = float(torch.rand((), generator=g)) < cfg["siglip_contour"]
             xs.append(model_input(its[i]["volume"].float(), outline_of(its[i], r) if use else None))
-        texts, z = sentence_pairs(its, idx, g)
+            drawn.append(r if use else None)
+        texts, z = sentence_pairs(its, idx, g, outlines=drawn)
         return (torch.stack(xs).to(dev), *text_batch(enc, texts, dev), None if z is None else z.to(dev))
 
     @torch.no_grad()

@@ -418,6 +418,19 @@ def test_sentence_pairs_positive_for_every_volume_stating_the_finding():
         assert z[:, j].tolist() == ([1.0, 1.0, -1.0] if has_card else [-1.0, 1.0, -1.0]), (t, z[:, j])
 
 
+def test_sentence_pairs_of_an_outlined_volume_are_about_its_region():
+    """A volume drawn with the heart's outline gets only its heart sentences and is a positive only for sentences
+    about the heart; with a lung's outline, for lung findings of either side; without an outline, as before."""
+    items = [{"report": "Mild cardiomegaly is present. A small pleural effusion is seen in the right hemithorax. "
+                        "There is a 6 mm solid nodule in the upper lobe of the left lung."}] * 3
+    texts, z = bv.sentence_pairs(items, [0, 1, 2], torch.Generator().manual_seed(0), per_report=3,
+                                 outlines=["heart", "right lung", None])
+    assert texts[0] == "Mild cardiomegaly is present." and "nodule" in texts[1] and len(texts) == 5, texts
+    kinds = ["heart" if "cardiomegaly" in t else "pleura" if "effusion" in t else "lungs" for t in texts]
+    for j, k in enumerate(kinds):
+        assert z[:, j].tolist() == [1.0 if k == "heart" else -1.0, 1.0 if k == "lungs" else -1.0, 1.0], (texts[j], z)
+
+
 def test_torchrun_two_ranks_trains_all_three_variants(tmp_path):
     """torchrun --nproc_per_node=2 (gloo on CPU), baselines on: the question-only twin's adapter gets no gradient,
     which DDP must be told about (it crashed there before); rank 0 alone writes the log."""
