@@ -1053,7 +1053,7 @@ def sentence_pairs(items, idx, g: torch.Generator, per_report: int = 2, outlines
     volume drawn with an outline (outlines: its region or None, per idx) only those about the outlined region; a
     sentence is a positive for every volume whose report states its findings, so two patients with the same finding
     are not pushed apart, and whose outline covers the sentence's region, so that the frozen tower learns what the
-    outline channel means (the paper's tower did not need to: Med3DVLM's). -> texts, z (B, N) in {-1, 1}."""
+    outline channel means (the paper froze Med3DVLM's tower, never shown an outline). -> texts, z (B, N) in {-1, 1}."""
     outlines = outlines or [None] * len(idx)
     texts = []
     for i, r in zip(idx, outlines):
