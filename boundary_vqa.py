@@ -1057,8 +1057,8 @@ def sentence_pairs(items, idx, g: torch.Generator, per_report: int = 2, outlines
     outlines = outlines or [None] * len(idx)
     texts = []
     for i, r in zip(idx, outlines):
-        sents = [t for t in re.split(r"(?<=[.!?])\s+", items[i]["report"]) if report_labels([t]).any()]
-        sents = [t for t in sents if outline_covers(r, sentence_regions(report_labels([t])[0]))]
+        sents = re.split(r"(?<=[.!?])\s+", items[i]["report"])
+        sents = [t for t, l in zip(sents, report_labels(sents)) if l.any() and outline_covers(r, sentence_regions(l))]
         for k in torch.randperm(len(sents), generator=g)[:per_report].tolist():
             texts.append(sents[k])
     if not texts:  # a batch of normal scans: fall back to whole reports on the diagonal

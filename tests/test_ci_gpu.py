@@ -229,51 +229,6 @@ LLAMA_8B = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=1282
                 ffn_dim_multiplier=1.3, rope_theta=500000.0, use_scaled_rope=True)  # Llama-3.1-8B's params.json
 
 
-def hilt_memory_estimate(hr=(512, 512, 256), llm_args=None, text_len=512, micro=None, verbose=True) -> dict:
-    """GB of one training step of hilt.py's paper preset at `hr` on one GPU, with nothing allocated (meta device):
-    weights fp32 (a frozen Llama in bf16, as Meta ships it), AdamW's two fp32 moments of the trained parameters,
-    and the peak of everything a micro-batch's forward + backward creates (activations kept for backward with the
-    ViT's checkpointing, recomputation, gradients), counted by data.meta_memory with the model in bf16 (what
-    autocast computes in). llm_args: a Llama shape (LLAMA_8B) built with LoRA in place of the from-scratch decoder;
-    micro: volumes per micro-batch (default: the preset's batch_size / grad_accum); text_len: report tokens."""
-    import hilt
-    from data import meta_memory
-    cfg = hilt.parse_config([f"--preset=paper", "--hr=" + ",".join(map(str, hr)), "--device=cuda"],
-                            hilt.DEFAULTS, hilt.PRESETS)
-    micro = micro or cfg["batch_size"] // cfg["grad_accum"]
-    _, _, n_visual = hilt.token_grids(cfg)
-    with torch.device("meta"):
-        if llm_args:
-            decoder = hilt.Decoder(hilt.ModelArgs(**llm_args, max_seq_len=n_visual + cfg["max_text_len"]))
-            decoder.requires_grad_(False)
-            hilt.add_lora(decoder, r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"])
-            model = hilt.HILT(cfg, decoder)
-        else:
-            model = hilt.build_model(cfg)
-        params = list(model.parameters())
-        trained = [p for p in params if p.requires_grad]
-        frozen_bytes = sum(p.numel() for p in params if not p.requires_grad) * 2  # bf16 as shipped
-        weights = sum(p.numel() for p in trained) * 4 + frozen_bytes
-        adam = sum(p.numel() for p in trained) * 8
-        model.to(torch.bfloat16).train()
-        x = torch.empty(micro, 1, *hilt.zyx(cfg["hr"]), dtype=torch.bfloat16)
-        ids = torch.zeros(micro, text_len, dtype=torch.long)
-        labels = torch.zeros(micro, len(hilt.LABELS), dtype=torch.bfloat16)
-    step = meta_memory(lambda: model(x, ids, ids, labels).backward())
-    res = {"decoder": "Llama-3.1-8B shape + LoRA" if llm_args else "from scratch", "hr": hr, "micro_batch": micro,
-           "text_tokens": text_len, "params_m": sum(p.numel() for p in params) / 1e6,
-           "trained_m": sum(p.numel() for p in trained) / 1e6, "weights_gb": weights / 1e9, "adam_gb": adam / 1e9,
-           "step_peak_gb": step / 1e9, "total_gb": (weights + adam + step) / 1e9}
-    if verbose:
-        print(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()), flush=True)
-    return res
-
-
-LLAMA_1B = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
-                ffn_dim_multiplier=1.5, rope_theta=500000.0, use_scaled_rope=True)  # Llama-3.2-1B's params.json
-LLAMA_3B = dict(LLAMA_1B, dim=3072, n_layers=28, n_heads=24, ffn_dim_multiplier=1.0)  # Llama-3.2-3B's
-
-
 def _step_estimate(name, micro, model, fn, verbose) -> dict:
     """weights (fp32 trained, bf16 frozen) + AdamW + the peak of one micro-batch's forward + backward (fn), in GB."""
     from data import meta_memory
@@ -288,6 +243,43 @@ def _step_estimate(name, micro, model, fn, verbose) -> dict:
     if verbose:
         print(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()), flush=True)
     return res
+
+
+def hilt_memory_estimate(hr=(512, 512, 256), llm_args=None, text_len=512, micro=None, verbose=True) -> dict:
+    """GB of one training step of hilt.py's paper preset at `hr` on one GPU, with nothing allocated (meta device):
+    weights fp32 (a frozen Llama in bf16, as Meta ships it), AdamW's two fp32 moments of the trained parameters,
+    and the peak of everything a micro-batch's forward + backward creates (activations kept for backward with the
+    ViT's checkpointing, recomputation, gradients), counted by data.meta_memory with the model in bf16 (what
+    autocast computes in). llm_args: a Llama shape (LLAMA_8B) built with LoRA in place of the from-scratch decoder;
+    micro: volumes per micro-batch (default: the preset's batch_size / grad_accum); text_len: report tokens."""
+    import hilt
+    cfg = hilt.parse_config([f"--preset=paper", "--hr=" + ",".join(map(str, hr)), "--device=cuda"],
+                            hilt.DEFAULTS, hilt.PRESETS)
+    micro = micro or cfg["batch_size"] // cfg["grad_accum"]
+    _, _, n_visual = hilt.token_grids(cfg)
+    with torch.device("meta"):
+        if llm_args:
+            decoder = hilt.Decoder(hilt.ModelArgs(**llm_args, max_seq_len=n_visual + cfg["max_text_len"]))
+            decoder.requires_grad_(False)
+            hilt.add_lora(decoder, r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"])
+            model = hilt.HILT(cfg, decoder)
+        else:
+            model = hilt.build_model(cfg)
+        x = torch.empty(micro, 1, *hilt.zyx(cfg["hr"]), dtype=torch.bfloat16)
+        ids = torch.zeros(micro, text_len, dtype=torch.long)
+        labels = torch.zeros(micro, len(hilt.LABELS), dtype=torch.bfloat16)
+    name = "Llama-3.1-8B shape + LoRA" if llm_args else "from scratch"
+    res = _step_estimate(name, micro, model, lambda: model(x, ids, ids, labels).backward(), verbose=False)
+    res = {"decoder": name, "hr": hr, "micro_batch": micro, "text_tokens": text_len,
+           **{k: v for k, v in res.items() if k not in ("model", "micro_batch")}}
+    if verbose:
+        print(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()), flush=True)
+    return res
+
+
+LLAMA_1B = dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=256,
+                ffn_dim_multiplier=1.5, rope_theta=500000.0, use_scaled_rope=True)  # Llama-3.2-1B's params.json
+LLAMA_3B = dict(LLAMA_1B, dim=3072, n_layers=28, n_heads=24, ffn_dim_multiplier=1.0)  # Llama-3.2-3B's
 
 
 def samf_memory_estimate(llm_args=None, text_len=512, argv=("--preset=paper",), verbose=True) -> dict:
