@@ -358,3 +358,13 @@ def test_prompt_phase_freezes_the_encoder_and_resumes_exactly(tmp_path, monkeypa
     assert not torch.equal(a["decoder.output.weight"], mid["decoder.output.weight"]) and "readable" in a
     with pytest.raises(ValueError, match="--prompt_iters=4: must be below --max_iters=4"):
         samf.check_config(cfg_of(TINY + ["--max_iters=4", "--prompt_iters=4"]))
+
+
+def test_letter_matches_text_and_the_mcq_margins(trained):
+    q = "Which of the following findings is present in this scan? Choices: A. Emphysema B. Cardiomegaly C. Lung nodule " \
+        "D. None of these"
+    assert samf.letter_matches_text(["B. Cardiomegaly", "A. Cardiomegaly", "B.", " D. None of these"], [q] * 4) == 0.5
+    m = json.loads((trained[0] / "metrics.json").read_text())
+    for k, (d, lo, hi) in m["mcq_margin"].items():  # model minus baseline, with its paired bootstrap interval
+        assert d == pytest.approx(m["mcq"]["model"]["accuracy"] - m["mcq"][k]["accuracy"]) and lo <= hi
+    assert set(m["mcq_margin"]) == set(m["mcq"]) - {"model"} and 0 <= m["mcq_letter_matches_text"] <= 1
