@@ -36,7 +36,8 @@ from the reports; MCQ accuracy (M3D's rule: the answer's letter and its period a
 recall / F1 over letters: the predicted letter is the output's first "X." (X in A-D), each letter a class, macro over
 A-D, zero_division = 0. Beside them, image-blind baselines: chance, the most frequent letter, the prevalence prior, the
 answer-rate prior (the option most often right when offered in training), the visual tokens zeroed, another scan's
-tokens. BERT-F1 and the Llama-70B score need downloaded models: not computed.
+tokens, each margin with a paired bootstrap interval; and how often the letter is that of the option named after it
+(a decoder from scratch must learn that binding; M3D's rule scores the letter alone). BERT-F1 and the Llama-70B score need downloaded models: not computed.
 
 Deviations:
 - --vit_stem=conv (cpu preset): a ViT on a conv stem (Xiao et al. 2021) at 64 px, 128-d x 2, since a patch ViT learns
