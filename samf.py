@@ -37,7 +37,8 @@ recall / F1 over letters: the predicted letter is the output's first "X." (X in 
 A-D, zero_division = 0. Beside them, image-blind baselines: chance, the most frequent letter, the prevalence prior, the
 answer-rate prior (the option most often right when offered in training), the visual tokens zeroed, another scan's
 tokens, each margin with a paired bootstrap interval; and how often the letter is that of the option named after it
-(a decoder from scratch must learn that binding; M3D's rule scores the letter alone). BERT-F1 and the Llama-70B score need downloaded models: not computed.
+(a decoder from scratch must learn that binding; M3D's rule scores the letter alone). BERT-F1 and the Llama-70B
+score need downloaded models: not computed.
 
 Deviations:
 - --vit_stem=conv (cpu preset): a ViT on a conv stem (Xiao et al. 2021) at 64 px, 128-d x 2, since a patch ViT learns
@@ -87,9 +88,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from data import (FOV, LABELS, SPECIAL_TOKENS, BadConfig, InputError, Interrupted, StopOnSigint, auroc,
-                  best_f1_thresholds, bootstrap_diff, ce_baselines, choice_correct, clinical_metrics, get_dataset, load_bpe,
-                  load_checkpoint, load_ct, load_llama3_tokenizer, preprocess, report_metrics, resume_cleanup,
-                  rng_state, run, save_bpe, save_checkpoint, set_rng_state, setup_ddp, train_bpe)
+                  best_f1_thresholds, bootstrap_diff, ce_baselines, choice_correct, clinical_metrics, get_dataset,
+                  load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, preprocess, report_metrics,
+                  resume_cleanup, rng_state, run, save_bpe, save_checkpoint, set_rng_state, setup_ddp, train_bpe)
 from data import StepTimer, Stream, autocast_ctx, check_fits, forward_flops, log_eval, optimizer_step, wrap_model
 
 # -----------------------------------------------------------------------------
@@ -1215,13 +1216,10 @@ def final_eval(cfg, model, enc, dev, ctx, train_ds) -> dict:
         prev = dict(zip(LABELS, y_train.mean(0)), **{"None of these": float((y_train.sum(1) == 0).mean())})
         prior, rate = ([max(parse_choices(q).items(), key=lambda kv: p.get(kv[1], 0.0))[0] + "." for q, _ in qa]
                        for p in (prev, answer_rate(train_ds)))
-        res["mcq"] = {"model": mcq_metrics(preds, answers), "zero_visual": mcq_metrics(preds0, answers),
-                      "shuffled_visual": mcq_metrics(preds_s, answers), "chance": {"accuracy": 0.25},
-                      f"letter {letters}": mcq_metrics([letters + "."] * len(qa), answers),
-                      "prevalence_prior": mcq_metrics(prior, answers), "answer_rate_prior": mcq_metrics(rate, answers)}
-        blind = {"zero_visual": preds0, f"letter {letters}": [letters + "."] * len(qa), "prevalence_prior": prior,
-                 "answer_rate_prior": rate, "shuffled_visual": preds_s}  # the last: a scan, not its own
-        right = {k: [choice_correct(p, a) for p, a in zip(v, answers)] for k, v in {"model": preds, **blind}.items()}
+        runs = {"model": preds, "zero_visual": preds0, "shuffled_visual": preds_s,  # shuffled: a scan, not its own
+                f"letter {letters}": [letters + "."] * len(qa), "prevalence_prior": prior, "answer_rate_prior": rate}
+        res["mcq"] = {**{k: mcq_metrics(v, answers) for k, v in runs.items()}, "chance": {"accuracy": 0.25}}
+        right = {k: [choice_correct(p, a) for p, a in zip(v, answers)] for k, v in runs.items()}
         right["chance"] = [0.25] * len(qa)
         res["mcq_margin"] = {k: [float(np.mean(right["model"]) - np.mean(v)), *bootstrap_diff(right["model"], v)]
                              for k, v in right.items() if k != "model"}  # model - baseline, 95% paired bootstrap

@@ -361,8 +361,8 @@ def test_prompt_phase_freezes_the_encoder_and_resumes_exactly(tmp_path, monkeypa
 
 
 def test_letter_matches_text_and_the_mcq_margins(trained):
-    q = "Which of the following findings is present in this scan? Choices: A. Emphysema B. Cardiomegaly C. Lung nodule " \
-        "D. None of these"
+    q = "Which of the following findings is present in this scan? Choices: A. Emphysema B. Cardiomegaly " \
+        "C. Lung nodule D. None of these"
     assert samf.letter_matches_text(["B. Cardiomegaly", "A. Cardiomegaly", "B.", " D. None of these"], [q] * 4) == 0.5
     m = json.loads((trained[0] / "metrics.json").read_text())
     for k, (d, lo, hi) in m["mcq_margin"].items():  # model minus baseline, with its paired bootstrap interval
