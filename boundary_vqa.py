@@ -864,7 +864,9 @@ def outline_of(item: dict, region: str) -> torch.Tensor:
     return boundary_prompt(region_mask(item, region))
 
 
-def get_items(cfg, split: str) -> list:
+def get_items(cfg, split: str, master: bool = True) -> list:
+    """A split as a list of items; synthetic ones rendered once and cached in cache_dir (written by rank 0 alone:
+    under torchrun two ranks renaming one .tmp file raced)."""
     n = {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_test"]}[split]
     if cfg["data"] != "synthetic":
         spacing = tuple(f / s for f, s in zip(FOV, cfg["shape"]))
@@ -877,8 +879,9 @@ def get_items(cfg, split: str) -> list:
     ds = _Rendered(SyntheticCT(split, n, shape=tuple(cfg["shape"]), seed=cfg["seed"]))
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg["num_workers"])
     items = list(tqdm(loader, total=n, desc=f"render {split} {tuple(cfg['shape'])}", leave=False))
-    print(f"{split}: {n} phantoms rendered (+ outlines) in {time.time() - t0:.0f}s, cached in {path}")
-    save_checkpoint(path, items)
+    if master:
+        print(f"{split}: {n} phantoms rendered (+ outlines) in {time.time() - t0:.0f}s, cached in {path}")
+        save_checkpoint(path, items)
     return items
 
 
@@ -1487,7 +1490,7 @@ def main(argv=None):
         check_fits(lambda: build_model({**cfg, "vocab_size": 256 + len(SPECIAL_TOKENS)}), dev,
                    f"--decoder={cfg['decoder']}", "pass a smaller --decoder or --llm=<a Meta Llama folder> (frozen, "
                    "with LoRA)")
-    items, val_items = get_items(cfg, "train"), get_items(cfg, "val")
+    items, val_items = get_items(cfg, "train", master), get_items(cfg, "val", master)
     enc = get_tokenizer(cfg, None if ckpt is not None else items, save=master)
     if not cfg["llm"]:
         cfg["vocab_size"] = enc.n_vocab  # a small corpus can run out of merges before the requested size
@@ -1504,7 +1507,7 @@ def main(argv=None):
         torch.distributed.barrier()
     src = load_checkpoint(siglip_path)["model"] if ckpt is None else ckpt["model"]  # the twins' frozen tower
     tower_state = {k[len("tower."):]: v for k, v in src.items() if k.startswith("tower.")}
-    test_items = get_items(cfg, "test")
+    test_items = get_items(cfg, "test", master)
     variants = [dict(cfg)]
     if cfg["baselines"]:
         other = "none" if cfg["prompt"] == "contour" else "contour"

@@ -446,3 +446,13 @@ def test_torchrun_two_ranks_trains_all_three_variants(tmp_path):
     for sub in ("run", "run/prompt_none", "run/question_only"):
         log = [json.loads(l) for l in (tmp_path / sub / "log.jsonl").read_text().splitlines()]
         assert [r["iter"] for r in log] == [1, 2]  # one writer, not two
+
+
+def test_only_rank_zero_writes_the_phantom_cache(tmp_path):
+    """Under torchrun each rank renders a split; two ranks renaming one cache .tmp file raced (rank 0 failed)."""
+    cfg, cache = cfg_of(TINY + run_dirs(tmp_path)), tmp_path / "cache"
+    other = bv.get_items(cfg, "val", master=False)
+    assert not cache.exists() or not any(cache.iterdir())
+    mine = bv.get_items(cfg, "val")
+    assert [p.name for p in cache.iterdir()] == [f"val_{cfg['n_val']}_8x16x16_{cfg['seed']}.pt"]
+    assert all(torch.equal(a["volume"], b["volume"]) for a, b in zip(other, mine))

@@ -520,7 +520,7 @@ def test_check_fits_stops_a_run_that_cannot_fit(monkeypatch, tmp_path):
     class Reached(Exception):
         pass
 
-    def get_items(cfg, split):
+    def get_items(*args):
         raise Reached
     monkeypatch.setattr(bv, "get_items", get_items)
     with pytest.raises(Reached):  # 0.7B parameters: 11.4 GB before activations
