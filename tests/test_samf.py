@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import StopAfter
 import torch
+import torch.nn.functional as F
 
 import data
 import samf
@@ -365,6 +366,32 @@ def test_letter_matches_text_and_the_mcq_margins(trained):
         "C. Lung nodule D. None of these"
     assert samf.letter_matches_text(["B. Cardiomegaly", "A. Cardiomegaly", "B.", " D. None of these"], [q] * 4) == 0.5
     m = json.loads((trained[0] / "metrics.json").read_text())
-    for k, (d, lo, hi) in m["mcq_margin"].items():  # model minus baseline, with its paired bootstrap interval
-        assert d == pytest.approx(m["mcq"]["model"]["accuracy"] - m["mcq"][k]["accuracy"]) and lo <= hi
-    assert set(m["mcq_margin"]) == set(m["mcq"]) - {"model"} and 0 <= m["mcq_letter_matches_text"] <= 1
+    for read in ("model", "ranked"):  # greedy decoding, the likeliest offered answer: each minus its baselines
+        for k, (d, lo, hi) in m["mcq_margin"][read].items():
+            assert d == pytest.approx(m["mcq"][read]["accuracy"] - m["mcq"][k]["accuracy"]) and lo <= hi
+    blind = set(m["mcq"]) - {"model", "zero_visual", "shuffled_visual", "ranked", "ranked_zero_visual",
+                             "ranked_shuffled_visual"}
+    assert set(m["mcq_margin"]["model"]) == blind | {"zero_visual", "shuffled_visual"} and len(blind) == 4
+    assert set(m["mcq_margin"]["ranked"]) == blind | {"ranked_zero_visual", "ranked_shuffled_visual"}
+    assert 0 <= m["mcq_letter_matches_text"] <= 1
+
+
+def test_rank_answers_is_the_likeliest_offered_answer():
+    """The ranked answer is the option whose answer tokens have the least summed loss, computed here through the
+    model's own training forward (mean loss x answer tokens); zeroing the visual tokens changes those losses."""
+    model, enc, cfg = tiny_model(), _tiny_enc(), {"max_text_len": 256}
+    vol = torch.rand(1, 1, 8, 32, 32)
+    q = "Which of the following findings is present in this scan? Choices: A. Emphysema B. Cardiomegaly " \
+        "C. Lung nodule D. None of these"
+    for zero in (False, True):
+        total = {}
+        for c in ("A. Emphysema", "B. Cardiomegaly", "C. Lung nodule", "D. None of these"):
+            q_ids, q_mask, inputs, targets = samf.tokenize([(q, c)], enc, cfg["max_text_len"])
+            with torch.no_grad():
+                vis, _ = model.eval().visual_tokens(vol, q_ids, q_mask)
+                prefix = model.prefix(inputs, torch.zeros_like(vis) if zero else vis)
+                logits = model.decoder(inputs[:, 1:], prefix)[:, prefix.shape[1]:]
+            n = (targets[:, 1:] >= 0).sum().item()
+            total[c] = F.cross_entropy(logits.flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-1).item() * n
+        assert samf.rank_answers(model, vol, q, enc, cfg, samf.nullcontext(), zero) == min(total, key=total.get)
+        assert len(set(total.values())) == 4
