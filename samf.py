@@ -67,7 +67,8 @@ Commands:
     python samf.py --preset=paper --llm=/path/to/Llama-3.2-1B-Instruct/original   # GPU, LoRA on a Llama
     torchrun --standalone --nproc_per_node=2 samf.py --stage=finetune               # DDP
     python samf.py --init_from=resume --predict=scan.nii.gz [--question="... Choices: A. .. B. .. C. .. D. .."]
---predict reads the NIfTI with data.load_ct (--rescale) and writes <name>_attention.png (alpha, and gamma for Ao2D).
+--predict reads the NIfTI with data.load_ct (--rescale) and writes <name>_attention.png (alpha, and gamma for Ao2D);
+with --question it prints the generated answer and the ranked one.
 """
 import copy
 import json
@@ -1331,6 +1332,9 @@ def predict_file(cfg, model, enc, dev, path, question: str) -> str:
     print(f"{path}: (z, y, x) {tuple(vol.shape)} at {tuple(round(s, 2) for s in sp)} mm -> {tuple(x.shape)}")
     print(f"alpha over the {cfg['n_slices']} centre slices: {' '.join(f'{a:.3f}' for a in att['alpha'][0].tolist())}")
     print(f"{question or INSTRUCTION}\n{text[0]}\n(attention over slices: {png})")
+    if question:
+        print(f"ranked (the likeliest of the four offered answers): "
+              f"{rank_answers(model, x[None, None].to(dev).float(), question, enc, cfg, nullcontext())}")
     return text[0]
 
 

@@ -3,6 +3,7 @@ hand, every stage through main() with exact resume, SAMF and Ao2D training a ste
 paper preset's parameter counts on the meta device, and a learning test. Tiny shapes: 8 x 32 x 32 phantoms, 4 slices."""
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -260,7 +261,10 @@ def test_predict_on_a_written_nifti(trained, tmp_path, capsys):
     nib.save(nib.Nifti1Image(hu, np.diag([9.0, 9.0, 15.0, 1.0])), tmp_path / "scan.nii.gz")
     q = "Which of the following findings is present in this scan? Choices: A. Cardiomegaly B. Emphysema C. Atelectasis D. Lung nodule"
     answer = samf.main([f"--out_dir={out}", "--init_from=resume", f"--predict={tmp_path / 'scan.nii.gz'}", f"--question={q}"])
-    assert isinstance(answer, str) and answer in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert isinstance(answer, str) and answer in printed
+    assert re.search(r"ranked \(the likeliest of the four offered answers\): (A\. Cardiomegaly|B\. Emphysema|"
+                     r"C\. Atelectasis|D\. Lung nodule)\n", printed)
     from PIL import Image
     assert Image.open(out / "scan_attention.png").size == (4 * 64, 64 + 2 * 50)  # slices, alpha and gamma bars
     with pytest.raises(ValueError, match="--question: no 'Choices"):
