@@ -7,7 +7,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import StopAfter
+from conftest import StopAfter, write_meta_checkpoint
 import torch
 import torch.nn.functional as F
 
@@ -456,3 +456,18 @@ def test_only_rank_zero_writes_the_phantom_cache(tmp_path):
     mine = bv.get_items(cfg, "val")
     assert [p.name for p in cache.iterdir()] == [f"val_{cfg['n_val']}_8x16x16_{cfg['seed']}.pt"]
     assert all(torch.equal(a["volume"], b["volume"]) for a, b in zip(other, mine))
+
+
+def test_llm_trains_lora_with_the_base_frozen_and_a_finished_run_resumes_to_its_evaluation(tmp_path):
+    """--llm: a Meta-format Llama (a small random one) frozen, LoRA on it, the tower frozen after SigLIP; the VQA
+    checkpoint holds LoRA and the rest, not Meta's weights; the finished run resumed evaluates to the same rows."""
+    write_meta_checkpoint(tmp_path / "llama", scaled=True)
+    argv = TINY + run_dirs(tmp_path) + [f"--llm={tmp_path / 'llama'}"]
+    res = bv.main(argv)
+    state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
+    lora_b = [v for k, v in state.items() if k.endswith(".lora_B")]
+    assert lora_b and any(v.abs().sum() > 0 for v in lora_b)  # B starts at 0: it trained
+    assert not any(k.startswith("decoder.") and ".lora_" not in k and k.endswith(("wq.weight", "w1.weight"))
+                   for k in state) and not any("tok_embeddings" in k for k in state)
+    again = bv.main(argv + ["--init_from=resume", "--stage=vqa"])
+    assert again["rows"] == res["rows"]

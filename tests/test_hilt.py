@@ -1,5 +1,4 @@
 """hilt.py: CLI, token counts, Eq. 3, the Llama decoder (Meta format, LoRA, KV cache), and main() end to end."""
-import base64
 import json
 import math
 import shutil
@@ -9,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_meta_checkpoint
 
 import data
 import hilt
@@ -163,20 +163,6 @@ def meta_reference_logits(sd, p, tokens):
         x = rms(h, w("ffn_norm"))
         h = h + (F.silu(x @ w("feed_forward.w1").T) * (x @ w("feed_forward.w3").T)) @ w("feed_forward.w2").T
     return rms(h, sd["norm.weight"]) @ sd["output.weight"].T
-
-
-def write_meta_checkpoint(folder, scaled: bool, seed=0):
-    """A small random Llama in Meta's original/ format: params.json, consolidated.00.pth, a 256-byte tokenizer.model."""
-    params = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "multiple_of": 32,
-              "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0, "use_scaled_rope": scaled}
-    torch.manual_seed(seed)
-    model = hilt.Decoder(hilt.ModelArgs(**params, max_seq_len=64))
-    sd = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}  # Meta ships bf16
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "params.json").write_text(json.dumps(params))
-    torch.save(sd, folder / "consolidated.00.pth")
-    (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n" for i in range(256)))
-    return params, sd
 
 
 @pytest.mark.parametrize("scaled", [False, True])
