@@ -1515,7 +1515,7 @@ def run_finetune(cfg, dev, ddp, rank, world, master):
 
     def batch(it, j):  # every volume of the micro-batch with its report and its multiple-choice question
         idx = micro_batch(len(train_ds), it * cfg["grad_accum"] + j, micro, cfg["seed"], rank, world)
-        if it < start:
+        if it < start or not cfg["prompt_iters"]:  # (a finished run resumed for its evaluation: it == start)
             return get_batch(train_ds, idx, tasks, enc, cfg, dev)
         if not findings:  # the findings phase: f_2d, f_3d frozen, the label head fit, a new decoder (docstring)
             model.f_2d.requires_grad_(False)

@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import StopAfter
+from conftest import StopAfter, write_meta_checkpoint
 import torch
 import torch.nn.functional as F
 
@@ -399,3 +399,22 @@ def test_rank_answers_is_the_likeliest_offered_answer():
             total[c] = F.cross_entropy(logits.flatten(0, 1), targets[:, 1:].flatten(), ignore_index=-1).item() * n
         assert samf.rank_answers(model, vol, q, enc, cfg, samf.nullcontext(), zero) == min(total, key=total.get)
         assert len(set(total.values())) == 4
+
+
+def test_llm_trains_lora_with_the_base_frozen_and_a_finished_run_resumes_to_its_evaluation(tmp_path):
+    """--llm: a Meta-format Llama (a small random one) frozen, LoRA on it; f_2d, f_3d and the fusion train. The
+    finished run resumed (--init_from=resume) trains no further and evaluates to the same answers."""
+    write_meta_checkpoint(tmp_path / "llama", scaled=True)
+    argv = TINY + [f"--llm={tmp_path / 'llama'}", "--lora_r=4", "--lora_alpha=8", "--max_text_len=64",
+                   f"--out_dir={tmp_path / 'run'}"]
+    model = samf.build_model(cfg_of(argv))
+    assert {n for n, p in model.named_parameters() if p.requires_grad and n.startswith("decoder.")} == \
+        {n for n, _ in model.named_parameters() if ".lora_" in n} != set()
+    res = samf.main(argv)
+    state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert "decoder.tok_embeddings.weight" not in state["model"] and "decoder.layers.0.attention.wq.weight" not in \
+        state["model"] and state["model"]["decoder.layers.0.attention.wq.lora_B"].abs().sum() > 0  # B starts at 0
+    samples = (tmp_path / "run" / "samples.txt").read_text()
+    again = samf.main(argv + ["--init_from=resume"])
+    assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["iter_num"] == state["iter_num"] == 2
+    assert again["mcq"] == res["mcq"] and (tmp_path / "run" / "samples.txt").read_text() == samples
