@@ -521,6 +521,9 @@ class CTRATE(torch.utils.data.Dataset):
         v = preprocess(hu, spacing, target_spacing=self.spacing, shape=self.shape, window=self.window, norm=self.norm)
         return {"volume": v[None], "labels": r["labels"], "report": r["report"], "name": r["name"]}
 
+    def __iter__(self):  # each volume once: the train split's __getitem__ wraps past the end (a bad file hands over)
+        return (self[i] for i in range(len(self)))
+
     def __getitem__(self, i):
         if self.split != "train":  # an evaluation split scores exactly its own volumes
             try:

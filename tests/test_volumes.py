@@ -330,3 +330,14 @@ def test_write_ctrate_layout_round_trip_every_rescale(tmp_path, capsys, v2):
     ds = CTRATE(tmp_path, "test", shape=shape, spacing=syn.spacing, norm="unit")  # the phantom's own grid
     torch.testing.assert_close(ds[0]["volume"], data.SyntheticCT("test", 1, shape, seed=1)[0]["volume"], atol=1e-3,
                                rtol=0)
+
+
+def test_iterating_a_ctrate_split_gives_each_volume_once(tmp_path):
+    """The train split's __getitem__ wraps past the end (a bad file hands over to the next), so `for it in ds` needs
+    its own __iter__: without it, iteration never ends (samf's tokenizer looped forever on a CT-RATE folder)."""
+    import itertools
+    data.write_ctrate_layout(tmp_path, 3, (16, 32, 32), seed=1, n_valid=1)
+    for split in ("train", "test"):
+        ds = CTRATE(tmp_path, split, shape=(16, 32, 32), spacing=None, norm="unit")
+        names = [it["name"] for it in itertools.islice(iter(ds), len(ds) + 1)]  # one more than there is
+        assert names == [ds[i]["name"] for i in range(len(ds))] and len(set(names)) == len(ds) > 0
