@@ -92,8 +92,10 @@ from tqdm import tqdm
 from data import (FOV, LABELS, SPECIAL_TOKENS, BadConfig, InputError, Interrupted, StopOnSigint, auroc,
                   best_f1_thresholds, bootstrap_diff, ce_baselines, choice_correct, clinical_metrics, get_dataset,
                   load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, preprocess, report_metrics,
-                  resume_cleanup, rng_state, run, save_bpe, save_checkpoint, set_rng_state, setup_ddp, train_bpe)
-from data import StepTimer, Stream, autocast_ctx, check_fits, forward_flops, log_eval, optimizer_step, wrap_model
+                  resume_cleanup, rng_state, run, save_bpe, save_checkpoint, set_rng_state, setup_ddp, make_report,
+                  train_bpe)
+from data import (StepTimer, Stream, SyntheticCT, autocast_ctx, check_fits, forward_flops, log_eval, optimizer_step,
+                  wrap_model)
 
 # -----------------------------------------------------------------------------
 preset = ""  # cpu | paper; empty: paper on CUDA, cpu otherwise
@@ -856,6 +858,27 @@ def get_split(cfg, split: str):
     return _SPLITS[key]
 
 
+# Copied from hilt.reports_of
+def reports_of(ds) -> list:
+    """Every report of a split without reading volumes where the dataset allows it (cached list, PreparedCT, CTRATE)."""
+    if isinstance(ds, list):
+        return [it["report"] for it in ds]
+    if isinstance(ds, SyntheticCT):
+        return [make_report(ds.patient(i)) for i in range(len(ds))]
+    return list(ds.reports) if hasattr(ds, "reports") else [r["report"] for r in ds.rows]
+
+
+# Copied from hilt.labels_of
+def labels_of(ds) -> torch.Tensor:
+    """(n, 18) labels of a split, without reading volumes where the dataset allows it."""
+    if isinstance(ds, list):
+        return torch.stack([it["labels"] for it in ds])
+    labels = getattr(ds, "labels", None)  # SyntheticCT, SyntheticDiskCache: labels(); PreparedCT: a tensor
+    if labels is not None:
+        return labels() if callable(labels) else labels
+    return torch.stack([r["labels"] for r in ds.rows])  # CTRATE
+
+
 def get_tokenizer(cfg, train_ds=None, save=True):
     """Llama's tokenizer with --llm; else data.py's BPE, trained on train_ds's reports and multiple choices, or
     loaded from out_dir when train_ds is None."""
@@ -864,10 +887,8 @@ def get_tokenizer(cfg, train_ds=None, save=True):
     path = Path(cfg["out_dir"]) / "bpe.tiktoken"
     if train_ds is None:
         return load_bpe(path)
-    texts = []
-    for it in train_ds:
-        texts.append(it["report"])
-        texts += [q["question"] + " " + q["answer"] for q in it.get("questions", []) if q["kind"] == "choice"]
+    texts = reports_of(train_ds) + [q["question"] + " " + q["answer"] for it in (  # questions: a split held in RAM
+        train_ds if isinstance(train_ds, list) else []) for q in it.get("questions", []) if q["kind"] == "choice"]
     enc = train_bpe(texts + [INSTRUCTION], cfg["vocab_size"])
     if save:
         save_bpe(enc, path)
@@ -1092,7 +1113,7 @@ def fit_findings(model, train_ds, val_ds, dev, min_auroc: float = 0.8, l2: float
         feats[name] = torch.cat([torch.cat([z_2d, z_3d[:, None]], 1) for z_2d, z_3d in z])  # (n, S + 1, C)
     model.train()
     x, xv = feats["train"][:, -1].float().cpu(), feats["val"][:, -1].float().cpu()  # z_3d (n, C)
-    y, yv = (torch.stack([it["labels"] for it in ds]).float() for ds in (train_ds, val_ds))
+    y, yv = (labels_of(ds).float() for ds in (train_ds, val_ds))
     mu, sd = x.mean(0), x.std(0) + 1e-6
     probe = fit_probe((x - mu) / sd, y, l2)
     w = probe.weight / sd  # (18, C): w.(x - mu) / sd + b = (w / sd).x + (b - (w / sd).mu)
@@ -1204,15 +1225,14 @@ def final_eval(cfg, model, enc, dev, ctx, train_ds) -> dict:
     bs = max(1, cfg["batch_size"] // cfg["grad_accum"])
     batches = [list(range(i, min(i + bs, len(test_ds)))) for i in range(0, len(test_ds), bs)]
     res = {"fusion": cfg["fusion"], "n_visual": model.n_visual, "n_test": len(test_ds)}
-    refs, gen, gen0 = [it["report"] for it in test_ds], [], []
+    refs, gen, gen0 = reports_of(test_ds), [], []
     for idx in tqdm(batches, desc="reports", leave=False):
         for out, zero in ((gen, False), (gen0, True)):
             out += generate_answers(model, vols(idx), [INSTRUCTION] * len(idx), enc, cfg, ctx, cfg["max_new_tokens"],
                                     zero)[0]
     res["report"] = {"model": report_metrics(gen, [[r] for r in refs]),
                      "zero_visual": report_metrics(gen0, [[r] for r in refs])}
-    y_test = np.stack([it["labels"].numpy() for it in test_ds]).astype(int)
-    y_train = np.stack([it["labels"].numpy() for it in train_ds]).astype(int)
+    y_test, y_train = (labels_of(ds).numpy().astype(int) for ds in (test_ds, train_ds))
     res["ce"] = {"model": clinical_metrics(gen, y_test), "zero_visual": clinical_metrics(gen0, y_test),
                  **ce_baselines(y_train, y_test, seed=0)}
     if model.label_head is not None:  # how well z_3d carries each finding: test AUROC of the label head
@@ -1226,7 +1246,7 @@ def final_eval(cfg, model, enc, dev, ctx, train_ds) -> dict:
                           "shuffled": test_loss(model, test_ds, enc, cfg, dev, ctx, 0, True)}
     lines = [f"--- {test_ds[i]['name']}\nGENERATED: {g}\nREFERENCE: {r}\n" for i, (g, r) in enumerate(zip(gen, refs))]
     if "questions" in test_ds[0]:
-        qa = [choice_of(it, False) for it in test_ds]
+        qa = [choice_of(test_ds[i], False) for i in range(len(test_ds))]
         answers = [a for _, a in qa]
         runs = {k: [] for k in ("model", "zero_visual", "shuffled_visual", "ranked", "ranked_zero_visual",
                                 "ranked_shuffled_visual")}  # shuffled: the next scan's tokens, not its own
@@ -1237,7 +1257,8 @@ def final_eval(cfg, model, enc, dev, ctx, train_ds) -> dict:
                 runs[read].append(ask([i], q))
                 runs[pre + "zero_visual"].append(ask([i], q, zero_visual=True))
                 runs[pre + "shuffled_visual"].append(ask([(i + 1) % len(qa)], q))
-        letters = Counter(answer_letter(choice_of(it, False)[1]) for it in train_ds).most_common(1)[0][0]
+        letters = Counter(answer_letter(choice_of(train_ds[i], False)[1])
+                          for i in range(len(train_ds))).most_common(1)[0][0]
         prev = dict(zip(LABELS, y_train.mean(0)), **{"None of these": float((y_train.sum(1) == 0).mean())})
         prior, rate = ([max(parse_choices(q).items(), key=lambda kv: p.get(kv[1], 0.0))[0] + "." for q, _ in qa]
                        for p in (prev, answer_rate(train_ds)))
@@ -1525,7 +1546,7 @@ def run_finetune(cfg, dev, ddp, rank, world, master):
                 if it == start and j == 0:  # (a run resumed later has its new decoder in the checkpoint)
                     torch.manual_seed(cfg["seed"] + 1)
                     model.decoder.load_state_dict(Decoder(model.decoder.args).state_dict())
-        _, labels, *text = get_batch(train_ds, idx, tasks if (it - start) % 8 == 0 else (1,), enc, cfg, dev)
+        _, labels, *text = get_batch(train_ds, idx, (1,) if len(tasks) > 1 and (it - start) % 8 else tasks, enc, cfg, dev)
         return (findings["z"][idx], labels, *text)
 
     def evaluate():

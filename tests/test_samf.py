@@ -418,3 +418,14 @@ def test_llm_trains_lora_with_the_base_frozen_and_a_finished_run_resumes_to_its_
     again = samf.main(argv + ["--init_from=resume"])
     assert torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["iter_num"] == state["iter_num"] == 2
     assert again["mcq"] == res["mcq"] and (tmp_path / "run" / "samples.txt").read_text() == samples
+
+
+def test_a_report_only_ctrate_folder_trains_every_phase(tmp_path):
+    """--data=<CT-RATE layout>: reports, no multiple choice; the tokenizer, the labels and the references come from
+    the split's rows (no loop over a train split that wraps around), and the findings phase trains on reports."""
+    root = data.write_ctrate_layout(tmp_path / "L", 16, (24, 32, 32))
+    res = samf.main([a for a in TINY if not a.startswith(("--n_train", "--n_val", "--n_test"))] +
+                    [f"--data={root}", f"--out_dir={tmp_path / 'run'}", "--max_iters=4", "--prompt_iters=3"])
+    assert "mcq" not in res and res["n_test"] == 5 and {"model", "zero_visual"} <= set(res["report"])
+    logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in logs] == [1, 2, 3, 4] and all("val_loss_mcq" not in r for r in logs)
