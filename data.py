@@ -777,6 +777,25 @@ class SyntheticDiskCache(torch.utils.data.Dataset):
                     name=f"{ds.split}_{i + 1}_a_1", questions=make_questions(p))
 
 
+def reports_of(ds) -> list:
+    """Every report of a split without reading volumes where the dataset allows it (cached list, PreparedCT, CTRATE)."""
+    if isinstance(ds, list):
+        return [it["report"] for it in ds]
+    if isinstance(ds, SyntheticCT):
+        return [make_report(ds.patient(i)) for i in range(len(ds))]
+    return list(ds.reports) if hasattr(ds, "reports") else [r["report"] for r in ds.rows]
+
+
+def labels_of(ds) -> torch.Tensor:
+    """(n, 18) labels of a split, without reading volumes where the dataset allows it."""
+    if isinstance(ds, list):
+        return torch.stack([it["labels"] for it in ds])
+    labels = getattr(ds, "labels", None)  # SyntheticCT, SyntheticDiskCache: labels(); PreparedCT: a tensor
+    if labels is not None:
+        return labels() if callable(labels) else labels
+    return torch.stack([r["labels"] for r in ds.rows])  # CTRATE
+
+
 def get_dataset(data, split, *, n=None, shape=(64, 128, 128), spacing=(1.5, 0.75, 0.75), window=(-1000, 200),
                 norm="unit", seed=0, strict=False, difficulty=0.5, device=None, disk_cache=None):
     """data = "synthetic" (n volumes generated at shape), a prepare()d cache folder (has index.json), or a CT-RATE

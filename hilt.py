@@ -100,9 +100,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from data import (FOV, LABELS, SyntheticCT, auroc, best_f1_thresholds, ce_baselines, clinical_metrics, collate,
-                  get_dataset, load_bpe, load_checkpoint, load_llama3_tokenizer, load_ct, make_report, preprocess,
-                  report_metrics, save_bpe, save_checkpoint, setup_ddp, train_bpe)
+from data import (FOV, LABELS, auroc, best_f1_thresholds, ce_baselines, clinical_metrics, collate, get_dataset,
+                  labels_of, load_bpe, load_checkpoint, load_llama3_tokenizer, load_ct, preprocess, report_metrics,
+                  reports_of, save_bpe, save_checkpoint, setup_ddp, train_bpe)
 from data import BadConfig, Interrupted, check_out_dir, run  # run(main): the repo's errors as one line `error: ...`, exit 2; Ctrl-C exits 130
 # the training loop's shared parts (data.py, Runs): the same in every script
 from data import (StepTimer, StopOnSigint, Stream, autocast_ctx, forward_flops, gather_rng, log_eval, make_loader,
@@ -667,25 +667,6 @@ def get_split(cfg, split: str):
         ds = [{"volume": it["volume"].half(), "labels": it["labels"], "report": it["report"], "name": it["name"]}
               for it in tqdm(items, total=n, desc=f"synthetic {split} {zyx(cfg['hr'])}", leave=False)]
     return ds
-
-
-def reports_of(ds) -> list:
-    """Every report of a split without reading volumes where the dataset allows it (cached list, PreparedCT, CTRATE)."""
-    if isinstance(ds, list):
-        return [it["report"] for it in ds]
-    if isinstance(ds, SyntheticCT):
-        return [make_report(ds.patient(i)) for i in range(len(ds))]
-    return list(ds.reports) if hasattr(ds, "reports") else [r["report"] for r in ds.rows]
-
-
-def labels_of(ds) -> torch.Tensor:
-    """(n, 18) labels of a split, without reading volumes where the dataset allows it."""
-    if isinstance(ds, list):
-        return torch.stack([it["labels"] for it in ds])
-    labels = getattr(ds, "labels", None)  # SyntheticCT, SyntheticDiskCache: labels(); PreparedCT: a tensor
-    if labels is not None:
-        return labels() if callable(labels) else labels
-    return torch.stack([r["labels"] for r in ds.rows])  # CTRATE
 
 
 def get_tokenizer(cfg, train_reports=None, save=True):

@@ -91,10 +91,10 @@ from tqdm import tqdm
 
 from data import (FOV, LABELS, SPECIAL_TOKENS, BadConfig, InputError, Interrupted, StopOnSigint, auroc,
                   best_f1_thresholds, bootstrap_diff, ce_baselines, choice_correct, clinical_metrics, get_dataset,
-                  load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, preprocess, report_metrics,
-                  resume_cleanup, rng_state, run, save_bpe, save_checkpoint, set_rng_state, setup_ddp, make_report,
+                  labels_of, load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, preprocess, report_metrics,
+                  reports_of, resume_cleanup, rng_state, run, save_bpe, save_checkpoint, set_rng_state, setup_ddp,
                   train_bpe)
-from data import (StepTimer, Stream, SyntheticCT, autocast_ctx, check_fits, forward_flops, log_eval, optimizer_step,
+from data import (StepTimer, Stream, autocast_ctx, check_fits, forward_flops, log_eval, optimizer_step,
                   wrap_model)
 
 # -----------------------------------------------------------------------------
@@ -856,27 +856,6 @@ def get_split(cfg, split: str):
             print(f"{split}: {n} phantoms rendered into RAM in {time.time() - t0:.1f} s")
         _SPLITS[key] = ds
     return _SPLITS[key]
-
-
-# Copied from hilt.reports_of
-def reports_of(ds) -> list:
-    """Every report of a split without reading volumes where the dataset allows it (cached list, PreparedCT, CTRATE)."""
-    if isinstance(ds, list):
-        return [it["report"] for it in ds]
-    if isinstance(ds, SyntheticCT):
-        return [make_report(ds.patient(i)) for i in range(len(ds))]
-    return list(ds.reports) if hasattr(ds, "reports") else [r["report"] for r in ds.rows]
-
-
-# Copied from hilt.labels_of
-def labels_of(ds) -> torch.Tensor:
-    """(n, 18) labels of a split, without reading volumes where the dataset allows it."""
-    if isinstance(ds, list):
-        return torch.stack([it["labels"] for it in ds])
-    labels = getattr(ds, "labels", None)  # SyntheticCT, SyntheticDiskCache: labels(); PreparedCT: a tensor
-    if labels is not None:
-        return labels() if callable(labels) else labels
-    return torch.stack([r["labels"] for r in ds.rows])  # CTRATE
 
 
 def get_tokenizer(cfg, train_ds=None, save=True):
