@@ -412,3 +412,17 @@ def test_refit_label_head_is_the_linear_probe_folded_back():
     calls = (model.label_head(x) >= 0).detach().numpy()
     near = np.abs(want.numpy() - t) < 1e-3  # a probability within float error of its threshold may go either way
     assert ((calls == (want.numpy() >= t)) | near).all()
+
+
+def test_torchrun_two_ranks_train_and_rank_zero_writes(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo on CPU), the README's DDP command at tiny shapes: both ranks train, rank 0
+    alone writes the log, the checkpoint and the metrics."""
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", hilt.__file__, *TINY,
+           "--max_iters=2", "--eval_interval=1", "--grad_accum=1", f"--out_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log] == [1, 2] and (tmp_path / "run" / "metrics.json").is_file()

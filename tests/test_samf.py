@@ -429,3 +429,17 @@ def test_a_report_only_ctrate_folder_trains_every_phase(tmp_path):
     assert "mcq" not in res and res["n_test"] == 5 and {"model", "zero_visual"} <= set(res["report"])
     logs = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in logs] == [1, 2, 3, 4] and all("val_loss_mcq" not in r for r in logs)
+
+
+def test_torchrun_two_ranks_runs_every_stage_and_the_findings_phase(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo on CPU): DINO, the warm-up, fine-tuning and the findings phase (its label head
+    fit on each rank, a new decoder, cached features) run; rank 0 alone writes the logs and the metrics."""
+    import os
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", samf.__file__, *TINY,
+           "--max_iters=4", "--prompt_iters=2", "--eval_interval=2", f"--out_dir={tmp_path / 'run'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log] == [2, 4]  # one writer, not two
+    res = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert {"model", "ranked"} <= set(res["mcq"]) and "label_auroc" in res
