@@ -946,9 +946,11 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, master, ckpt=None, de
     # FLOPs of one training sample, without moving the RNG (exact resume): forward x 3 (forward + backward); the
     # warm-up counts the forward once (f_2d is frozen and dominates; the aggregator's backward is left out: a lower
     # bound); the findings phase is recounted when it starts (cached features: the decoder alone)
-    with torch.random.fork_rng():
-        first = batch_fn(iter_num, 0)
-        fps = (1 if stage == "warmup" else 3) * forward_flops(raw, *first) / first[0].shape[0]
+    fps = 0.0  # a finished run (resumed for its evaluation) asks for no batch
+    if iter_num < iters:
+        with torch.random.fork_rng():
+            first = batch_fn(iter_num, 0)
+            fps = (1 if stage == "warmup" else 3) * forward_flops(raw, *first) / first[0].shape[0]
     timer = StepTimer(dev, fps)  # data wait vs compute, samples/s, TFLOP/s, MFU: means since the last eval
     timer.stats()  # the first call measures the device's peak FLOP/s, outside the first timed window
     log = Path(cfg["out_dir"]) / ("log.jsonl" if stage == "finetune" else f"log_{stage}.jsonl")
@@ -1515,7 +1517,7 @@ def run_finetune(cfg, dev, ddp, rank, world, master):
 
     def batch(it, j):  # every volume of the micro-batch with its report and its multiple-choice question
         idx = micro_batch(len(train_ds), it * cfg["grad_accum"] + j, micro, cfg["seed"], rank, world)
-        if it < start or not cfg["prompt_iters"]:  # (a finished run resumed for its evaluation: it == start)
+        if it < start:
             return get_batch(train_ds, idx, tasks, enc, cfg, dev)
         if not findings:  # the findings phase: f_2d, f_3d frozen, the label head fit, a new decoder (docstring)
             model.f_2d.requires_grad_(False)
