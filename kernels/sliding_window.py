@@ -69,7 +69,9 @@ if triton is not None:
     def _scores(q, k, offs_m, offs_n, KM, Nq, Nk, left, right, qk_scale, HAS_MASK: tl.constexpr,
                 PREC: tl.constexpr):
         """Masked base-2 scores (BLOCK_M, BLOCK_N) of query rows offs_m against key rows offs_n."""
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        # fp32 whatever the caller passed: torch.compile hands a Python float to a user kernel as fp64, which would
+        # turn the running max and sum of the online softmax into fp64 (a compile error in the loop)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * tl.cast(qk_scale, tl.float32)
         d = offs_n[None, :] - offs_m[:, None]  # j - i
         keep = (d >= -left) & (d <= right) & (offs_m[:, None] < Nq) & (offs_n[None, :] < Nk)
         if HAS_MASK:
@@ -152,7 +154,8 @@ if triton is not None:
             dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # dP = dO V^T
             ds = p * (dp - delta[:, None])  # dS = P * (dP - rowsum(dO * O))
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC)  # dK = c dS^T Q
-        tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        dk *= tl.cast(sm_scale, tl.float32)
+        tl.store(DK + kv_off, dk.to(DK.dtype.element_ty), mask=kv_mask)
         tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
     @triton.autotune(configs=_configs(), key=_KEY)
@@ -187,7 +190,8 @@ if triton is not None:
             ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)  # dQ = c dS K
         row = (sid * tl.num_programs(1) + bh) * Nq + offs_m
-        tl.store(DQ + row[:, None] * D + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+        dq *= tl.cast(sm_scale, tl.float32)
+        tl.store(DQ + row[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=q_mask)
 
     @triton.jit
     def _bwd_delta_kernel(O, DO, DELTA, Nq, D, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):

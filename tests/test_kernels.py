@@ -172,22 +172,27 @@ import kernels.sliding_window as sw
 assert not sw.INTERPRET
 T, I = "*bf16", {n: "i32" for n in ("H", "Nq", "Nk", "D", "left", "right")}
 const = dict(HAS_MASK=True, PREC="tf32", BLOCK_D=64, BLOCK_M=64, BLOCK_N=32)
-for kernel, sig in [
-    (sw._fwd_kernel, dict(Q=T, K=T, V=T, KM="*u8", O=T, LSE="*fp32", **I, split="i32", qk_scale="fp32")),
+# the scales as a launch from Python types them (fp32) and as torch.compile's inductor does (fp64)
+for F in ("fp32", "fp64"):
+  for kernel, sig in [
+    (sw._fwd_kernel, dict(Q=T, K=T, V=T, KM="*u8", O=T, LSE="*fp32", **I, split="i32", qk_scale=F)),
     (sw._bwd_dkdv_kernel, dict(Q=T, K=T, V=T, KM="*u8", DO=T, LSE="*fp32", DELTA="*fp32", DK=T, DV=T, **I,
-                               qk_scale="fp32", sm_scale="fp32")),
+                               qk_scale=F, sm_scale=F)),
     (sw._bwd_dq_kernel, dict(Q=T, K=T, V=T, KM="*u8", DO=T, LSE="*fp32", DELTA="*fp32", DQ=T, **I, split="i32",
-                             qk_scale="fp32", sm_scale="fp32")),
-]:
+                             qk_scale=F, sm_scale=F)),
+  ]:
     src = ASTSource(fn=kernel.fn, signature={**sig, **{k: "constexpr" for k in const}}, constexprs=const)
-    print(kernel.fn.__name__, len(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]))
+    print(F, kernel.fn.__name__, len(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]))
 """
 
 
 def test_triton_kernels_compile_for_h100():
     """The interpreter does not type-check like the compiler (bf16 dots, layouts): compile the three kernels in bf16
-    with a key mask down to an sm_90 cubin through Triton's bundled ptxas. Needs no GPU; it does not run them."""
+    with a key mask down to an sm_90 cubin through Triton's bundled ptxas, with the float scales typed fp32 (a plain
+    launch) and fp64 (how torch.compile passes them: ct_scroll's compiled paper preset failed so on an H200). Needs no
+    GPU; it does not run them."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", AOT], capture_output=True, text=True, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert all(name in out.stdout for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"))
+    assert all(f"{f} {name}" in out.stdout
+               for f in ("fp32", "fp64") for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"))
