@@ -1548,9 +1548,12 @@ class Stream(torch.utils.data.Sampler):
 def make_loader(ds, batch_sampler, collate_fn, num_workers: int, seed: int, pin_memory: bool = False):
     """A DataLoader over ds. A list (volumes kept in RAM) is read in this process; a dataset object by num_workers
     processes. Its own generator: starting an iterator draws a worker seed, which must not come from the global RNG
-    that dropout uses (an eval would shift the training run's dropout, and a resumed run would differ)."""
+    that dropout uses (an eval would shift the training run's dropout, and a resumed run would differ). A dataset that
+    renders on the GPU is read in this process too (CUDA cannot start in a forked worker) and gives nothing to pin."""
+    on_gpu = "cuda" in str(getattr(ds, "device", None))
     return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, collate_fn=collate_fn,
-                                       num_workers=0 if isinstance(ds, list) else num_workers, pin_memory=pin_memory,
+                                       num_workers=0 if isinstance(ds, list) or on_gpu else num_workers,
+                                       pin_memory=pin_memory and not on_gpu,
                                        generator=torch.Generator().manual_seed(seed))
 
 
