@@ -358,6 +358,18 @@ def test_ci_gpu_parses():
     assert r.returncode == 0, r.stderr
 
 
+def test_ci_gpu_runs_only_the_stages_it_is_given(tmp_path):
+    """GPU_STAGES="estimate" (a rerun of one stage) runs that stage beside the versions and nothing else; an unknown
+    name stops it before any stage, naming the name. Runs here without a GPU: the versions stage fails (no CUDA)."""
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_STAGES": "estimate"}
+    r = subprocess.run([str(GPU), str(tmp_path / "s.md")], capture_output=True, text=True, cwd=ROOT, env=env)
+    rows = re.findall(r"^\| (\w+) \| ([^|]+) \|", (tmp_path / "s.md").read_text(), re.M)
+    assert [name for name, _ in rows if name != "stage"] == ["nibabel", "versions", "estimate"], rows
+    assert dict(rows)["estimate"].strip() == "ok" and "total_gb" in r.stdout
+    bad = subprocess.run([str(GPU)], capture_output=True, text=True, cwd=ROOT, env={**env, "GPU_STAGES": "hilt nope"})
+    assert bad.returncode == 2 and "no stage 'nope'" in bad.stderr and "===" not in bad.stdout
+
+
 def test_ci_gpu_commands_exist():
     """Every script .ci/gpu runs exists and accepts each --key it is given; the module's flags are in its --help;
     python -c snippets compile and name functions that exist; the shell tools it needs are here too."""
@@ -391,11 +403,11 @@ def test_ci_gpu_commands_exist():
 
 def test_ci_gpu_budget():
     """Every stage runs under `timeout`; in each group (GPU_STAGES=core, the default, and vlm) the timeouts of the
-    stages it runs (those before the groups, then its own) add up to the total the script states, at most 8 minutes."""
+    stages it runs (those before the groups, then its own) add up to the total the script states, at most 9 minutes."""
     text = GPU.read_text()
     limits, group = {"core": [], "vlm": [], None: []}, None
     for line in text.splitlines():
-        if m := re.match(r'if \[ "\$GROUP" = (\w+) \]; then', line):
+        if m := re.match(r'if \[ "\$GROUP" = (\w+) \]', line):
             group = m.group(1)
         elif line.strip() == "fi":
             group = None
