@@ -31,8 +31,8 @@ def _split(key, split):
 
 
 def _cached_split(cfg, split):
-    key = tuple((k, cfg[k]) for k in ("data", "n_train", "n_val", "n_test", "shape", "spacing", "window", "norm",
-                                      "seed", "strict"))
+    key = tuple((k, cfg[k]) for k in ("data", "n_train", "n_val", "n_test", "shape", "n_slices", "spacing", "window",
+                                      "norm", "seed", "strict"))
     return _split(key, split)
 
 
