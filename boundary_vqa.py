@@ -855,13 +855,14 @@ class _Rendered(torch.utils.data.Dataset):
                     report=it["report"], name=it["name"], labels=it["labels"], outlines=outlines)
 
 
-def outline_of(item: dict, region: str) -> torch.Tensor:
-    """The (Z, Y, X) outline of a region in an item: from the render cache, else computed (RadGenome, predict)."""
+def outline_of(item: dict, region: str, dev=None) -> torch.Tensor:
+    """The (Z, Y, X) outline of a region in an item, on dev: from the render cache, else computed (RadGenome,
+    predict)."""
     if region in item.get("outlines", {}):
-        out = torch.zeros(item["volume"][0].numel())
-        out[item["outlines"][region].long()] = 1.0
+        out = torch.zeros(item["volume"][0].numel(), device=dev)
+        out[item["outlines"][region].long().to(dev)] = 1.0
         return out.view(item["volume"].shape[1:])
-    return boundary_prompt(region_mask(item, region))
+    return boundary_prompt(region_mask(item, region)).to(dev)
 
 
 def get_items(cfg, split: str, master: bool = True) -> list:
@@ -930,8 +931,8 @@ def feature_cache(model, items, qs, cfg, dev) -> dict:
     cache = {}
     for s in tqdm(range(0, len(keys), 16), desc="frozen features", leave=False):
         chunk = keys[s: s + 16]
-        x = torch.stack([model_input(items[i]["volume"].float(), None if r is None else outline_of(items[i], r))
-                         for i, r in chunk]).to(dev)
+        x = torch.stack([model_input(items[i]["volume"].to(dev).float(),  # built on dev: the CPU copies less
+                                     None if r is None else outline_of(items[i], r, dev)) for i, r in chunk])
         for k, f in zip(chunk, model.features(x).float().cpu()):
             cache[k] = f
     return cache
@@ -1091,10 +1092,10 @@ def train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master):
             regions = sorted(its[i]["outlines"] if "outlines" in its[i] else its[i]["region_masks"])
             r = regions[int(torch.randint(len(regions), (), generator=g))]
             use = float(torch.rand((), generator=g)) < cfg["siglip_contour"]
-            xs.append(model_input(its[i]["volume"].float(), outline_of(its[i], r) if use else None))
+            xs.append(model_input(its[i]["volume"].to(dev).float(), outline_of(its[i], r, dev) if use else None))
             drawn.append(r if use else None)
         texts, z = sentence_pairs(its, idx, g, outlines=drawn)
-        return (torch.stack(xs).to(dev), *text_batch(enc, texts, dev), None if z is None else z.to(dev))
+        return (torch.stack(xs), *text_batch(enc, texts, dev), None if z is None else z.to(dev))  # built on dev
 
     @torch.no_grad()
     def val_fn():
