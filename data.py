@@ -786,6 +786,16 @@ def reports_of(ds) -> list:
     return list(ds.reports) if hasattr(ds, "reports") else [r["report"] for r in ds.rows]
 
 
+def questions_in(ds) -> list:
+    """Every question dict of a split's items without rendering (synthetic: made from its patients); real data has
+    none."""
+    if isinstance(ds, list):
+        return [q for it in ds for q in it.get("questions", [])]
+    if isinstance(ds, SyntheticCT):
+        return [q for i in range(len(ds)) for q in make_questions(ds.patient(i))]
+    return []
+
+
 def labels_of(ds) -> torch.Tensor:
     """(n, 18) labels of a split, without reading volumes where the dataset allows it."""
     if isinstance(ds, list):

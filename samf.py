@@ -91,9 +91,9 @@ from tqdm import tqdm
 
 from data import (FOV, LABELS, SPECIAL_TOKENS, BadConfig, InputError, Interrupted, StopOnSigint, auroc,
                   best_f1_thresholds, bootstrap_diff, ce_baselines, choice_correct, clinical_metrics, get_dataset,
-                  labels_of, load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, preprocess, report_metrics,
-                  reports_of, resume_cleanup, rng_state, run, save_bpe, save_checkpoint, set_rng_state, setup_ddp,
-                  train_bpe)
+                  labels_of, load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, preprocess, questions_in,
+                  report_metrics, reports_of, resume_cleanup, rng_state, run, save_bpe, save_checkpoint, set_rng_state,
+                  setup_ddp, train_bpe)
 from data import (StepTimer, Stream, autocast_ctx, check_fits, forward_flops, log_eval, optimizer_step,
                   wrap_model)
 
@@ -866,8 +866,8 @@ def get_tokenizer(cfg, train_ds=None, save=True):
     path = Path(cfg["out_dir"]) / "bpe.tiktoken"
     if train_ds is None:
         return load_bpe(path)
-    texts = reports_of(train_ds) + [q["question"] + " " + q["answer"] for it in (  # questions: a split held in RAM
-        train_ds if isinstance(train_ds, list) else []) for q in it.get("questions", []) if q["kind"] == "choice"]
+    texts = reports_of(train_ds) + [q["question"] + " " + q["answer"] for q in questions_in(train_ds)
+                                    if q["kind"] == "choice"]
     enc = train_bpe(texts + [INSTRUCTION], cfg["vocab_size"])
     if save:
         save_bpe(enc, path)

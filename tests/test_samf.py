@@ -443,3 +443,17 @@ def test_torchrun_two_ranks_runs_every_stage_and_the_findings_phase(tmp_path):
     assert [r["iter"] for r in log] == [2, 4]  # one writer, not two
     res = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert {"model", "ranked"} <= set(res["mcq"]) and "label_auroc" in res
+
+
+def test_the_bpe_of_a_lazy_split_learns_its_multiple_choices_too(tmp_path):
+    """A synthetic split too large for RAM stays lazy: its BPE must still see the multiple-choice texts (made from the
+    patients, nothing rendered), so that it equals the BPE of the same split held in RAM."""
+    cfg = cfg_of(TINY + [f"--out_dir={tmp_path}", "--vocab_size=400"])
+    lazy = data.SyntheticCT("train", 6, shape=(8, 16, 16), seed=cfg["seed"])
+    held = [lazy[i] for i in range(len(lazy))]
+    a, b = (samf.get_tokenizer(cfg, ds, save=False) for ds in (lazy, held))
+    assert a._mergeable_ranks == b._mergeable_ranks
+    choice = next(q for q in held[0]["questions"] if q["kind"] == "choice")["question"]
+    assert a.encode(choice) == b.encode(choice)
+    without = data.train_bpe(data.reports_of(held) + [samf.INSTRUCTION], 400)  # what a lazy split's BPE used to be
+    assert without._mergeable_ranks != a._mergeable_ranks
