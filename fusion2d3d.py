@@ -298,8 +298,8 @@ def get_split(cfg, split):
                           norm=cfg["norm"], seed=cfg["seed"], strict=cfg["strict"], disk_cache=big)  # int16 on disk
     if len(ds) == 0:
         raise BadConfig(f"--data={cfg['data']}: the {split} split has no usable volume")
-    if cfg["data"] == "synthetic" and not big:  # generate the phantoms once and keep their centre slices in memory
-        items = (ds[i] for i in tqdm(range(len(ds)), desc=f"synthetic {split}", leave=False))  # (a batch copies less)
+    if cfg["data"] == "synthetic" and not big:  # generate the phantoms once, keep in memory the slices the model sees
+        items = (ds[i] for i in tqdm(range(len(ds)), desc=f"synthetic {split}", leave=False))
         ds = [{"volume": centre_slices(it["volume"], cfg["n_slices"]).clone(), "labels": it["labels"],
                "name": it["name"]} for it in items]
     return ds

@@ -911,7 +911,7 @@ def linear_probe(x_train, y_train, x_test, l2: float = 1e-3) -> torch.Tensor:
 
 def macro_auroc(y, scores) -> tuple:
     per = [auroc(y[:, k], scores[:, k]) for k in range(y.shape[1])]
-    return (float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")), per  # nan: no finding has both classes
+    return (float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")), per  # nan: no label has 2 classes
 
 
 def final_eval(cfg, model, enc, dev, ctx, train_ds, train_reports, t_start=None):
