@@ -49,8 +49,10 @@ Deviations:
   unscaled softmax is one-hot).
 - norm_2d: z_2d standardised over the batch before W_2d and f_3d (without it f_2d collapsed to a constant).
 - --prompt_iters=N, a findings token (not in the paper; 3000 at cpu, 0 at paper; from-scratch decoder only): the last
-  N steps freeze f_2d and f_3d (features cached), fit the label head (a logistic regression on the training scans'
-  z_3d; a finding is `readable` at validation AUROC >= 0.8), re-initialise the decoder and train it on multiple choice
+  N steps first train f_2d for --label_iters steps on the 18 labels (a binary cross-entropy through a linear head on
+  the training scans' slice embeddings z_2d, all S side by side), then freeze f_2d and f_3d (features cached), fit the
+  label head (a logistic regression on the training scans' z_2d, flattened; a finding is `readable` at validation
+  AUROC >= 0.8), re-initialise the decoder and train it on multiple choice
   (reports every 8th step) with one more prefix token, label_embed(readable * calls): the true labels in training,
   the label head's calls at evaluation and --predict.
 - --mcq_aug: training questions get reshuffled letters and absent options redrawn from the patient's absent labels.
@@ -145,6 +147,7 @@ lora_dropout = 0.1  # LoRA dropout
 max_text_len = 512  # question + answer tokens
 mcq_aug = True  # training MCQs: letters reshuffled, the absent options redrawn from the patient's absent labels
 prompt_iters = 0  # the last N of max_iters: the findings-token phase (docstring); 0 = the paper
+label_iters = 0  # --prompt_iters: steps of f_2d on the labels (batch 16, AdamW 1e-3) before the phase freezes it
 freeze_vit = False  # Table 3: f_2d frozen during fine-tuning
 freeze_aggregator = False  # Table 3: f_3d frozen during fine-tuning
 max_iters = 30000  # stage 3 optimizer steps (not in the paper)
@@ -176,8 +179,8 @@ PRESETS = {
                 dino_iters=150, dino_batch=32, dino_lr=1e-3, dino_local=4, dino_local_size=32, dino_hidden=256,
                 dino_bottleneck=64, dino_out=1024, ssl_warmup=True, warmup_iters=40, warmup_batch=16, dim=128,
                 n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=1024, max_iters=3250, prompt_iters=3000,
-                eval_interval=250, batch_size=8, grad_accum=1, learning_rate=2e-3, n_train=400, n_val=32, n_test=128,
-                num_workers=2, max_new_tokens=320),
+                label_iters=400, eval_interval=250, batch_size=8, grad_accum=1, learning_rate=2e-3, n_train=400,
+                n_val=32, n_test=128, num_workers=2, max_new_tokens=320),
 }
 MODEL_KEYS = ("fusion", "shape", "n_slices", "vit_img", "vit_patch", "vit_stem", "vit_dim", "vit_depth", "vit_heads",
               "agg_depth", "agg_heads", "slice_tokens", "llm", "dim", "n_layers", "n_heads", "n_kv_heads",
@@ -416,7 +419,7 @@ class SAMFModel(nn.Module):
         self.decoder = decoder
         self.label_head = self.label_embed = None  # --prompt_iters: the findings token (not in the paper)
         if cfg["prompt_iters"]:
-            self.label_head = nn.Linear(cfg["vit_dim"], len(LABELS)).requires_grad_(False)  # set by fit_findings
+            self.label_head = nn.Linear(self.S * cfg["vit_dim"], len(LABELS)).requires_grad_(False)  # fit_findings
             self.register_buffer("readable", torch.zeros(len(LABELS)))  # 1: a finding the token carries
             self.label_embed = nn.Linear(len(LABELS), dim)
         self.n_visual = 1 + (self.S if self.slice_tokens else 0) + (self.label_embed is not None)
@@ -437,13 +440,13 @@ class SAMFModel(nn.Module):
 
     def visual_tokens(self, volume, q_ids, q_mask, z=None, labels=None):
         """The question / instruction ids alone reach the fusion (never the answer) -> (B, n_visual, dim), weights.
-        The findings token: label_embed(readable * calls), the calls being the label head's on z_3d (logit >= 0), or
+        The findings token: label_embed(readable * calls), the calls being the label head's on z_2d (logit >= 0), or
         `labels` in training (teacher forcing). z: (z_2d, z_3d) when cached."""
         z_2d, z_3d = self.encode(volume) if z is None else z
         fused, F_2d, att = self.fusion(z_2d, z_3d, self.decoder.tok_embeddings(q_ids), q_mask)
         vis = [fused[:, None]] + ([F_2d] if self.slice_tokens else [])
         if self.label_embed is not None:
-            calls = (self.label_head(z_3d) >= 0).float() if labels is None else labels.float()  # (B, 18)
+            calls = (self.label_head(z_2d.flatten(1)) >= 0).float() if labels is None else labels.float()  # (B, 18)
             vis.append(self.label_embed(calls * self.readable)[:, None])
         return torch.cat(vis, dim=1), att
 
@@ -1079,12 +1082,36 @@ def fit_probe(x, y, l2: float = 1e-3) -> nn.Linear:
     return head
 
 
+def train_labels(model, train_ds, cfg, dev):
+    """--label_iters, entering the findings phase: f_2d learns the 18 labels (binary cross-entropy through a linear
+    head on z_2d, all S slices side by side; head discarded after), so that the label head fit next can read them.
+    f_2d frozen by --freeze_vit stays so (the head alone trains)."""
+    f_2d, norm_2d = model.f_2d, model.norm_2d  # trained as copies (DDP's gradient hooks sit on the originals)
+    model.f_2d, model.norm_2d = copy.deepcopy(f_2d), copy.deepcopy(norm_2d)
+    head = nn.Linear(model.label_head.in_features, len(LABELS)).to(dev)
+    opt = torch.optim.AdamW(list(model.f_2d.parameters()) + list(head.parameters()), lr=1e-3, weight_decay=0.01)
+    y, g = labels_of(train_ds).float().to(dev), torch.Generator().manual_seed(cfg["seed"])
+    model.train()
+    for _ in tqdm(range(cfg["label_iters"]), desc="f_2d on the labels", leave=False):
+        idx = torch.randint(len(train_ds), (16,), generator=g).tolist()
+        z_2d, _ = model.encode(torch.stack([train_ds[i]["volume"] for i in idx]).to(dev).float())
+        loss = F.binary_cross_entropy_with_logits(head(z_2d.flatten(1)), y[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    f_2d.load_state_dict(model.f_2d.state_dict())  # back into the originals, in place
+    norm_2d.load_state_dict(model.norm_2d.state_dict())
+    model.f_2d, model.norm_2d = f_2d, norm_2d
+    tqdm.write(f"f_2d on the labels: {cfg['label_iters']} steps, last training loss {loss.item():.4f}")
+
+
 @torch.no_grad()
 def fit_findings(model, train_ds, val_ds, dev, min_auroc: float = 0.8, l2: float = 1e-2):
     """--prompt_iters, at the start of the findings phase (f_2d, f_3d frozen from here): the label head becomes a
-    logistic regression on the training scans' z_3d (standardised, folded back); a finding is `readable` when its
-    validation AUROC is >= min_auroc with >= 2 validation positives, and is called above its best-F1 threshold on
-    the validation scans (folded into the bias: logit >= 0). Labels of training and validation scans only.
+    logistic regression on the training scans' z_2d, flattened (standardised, folded back); a finding is `readable`
+    when its validation AUROC is >= min_auroc with >= 2 validation positives, and is called above its best-F1
+    threshold on the validation scans (folded into the bias: logit >= 0). Labels of training and validation scans
+    only.
     -> the training scans' cached features (n, S + 1, C): z_2d then z_3d."""
     model.eval()
     feats = {}
@@ -1093,11 +1120,11 @@ def fit_findings(model, train_ds, val_ds, dev, min_auroc: float = 0.8, l2: float
              for i in range(0, len(ds), 16)]
         feats[name] = torch.cat([torch.cat([z_2d, z_3d[:, None]], 1) for z_2d, z_3d in z])  # (n, S + 1, C)
     model.train()
-    x, xv = feats["train"][:, -1].float().cpu(), feats["val"][:, -1].float().cpu()  # z_3d (n, C)
+    x, xv = (feats[k][:, :-1].flatten(1).float().cpu() for k in ("train", "val"))  # z_2d (n, S * C)
     y, yv = (labels_of(ds).float() for ds in (train_ds, val_ds))
     mu, sd = x.mean(0), x.std(0) + 1e-6
     probe = fit_probe((x - mu) / sd, y, l2)
-    w = probe.weight / sd  # (18, C): w.(x - mu) / sd + b = (w / sd).x + (b - (w / sd).mu)
+    w = probe.weight / sd  # (18, S * C): w.(x - mu) / sd + b = (w / sd).x + (b - (w / sd).mu)
     bias = probe.bias - w @ mu
     pv = torch.sigmoid(xv @ w.T + bias).numpy()
     auc = np.array([auroc(yv[:, j].numpy(), pv[:, j]) for j in range(len(LABELS))])
@@ -1216,10 +1243,11 @@ def final_eval(cfg, model, enc, dev, ctx, train_ds) -> dict:
     y_test, y_train = (labels_of(ds).numpy().astype(int) for ds in (test_ds, train_ds))
     res["ce"] = {"model": clinical_metrics(gen, y_test), "zero_visual": clinical_metrics(gen0, y_test),
                  **ce_baselines(y_train, y_test, seed=0)}
-    if model.label_head is not None:  # how well z_3d carries each finding: test AUROC of the label head
+    if model.label_head is not None:  # how well the slices carry each finding: test AUROC of the label head
         model.eval()
         with torch.no_grad(), ctx:
-            p = torch.cat([model.label_head(model.encode(vols(idx))[1]).float() for idx in batches]).sigmoid()
+            p = torch.cat([model.label_head(model.encode(vols(idx))[0].flatten(1)).float()
+                           for idx in batches]).sigmoid()
         model.train()
         p = p.cpu().numpy()
         res["label_auroc"] = {l: auroc(y_test[:, j], p[:, j]) for j, l in enumerate(LABELS)}
@@ -1280,7 +1308,7 @@ def print_results(res):
     if "label_auroc" in res:
         au = res["label_auroc"]
         top = sorted(au.items(), key=lambda kv: -kv[1])[:6]
-        print(f"label head on z_3d, test AUROC: macro {np.nanmean(list(au.values())):.3f}; " +
+        print(f"label head on the slices (z_2d), test AUROC: macro {np.nanmean(list(au.values())):.3f}; " +
               ", ".join(f"{k} {v:.2f}" for k, v in top))
     loss = "loss: own volumes {own:.4f}, shuffled volumes {shuffled:.4f}"
     print("report " + loss.format(**res["report_loss"]))
@@ -1519,12 +1547,17 @@ def run_finetune(cfg, dev, ddp, rank, world, master):
         idx = micro_batch(len(train_ds), it * cfg["grad_accum"] + j, micro, cfg["seed"], rank, world)
         if it < start:
             return get_batch(train_ds, idx, tasks, enc, cfg, dev)
-        if not findings:  # the findings phase: f_2d, f_3d frozen, the label head fit, a new decoder (docstring)
-            model.f_2d.requires_grad_(False)
-            model.f_3d.requires_grad_(False)
-            with torch.random.fork_rng():  # the same batches after, whether or not a run resumed here
+        if not findings:  # the findings phase: f_2d on the labels, f_2d and f_3d frozen, the label head fit, a new
+            with torch.random.fork_rng():  # decoder (docstring); the same batches after, resumed here or not
+                fresh = it == start and j == 0  # (a run resumed later has these in its checkpoint)
+                if fresh and cfg["label_iters"]:
+                    torch.manual_seed(cfg["seed"] + 2)
+                    train_labels(model, train_ds, cfg, dev)
+                model.f_2d.requires_grad_(False)
+                model.f_3d.requires_grad_(False)
+                torch.manual_seed(cfg["seed"] + 3)  # the probe's init: the same head wherever a run resumed
                 findings["z"] = fit_findings(model, train_ds, val_ds, dev)
-                if it == start and j == 0:  # (a run resumed later has its new decoder in the checkpoint)
+                if fresh:
                     torch.manual_seed(cfg["seed"] + 1)
                     model.decoder.load_state_dict(Decoder(model.decoder.args).state_dict())
         _, labels, *text = get_batch(train_ds, idx, (1,) if len(tasks) > 1 and (it - start) % 8 else tasks, enc, cfg, dev)

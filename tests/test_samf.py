@@ -24,7 +24,8 @@ TINY = ["--preset=cpu", "--device=cpu", "--shape=8,32,32", "--n_slices=4", "--vi
         "--dino_local=2", "--dino_local_size=16", "--dino_hidden=32", "--dino_bottleneck=16", "--dino_out=64",
         "--warmup_batch=4", "--dim=32", "--n_layers=1", "--n_heads=2", "--n_kv_heads=1", "--vocab_size=320",
         "--n_train=6", "--n_val=4", "--n_test=2", "--batch_size=4", "--grad_accum=2", "--max_new_tokens=4",
-        "--num_workers=0", "--dino_iters=2", "--warmup_iters=2", "--max_iters=2", "--eval_interval=1", "--prompt_iters=0"]
+        "--num_workers=0", "--dino_iters=2", "--warmup_iters=2", "--max_iters=2", "--eval_interval=1", "--prompt_iters=0",
+        "--label_iters=2"]
 
 
 def cfg_of(argv):
@@ -295,7 +296,7 @@ def test_answer_rate_by_hand():
 
 def test_findings_token_is_the_scans_own_calls_at_test_time():
     """In training the token carries the labels of the readable findings (teacher forcing); in eval mode it is the
-    label head's calls on z_3d whatever labels are passed, so labels cannot reach an answer at test time."""
+    label head's calls on z_2d whatever labels are passed, so labels cannot reach an answer at test time."""
     torch.manual_seed(0)
     model = samf.build_model(cfg_of(TINY + ["--max_iters=4", "--prompt_iters=2"]))
     model.readable[[2, 12]] = 1.0
@@ -305,7 +306,7 @@ def test_findings_token_is_the_scans_own_calls_at_test_time():
     model.eval()
     q_ids, q_mask = text[:2]
     vis, _ = model.visual_tokens(vol, q_ids, q_mask)
-    calls = (model.label_head(model.encode(vol)[1]) >= 0).float()
+    calls = (model.label_head(model.encode(vol)[0].flatten(1)) >= 0).float()
     assert vis.shape[1] == model.n_visual == 1 + 4 + 1
     torch.testing.assert_close(vis[:, -1], model.label_embed(calls * model.readable))
     torch.testing.assert_close(model(vol, y1, *text), model(vol, y2, *text), atol=0, rtol=0)
@@ -316,8 +317,8 @@ def test_findings_token_is_the_scans_own_calls_at_test_time():
 
 
 def test_fit_findings_keeps_the_readable_finding_only(monkeypatch):
-    """z_3d separates finding 2 (cardiomegaly) and is noise for the others: only it becomes readable, and its calls
-    follow it on the validation scans."""
+    """The slice embeddings (here the same vector on every slice) separate finding 2 (cardiomegaly) and are noise for
+    the others: only it becomes readable, and its calls follow it on the validation scans."""
     torch.manual_seed(0)
     model = samf.build_model(cfg_of(TINY + ["--max_iters=4", "--prompt_iters=2"]))
     g = torch.Generator().manual_seed(0)
@@ -334,33 +335,38 @@ def test_fit_findings_keeps_the_readable_finding_only(monkeypatch):
     torch.testing.assert_close(cache[:, -1], torch.stack([it["volume"][0, 0, 0] for it in train_ds]))
     assert model.readable.nonzero().flatten().tolist() == [2]
     zv, yv = torch.stack([it["volume"][0, 0, 0] for it in val_ds]), torch.stack([it["labels"] for it in val_ds])
-    calls = (model.label_head(zv) >= 0).float()
+    calls = (model.label_head(zv.repeat(1, 4)) >= 0).float()  # z_2d (n, 4, 32) flattened
     assert (calls[:, 2] == yv[:, 2]).float().mean() >= 0.95
 
 
 def test_prompt_phase_freezes_the_encoder_and_resumes_exactly(tmp_path, monkeypatch):
-    argv = TINY + ["--stage=finetune", "--max_iters=4", "--prompt_iters=2", "--eval_interval=2", "--n_test=2",
+    """The findings phase (steps 2-3) first trains f_2d on the labels, then freezes f_2d and f_3d. Resumed where it
+    starts (step 2) it trains f_2d again, resumed inside it (step 3) it does not: both end where the straight run does."""
+    argv = TINY + ["--stage=finetune", "--max_iters=4", "--prompt_iters=2", "--eval_interval=1", "--n_test=2",
                    "--max_new_tokens=1"]
     real_save = samf.save_checkpoint
 
     def save_and_keep(path, state):
         real_save(path, state)
-        if state["iter_num"] == 2:
-            shutil.copy(path, tmp_path / "mid.pt")
+        if state["iter_num"] in (2, 3):
+            shutil.copy(path, tmp_path / f"mid{state['iter_num']}.pt")
     monkeypatch.setattr(samf, "save_checkpoint", save_and_keep)
     res = samf.main(argv + [f"--out_dir={tmp_path / 'a'}"])
     assert {"answer_rate_prior", "prevalence_prior", "shuffled_visual"} <= set(res["mcq"]) and res["n_visual"] == 1 + 4 + 1
-    (tmp_path / "b").mkdir()
-    shutil.copy(tmp_path / "mid.pt", tmp_path / "b" / "ckpt.pt")
-    shutil.copy(tmp_path / "a" / "bpe.tiktoken", tmp_path / "b" / "bpe.tiktoken")
-    samf.main(argv + [f"--out_dir={tmp_path / 'b'}", "--init_from=resume"])
-    mid, a, b = (torch.load(p, weights_only=True)["model"] for p in (tmp_path / "mid.pt", tmp_path / "a" / "ckpt.pt",
-                                                                       tmp_path / "b" / "ckpt.pt"))
+    for at in (2, 3):
+        (tmp_path / f"b{at}").mkdir()
+        shutil.copy(tmp_path / f"mid{at}.pt", tmp_path / f"b{at}" / "ckpt.pt")
+        shutil.copy(tmp_path / "a" / "bpe.tiktoken", tmp_path / f"b{at}" / "bpe.tiktoken")
+        samf.main(argv + [f"--out_dir={tmp_path / f'b{at}'}", "--init_from=resume"])
+    mid2, mid3, a, b2, b3 = (torch.load(p, weights_only=True)["model"] for p in (
+        tmp_path / "mid2.pt", tmp_path / "mid3.pt", *(tmp_path / d / "ckpt.pt" for d in ("a", "b2", "b3"))))
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+        torch.testing.assert_close(a[k], b2[k], atol=0, rtol=0)
+        torch.testing.assert_close(a[k], b3[k], atol=0, rtol=0)
         if k.startswith(("f_2d.", "f_3d.")):
-            assert torch.equal(a[k], mid[k]), k  # frozen in the findings phase
-    assert not torch.equal(a["decoder.output.weight"], mid["decoder.output.weight"]) and "readable" in a
+            assert torch.equal(a[k], mid3[k]), k  # frozen in the findings phase, after the label steps
+            assert torch.equal(a[k], mid2[k]) == k.startswith("f_3d."), k  # f_2d trained on the labels, f_3d not
+    assert not torch.equal(a["decoder.output.weight"], mid2["decoder.output.weight"]) and "readable" in a
     with pytest.raises(ValueError, match="--prompt_iters=4: must be below --max_iters=4"):
         samf.check_config(cfg_of(TINY + ["--max_iters=4", "--prompt_iters=4"]))
 
