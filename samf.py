@@ -52,9 +52,9 @@ Deviations:
   N steps first train f_2d for --label_iters steps on the 18 labels (a binary cross-entropy through a linear head on
   the training scans' slice embeddings z_2d, all S side by side), then freeze f_2d and f_3d (features cached), fit the
   label head (a logistic regression on the training scans' z_2d, flattened; a finding is `readable` at validation
-  AUROC >= 0.8), re-initialise the decoder and train it on multiple choice
-  (reports every 8th step) with one more prefix token, label_embed(readable * calls): the true labels in training,
-  the label head's calls at evaluation and --predict.
+  AUROC >= 0.8), re-initialise the decoder and train it on multiple choice (reports every 8th step) with one more
+  prefix token, label_embed(readable * calls): the true labels in training, the label head's calls at evaluation and
+  --predict. Labels of training and validation scans only; none reaches a test answer.
 - --mcq_aug: training questions get reshuffled letters and absent options redrawn from the patient's absent labels.
 - --llm=path: a Meta-format Llama 3 with LoRA (as hilt.py) instead of Phi-3 (other loading code); without it the
   decoder trains from scratch on data.py's BPE. Learning rates and steps are not in the paper.
