@@ -371,6 +371,30 @@ def test_prompt_phase_freezes_the_encoder_and_resumes_exactly(tmp_path, monkeypa
         samf.check_config(cfg_of(TINY + ["--max_iters=4", "--prompt_iters=4"]))
 
 
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+def test_feat_noise_perturbs_the_cached_features_in_training_only(noise, tmp_path, monkeypatch):
+    """--feat_noise: every findings-phase training batch is the cache of the scans' z_2d, z_3d plus Gaussian noise of
+    that std (none at 0); evaluation encodes the volume itself, without noise."""
+    cache, fed = [], []
+    real_fit, real_forward = samf.fit_findings, samf.SAMFModel.forward
+    monkeypatch.setattr(samf, "fit_findings", lambda *a, **k: cache.append(real_fit(*a, **k)) or cache[-1])
+
+    def forward(self, volume, labels, *texts):
+        if volume.dim() == 3:
+            fed.append(volume.clone())
+        return real_forward(self, volume, labels, *texts)
+    monkeypatch.setattr(samf.SAMFModel, "forward", forward)
+    samf.main(TINY + ["--stage=finetune", "--max_iters=4", "--prompt_iters=2", "--n_test=2", "--max_new_tokens=1",
+                      f"--feat_noise={noise}", f"--out_dir={tmp_path}"])
+    assert len(cache) == 1 and len(fed) >= 2 * 2  # two steps of two micro-batches (and a FLOP count)
+    rows, z = torch.cat(fed), cache[0]
+    gap = (rows[:, None] - z[None]).flatten(2).pow(2).mean(-1).min(1).values.sqrt()  # to the nearest cached scan
+    if noise:
+        assert (gap > 0.3).all() and gap.mean() == pytest.approx(noise, rel=0.3)
+    else:
+        assert (gap == 0).all()
+
+
 def test_letter_matches_text_and_the_mcq_margins(trained):
     q = "Which of the following findings is present in this scan? Choices: A. Emphysema B. Cardiomegaly " \
         "C. Lung nodule D. None of these"
