@@ -47,6 +47,7 @@ Commands:
     python boundary_vqa.py --data=/path/to/RadGenome-ChestCT  # masks seg_<volume>/<region>.nii.gz + grounded QA CSVs
     python boundary_vqa.py --init_from=resume --predict=scan.nii.gz --mask=region.nii.gz \
         --question="Is there an abnormality in the left lung?"   # the answer + a PNG montage of the prompted slices
+    python boundary_vqa.py --init_from=resume       # after Ctrl-C: either stage goes on exactly (siglip.pt / ckpt.pt)
 """
 import json
 import math
@@ -1025,8 +1026,8 @@ def train_loop(cfg, tag, model, opt, n_items, batch_fn, loss_fn, val_fn, save, *
     if sig.stop:  # saved, then out through run(main): exit code 130, and no later stage or twin starts
         if master:
             save(iter_num, best)
-        raise Interrupted(f"{tag}: checkpoint saved in {cfg['out_dir']}; "
-                          f"continue with --stage={tag} --init_from=resume")
+        raise Interrupted(f"{tag}: checkpoint saved in {cfg['out_dir']}; continue with "
+                          f"--stage={cfg['stage'] if tag == 'siglip' else tag} --init_from=resume")
 
 
 def text_batch(enc, texts, dev, max_len=512):
@@ -1074,14 +1075,19 @@ def sentence_pairs(items, idx, g: torch.Generator, per_report: int = 2, outlines
     return texts, (z & where).float() * 2 - 1
 
 
-def train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master):
-    """Stage 1: DCFormer + Mixer (+ a text encoder) on (volume, report sentence) pairs with the sigmoid loss."""
+def train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master, ckpt=None):
+    """Stage 1: DCFormer + Mixer (+ a text encoder) on (volume, report sentence) pairs with the sigmoid loss; from
+    scratch, or on from siglip.pt (ckpt: its weights, optimizer, RNG and step) with --init_from=resume."""
     torch.manual_seed(cfg["seed"])
     tower = VisionTower(cfg)  # built before the text encoder: the init order is the RNG's
     model = SigLIP(tower, TextEncoder(cfg["vocab_size"], cfg["text_dim"], cfg["text_layers"], cfg["proj_dim"])).to(dev)
     with torch.no_grad():  # b = -10 suits 32k-pair batches; at a few dozen it only collapses the first steps
         model.b.fill_(-math.log(cfg["siglip_batch"]))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["siglip_lr"], betas=(0.9, 0.98), weight_decay=1e-4)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"])
     if master:
         print(f"SigLIP: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(items)} volumes "
               f"with their reports' sentences, {cfg['siglip_iters']} steps of {cfg['siglip_batch']}")
@@ -1103,13 +1109,15 @@ def train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master):
         return model(*batch_on(val_items, idx, torch.Generator().manual_seed(0))).item()
 
     def save(it, best):
-        save_checkpoint(Path(cfg["out_dir"]) / "siglip.pt", {"model": model.state_dict(), "iter_num": it,
-                                                              "config": cfg, "val_loss": best})
+        save_checkpoint(Path(cfg["out_dir"]) / "siglip.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                                              "iter_num": it, "config": cfg, "val_loss": best,
+                                                              "rng": rng_state()})
     iters = cfg["siglip_iters"]
     train_loop({**cfg, "eval_interval": max(1, iters // 3), "grad_accum": 1}, "siglip", model, opt, len(items),
                lambda idx: batch_on(items, idx, torch.Generator().manual_seed(idx[0] * 7919 + len(idx))),
                lambda fwd, b: fwd(*b), val_fn, save, iters=iters, lr=cfg["siglip_lr"], warmup=max(1, iters // 10),
-               micro=cfg["siglip_batch"] // world, start=0, dev=dev, ddp=ddp, rank=rank, world=world, master=master)
+               micro=cfg["siglip_batch"] // world, start=0 if ckpt is None else ckpt["iter_num"], dev=dev, ddp=ddp,
+               rank=rank, world=world, master=master)
 
 
 def vqa_losses(fwd, batch, alpha, cfg, lora_params):
@@ -1479,7 +1487,12 @@ def main(argv=None):
     if master:
         print(f"preset {cfg['preset']}, device {dev}" + ("" if world == 1 else f", DDP world {world}"))
     out = Path(cfg["out_dir"])
-    ckpt = resume_checkpoint(cfg, MODEL_KEYS, master)  # None from scratch
+    # --init_from=resume: ckpt.pt (the VQA stage), or siglip.pt for --stage=siglip and for --stage=all before any
+    # ckpt.pt (a SigLIP stage stopped part-way goes on, then the VQA stage starts); None from scratch
+    on_siglip = not cfg["predict"] and (cfg["stage"] == "siglip" or (cfg["stage"] == "all"
+                                                                     and not (out / "ckpt.pt").is_file()))
+    ckpt = None if on_siglip else resume_checkpoint(cfg, MODEL_KEYS, master)
+    sig_ckpt = resume_checkpoint(cfg, MODEL_KEYS, master, "siglip.pt", "log_siglip.jsonl") if on_siglip else None
     if cfg["predict"]:
         if ckpt is None:
             raise BadConfig("--predict needs a trained run: add --init_from=resume (and its --out_dir)")
@@ -1492,13 +1505,13 @@ def main(argv=None):
                    f"--decoder={cfg['decoder']}", "pass a smaller --decoder or --llm=<a Meta Llama folder> (frozen, "
                    "with LoRA)")
     items, val_items = get_items(cfg, "train", master), get_items(cfg, "val", master)
-    enc = get_tokenizer(cfg, None if ckpt is not None else items, save=master)
+    enc = get_tokenizer(cfg, None if ckpt is not None or sig_ckpt is not None else items, save=master)
     if not cfg["llm"]:
         cfg["vocab_size"] = enc.n_vocab  # a small corpus can run out of merges before the requested size
     siglip_path = Path(cfg["siglip_from"] or out / "siglip.pt")
     if cfg["stage"] in ("all", "siglip") and ckpt is None:
         t0 = time.time()
-        train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master)
+        train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master, sig_ckpt)
         if master:
             print(f"SigLIP stage: {time.time() - t0:.0f}s -> {out / 'siglip.pt'}")
             siglip_path = out / "siglip.pt"

@@ -138,12 +138,13 @@ def check_out_dir(path):
         raise BadConfig(f"--out_dir={path}: not writable ({e.strerror or e})") from None
 
 
-def resume_cleanup(out_dir, iter_num: int):
-    """Before a resumed run writes: remove a ckpt.pt.tmp left by a kill during the save, and drop log.jsonl lines
-    past the checkpoint's step (a kill after the log line but before the checkpoint's rename would repeat them)."""
+def resume_cleanup(out_dir, iter_num: int, ckpt: str = "ckpt.pt", log: str = "log.jsonl"):
+    """Before a resumed run writes: remove a ckpt.pt.tmp (the checkpoint `ckpt`'s) left by a kill during the save, and
+    drop log.jsonl (`log`) lines past the checkpoint's step (a kill after the log line but before the checkpoint's
+    rename would repeat them)."""
     out = Path(out_dir)
-    (out / "ckpt.pt.tmp").unlink(missing_ok=True)
-    log = out / "log.jsonl"
+    (out / f"{ckpt}.tmp").unlink(missing_ok=True)
+    log = out / log
     if not log.is_file():
         return
     lines = log.read_text().splitlines()
@@ -158,22 +159,23 @@ def resume_cleanup(out_dir, iter_num: int):
         tmp = log.with_name(log.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, log)
-        print(f"resume: dropped {len(lines) - len(keep)} log.jsonl line(s) written after step {iter_num}")
+        print(f"resume: dropped {len(lines) - len(keep)} {log.name} line(s) written after step {iter_num}")
 
 
-def resume_checkpoint(cfg: dict, model_keys, master: bool):
+def resume_checkpoint(cfg: dict, model_keys, master: bool, name: str = "ckpt.pt", log: str = "log.jsonl"):
     """--init_from=resume: out_dir/ckpt.pt (None when training from scratch). The model's keys come from the
     checkpoint (a line names any the command line asked differently); before training on, rank 0 removes a stale
-    ckpt.pt.tmp and log lines past the checkpoint (resume_cleanup). The same few lines in every script's main()."""
+    ckpt.pt.tmp and log lines past the checkpoint (resume_cleanup). The same few lines in every script's main();
+    name and log: a stage's own checkpoint and log (boundary_vqa's siglip.pt, log_siglip.jsonl)."""
     if cfg["init_from"] != "resume":
         return None
-    ckpt = load_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
+    ckpt = load_checkpoint(Path(cfg["out_dir"]) / name)
     changed = {k: (cfg[k], ckpt["config"][k]) for k in model_keys if cfg[k] != ckpt["config"][k]}
     if changed and master:
         print(f"resume: the model keys come from the checkpoint; ignoring the given {changed}")
     cfg.update({k: ckpt["config"][k] for k in model_keys})
     if master and not cfg.get("predict"):
-        resume_cleanup(cfg["out_dir"], ckpt["iter_num"])
+        resume_cleanup(cfg["out_dir"], ckpt["iter_num"], name, log)
     return ckpt
 
 

@@ -358,6 +358,30 @@ def test_main_end_to_end_resume_and_predict(tmp_path, capsys, monkeypatch):
     assert code == 2 and err.splitlines()[-1].startswith("error: --batch_size=0: below") and err.count("error") == 1, err
 
 
+def test_an_interrupted_siglip_stage_resumes_exactly_and_goes_on_to_vqa(tmp_path, monkeypatch):
+    """Ctrl-C in the SigLIP stage of a full run: siglip.pt holds 2 of 4 steps, the message names the command, and
+    that command (--stage=all --init_from=resume) ends with the weights of 4 steps straight, then trains the VQA stage."""
+    sig4 = ["--siglip_iters=4", f"--cache_dir={tmp_path / 'cache'}"]
+    bv.main(TINY + sig4 + [f"--out_dir={tmp_path / 'straight'}", "--stage=siglip"])
+    cut = TINY + sig4 + [f"--out_dir={tmp_path / 'cut'}"]
+    with monkeypatch.context() as mp:
+        mp.setattr(bv, "StopOnSigint", StopAfter)
+        with pytest.raises(data.Interrupted, match="continue with --stage=all --init_from=resume"):
+            bv.main(cut)
+    assert torch.load(tmp_path / "cut" / "siglip.pt", weights_only=True)["iter_num"] == 2
+    assert not (tmp_path / "cut" / "ckpt.pt").exists()
+    (tmp_path / "cut" / "siglip.pt.tmp").write_bytes(b"partial")  # a kill during the save
+    bv.main(cut + ["--init_from=resume"])
+    assert not (tmp_path / "cut" / "siglip.pt.tmp").exists()
+    iters = [json.loads(line)["iter"] for line in (tmp_path / "cut" / "log_siglip.jsonl").read_text().splitlines()]
+    assert iters == [1, 2, 3, 4], iters
+    ref, got = (torch.load(tmp_path / d / "siglip.pt", weights_only=True) for d in ("straight", "cut"))
+    assert got["iter_num"] == ref["iter_num"] == 4
+    for k in ref["model"]:
+        torch.testing.assert_close(got["model"][k], ref["model"][k], rtol=0, atol=0, msg=k)
+    assert torch.load(tmp_path / "cut" / "ckpt.pt", weights_only=True)["iter_num"] == 2  # the VQA stage ran after
+
+
 def test_prompt_none_feeds_no_contour_anywhere(tmp_path, monkeypatch):
     seen = []
     orig = bv.BoundaryVQA.features
