@@ -69,8 +69,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (FOV, LABELS, REGION_IDS, SPECIAL_TOKENS, BadConfig, BadVolume, InputError, Interrupted, RadGenomeCT,
-                  StepTimer, StopOnSigint, Stream, SyntheticCT, _finding_name, autocast_ctx, bootstrap_diff,
-                  check_fits, choice_correct, crop_or_pad, finding_region, forward_flops, load_bpe, load_checkpoint,
+                  StepTimer, StopOnSigint, Stream, SyntheticCT, _finding_name, autocast_ctx, bootstrap_diff, check_fits,
+                  check_out_dir, choice_correct, crop_or_pad, finding_region, forward_flops, load_bpe, load_checkpoint,
                   load_ct, load_llama3_tokenizer, load_nifti, log_eval, optimizer_step, preprocess, report_labels,
                   report_metrics, resume_checkpoint, rng_state, run, sample_patient, save_bpe, save_checkpoint,
                   set_rng_state, setup_ddp, train_bpe, vqa_closed_accuracy, wrap_model)
@@ -1382,6 +1382,9 @@ def predict_file(cfg, model, enc, dev) -> str:
 def table(cfg):
     rows, base = [], Path(cfg["out_dir"])
     siglip = Path(cfg["siglip_from"] or base / "siglip.pt")
+    if not siglip.is_file():
+        raise BadConfig(f"--table: {siglip}: no SigLIP tower; train one first (python boundary_vqa.py "
+                        f"--stage=siglip --out_dir={base}) or pass --siglip_from")
     for size in "sml":
         for pr in ("none", "contour"):
             out = base / f"table_{size}_{pr}"
@@ -1500,6 +1503,7 @@ def main(argv=None):
         model = build_model(cfg).to(dev)
         model.load_state_dict(ckpt["model"], strict=not cfg["llm"])
         return predict_file(cfg, model, enc, dev)
+    check_out_dir(out)  # writable, before the phantoms are rendered
     if not cfg["llm"]:  # the whole decoder trains (--decoder=l: 1.6B parameters); the smallest BPE vocabulary: a bound
         check_fits(lambda: build_model({**cfg, "vocab_size": 256 + len(SPECIAL_TOKENS)}), dev,
                    f"--decoder={cfg['decoder']}", "pass a smaller --decoder or --llm=<a Meta Llama folder> (frozen, "

@@ -98,7 +98,7 @@ from data import (FOV, LABELS, SPECIAL_TOKENS, BadConfig, InputError, Interrupte
                   labels_of, load_bpe, load_checkpoint, load_ct, load_llama3_tokenizer, preprocess, questions_in,
                   report_metrics, reports_of, resume_cleanup, rng_state, run, save_bpe, save_checkpoint, set_rng_state,
                   setup_ddp, train_bpe)
-from data import (StepTimer, Stream, autocast_ctx, check_fits, forward_flops, log_eval, optimizer_step,
+from data import (StepTimer, Stream, autocast_ctx, check_fits, check_out_dir, forward_flops, log_eval, optimizer_step,
                   wrap_model)
 
 # -----------------------------------------------------------------------------
@@ -1602,7 +1602,7 @@ def main(argv=None):
     if not cfg["llm"]:  # the paper preset's 3.8B decoder from scratch: stop now, not after stage 1 (DINO)
         check_fits(finetune_model, dev, "--stage=finetune", "pass --llm=<a Meta Llama folder> (the paper's setting: "
                    "a frozen decoder with LoRA) or a smaller decoder (--dim, --n_layers)")
-    out.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out)  # made, and writable, before any stage works
     if cfg["stage"]:
         stages = [cfg["stage"]]
     elif cfg["init_from"] == "resume":

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+import boundary_vqa as BV
 import ct_scroll as C
 import data
 import fusion2d3d as FZ
 import hilt as H
+import samf as S
 from data import BadConfig, BadVolume, CTRATE, load_ct
 from test_volumes import IPL_AFFINE, SHAPE, SPACING, save, truth_hu, write_layout
 
@@ -266,12 +268,12 @@ def test_hilt_hr_with_four_values_is_refused():
 
 def test_unwritable_out_dir_is_refused_up_front(tmp_path):
     (tmp_path / "file").write_text("x")  # a file where a folder should be (root ignores chmod, so this stands in)
-    for script in (C, FZ, H):
+    for script in (C, FZ, H, S, BV):
         with pytest.raises(BadConfig, match="--out_dir=.*not writable"):
             script.main(TINY[:1] + [f"--out_dir={tmp_path / 'file' / 'run'}"])
 
 
-@pytest.mark.parametrize("script", [C, FZ, H], ids=lambda s: s.__name__)
+@pytest.mark.parametrize("script", [C, FZ, H, S, BV], ids=lambda s: s.__name__)
 def test_a_corrupt_checkpoint_is_a_named_error(tmp_path, script):
     (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint" * 64)  # e.g. a file cut short by a full disk
     with pytest.raises(BadVolume, match="ckpt.pt: not a readable checkpoint"):

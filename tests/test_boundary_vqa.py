@@ -360,7 +360,7 @@ def test_main_end_to_end_resume_and_predict(tmp_path, capsys, monkeypatch):
 
 def test_an_interrupted_siglip_stage_resumes_exactly_and_goes_on_to_vqa(tmp_path, monkeypatch):
     """Ctrl-C in the SigLIP stage of a full run: siglip.pt holds 2 of 4 steps, the message names the command, and
-    that command (--stage=all --init_from=resume) ends with the weights of 4 steps straight, then trains the VQA stage."""
+    that command (--stage=all --init_from=resume) ends with the weights of 4 steps straight, then trains VQA."""
     sig4 = ["--siglip_iters=4", f"--cache_dir={tmp_path / 'cache'}"]
     bv.main(TINY + sig4 + [f"--out_dir={tmp_path / 'straight'}", "--stage=siglip"])
     cut = TINY + sig4 + [f"--out_dir={tmp_path / 'cut'}"]
@@ -495,3 +495,8 @@ def test_llm_trains_lora_with_the_base_frozen_and_a_finished_run_resumes_to_its_
                    for k in state) and not any("tok_embeddings" in k for k in state)
     again = bv.main(argv + ["--init_from=resume", "--stage=vqa"])
     assert again["rows"] == res["rows"]
+
+
+def test_table_without_a_siglip_tower_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    code, err = cli(TINY + ["--table=true", f"--out_dir={tmp_path / 'none'}"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "--table" in err and "siglip.pt" in err, err
