@@ -1085,6 +1085,9 @@ def train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master, ckpt
         model.b.fill_(-math.log(cfg["siglip_batch"]))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["siglip_lr"], betas=(0.9, 0.98), weight_decay=1e-4)
     if ckpt is not None:
+        if "optimizer" not in ckpt:
+            raise BadConfig(f"{Path(cfg['out_dir']) / 'siglip.pt'}: saved without its optimizer, so it cannot go on; "
+                            "use it as it is (--stage=vqa) or train the stage again (--init_from=scratch)")
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
