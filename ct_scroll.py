@@ -81,9 +81,9 @@ min_lr = 0.0  # cosine floor
 warmup_iters = 20000  # linear warm-up steps
 weight_decay = 0.01  # AdamW (torch's default; the paper is silent)
 grad_clip = 1.0  # max gradient norm; 0 disables
-n_train = 2000  # synthetic dataset sizes (ignored for CT-RATE)
-n_val = 200
-n_test = 200
+n_train = 2000  # synthetic training volumes (the sizes are ignored for CT-RATE)
+n_val = 200  # synthetic validation volumes
+n_test = 200  # synthetic test volumes
 ram_cache = False  # generate/read every volume once (num_workers processes) and keep it in RAM
 num_workers = 4  # DataLoader worker processes
 shape = (240, 480, 480)  # (z, y, x) voxels fed to the model; z divisible by 3
@@ -94,7 +94,7 @@ reduction = "gap"  # gap | linear | conv3d (Table 2)
 interactions = "scrolling"  # none | causal | global | global_local | scrolling (Table 2)
 window = 16  # sliding window q (Table 3); 0 = global
 depth = 1  # Scrolling Blocks stacked (the paper uses one)
-n_heads = 8
+n_heads = 8  # attention heads of the Scrolling Block
 aggregation = "mean"  # mean (authors: LayerNorm + mean) | sum (Eq. 3)
 resnet_weights = ""  # path to torchvision's resnet18-f37072fd.pth; empty = random init
 predict = ""  # path to a .nii/.nii.gz to classify with the trained run (needs --init_from=resume)
@@ -546,13 +546,21 @@ def _cast(key, value: str, default):
 
 def parse_config(argv, defaults, presets):
     """defaults <- preset <- command line. `--key=value` and `--key value` both work; unknown keys and bad values
-    stop with a message that lists the valid keys; `--help` prints every key with its default."""
+    stop with a message that lists the valid keys; `--help` prints every key with its default, its cpu preset
+    value where that differs, and its comment in this file's config block."""
     args, given = list(sys.argv[1:] if argv is None else argv), {}
     while args:
         arg = args.pop(0)
         if arg in ("-h", "--help"):
+            notes = {}
+            for line in Path(__file__).read_text().splitlines():  # `key = value  # what it means`, first one wins
+                key, _, rest = line.partition(" = ")
+                if key in defaults and "  # " in rest:
+                    notes.setdefault(key, rest.split("  # ", 1)[1])
             print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]   presets: {', '.join(presets)}")
-            print("\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+            for k, v in defaults.items():
+                cpu = f" (cpu: {presets['cpu'][k]!r})" if k in presets.get("cpu", {}) else ""
+                print(f"  --{k}={v!r}{cpu}  {notes.get(k, '')}".rstrip())
             raise SystemExit(0)
         key, eq, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or key not in defaults:

@@ -1084,13 +1084,21 @@ def _cast(key, value: str, default):
 # Copied from ct_scroll.parse_config
 def parse_config(argv, defaults, presets):
     """defaults <- preset <- command line. `--key=value` and `--key value` both work; unknown keys and bad values
-    stop with a message that lists the valid keys; `--help` prints every key with its default."""
+    stop with a message that lists the valid keys; `--help` prints every key with its default, its cpu preset
+    value where that differs, and its comment in this file's config block."""
     args, given = list(sys.argv[1:] if argv is None else argv), {}
     while args:
         arg = args.pop(0)
         if arg in ("-h", "--help"):
+            notes = {}
+            for line in Path(__file__).read_text().splitlines():  # `key = value  # what it means`, first one wins
+                key, _, rest = line.partition(" = ")
+                if key in defaults and "  # " in rest:
+                    notes.setdefault(key, rest.split("  # ", 1)[1])
             print(f"usage: python {os.path.basename(sys.argv[0])} [--key=value ...]   presets: {', '.join(presets)}")
-            print("\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+            for k, v in defaults.items():
+                cpu = f" (cpu: {presets['cpu'][k]!r})" if k in presets.get("cpu", {}) else ""
+                print(f"  --{k}={v!r}{cpu}  {notes.get(k, '')}".rstrip())
             raise SystemExit(0)
         key, eq, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or key not in defaults:

@@ -404,3 +404,15 @@ def test_ctrl_c_saves_then_exits_130(tmp_path, monkeypatch, capsys):
     assert data.load_checkpoint(tmp_path / "ckpt.pt")["iter_num"] == 2
     assert not (tmp_path / "metrics.json").exists()
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("stopped: checkpoint saved")
+
+
+@pytest.mark.parametrize("script", [C, FZ, H, S, BV], ids=lambda s: s.__name__)
+def test_help_gives_every_key_its_default_and_meaning(script, capsys):
+    with pytest.raises(SystemExit) as e:
+        script.parse_config(["--help"], script.DEFAULTS, script.PRESETS)
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert e.value.code == 0 and len(lines) == len(script.DEFAULTS)
+    for line, (key, value) in zip(lines, script.DEFAULTS.items()):
+        head = f"  --{key}={value!r}"
+        cpu = f" (cpu: {script.PRESETS['cpu'][key]!r})" if key in script.PRESETS["cpu"] else ""
+        assert line.startswith(head + cpu + "  ") and len(line) > len(head + cpu) + 4, line  # a meaning follows
