@@ -69,11 +69,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import (FOV, LABELS, REGION_IDS, SPECIAL_TOKENS, BadConfig, BadVolume, InputError, Interrupted, RadGenomeCT,
-                  StepTimer, StopOnSigint, Stream, SyntheticCT, _finding_name, autocast_ctx, bootstrap_diff, check_fits,
-                  check_out_dir, choice_correct, crop_or_pad, finding_region, forward_flops, load_bpe, load_checkpoint,
-                  load_ct, load_llama3_tokenizer, load_nifti, log_eval, optimizer_step, preprocess, report_labels,
-                  report_metrics, resume_checkpoint, rng_state, run, sample_patient, save_bpe, save_checkpoint,
-                  set_rng_state, setup_ddp, train_bpe, vqa_closed_accuracy, wrap_model)
+                  StepTimer, StopOnSigint, Stream, SyntheticCT, _finding_name, auroc, autocast_ctx, bootstrap_diff,
+                  check_fits, check_out_dir, choice_correct, crop_or_pad, finding_region, forward_flops, load_bpe,
+                  load_checkpoint, load_ct, load_llama3_tokenizer, load_nifti, log_eval, optimizer_step, preprocess,
+                  report_labels, report_metrics, resume_checkpoint, rng_state, run, sample_patient, save_bpe,
+                  save_checkpoint, set_rng_state, setup_ddp, train_bpe, vqa_closed_accuracy, wrap_model)
 
 # -----------------------------------------------------------------------------
 preset = ""  # cpu | paper; empty: paper on CUDA, cpu otherwise
@@ -1211,7 +1211,9 @@ def run_vqa(cfg, tower_state, items, val_items, test_items, enc, dev, ddp, rank,
     cache = feature_cache(model, test_items, test_qs, cfg, dev)
     preds = answer(model, enc, cfg, test_qs, cache, dev, ctx)
     res = {"prompt": cfg["prompt"], "blind": cfg["blind"], "decoder": cfg["llm"] or cfg["decoder"],
-           "scores": score(test_qs, preds), "train_s": time.time() - t0, "peak_mb": peak_memory_mb(dev),
+           "scores": score(test_qs, preds), "reads": reads(test_qs, yes_log_odds(model, enc, cfg, test_qs, cache, dev,
+                                                                                 ctx)),
+           "train_s": time.time() - t0, "peak_mb": peak_memory_mb(dev),
            "n_params": sum(p.numel() for p in model.decoder.parameters())}
     if not cfg["blind"] and len(test_items) > 1:  # each question about the scan half the split away (its own outline)
         other = [((i + len(test_items) // 2) % len(test_items), q) for i, q in test_qs]
@@ -1231,19 +1233,26 @@ def run_vqa(cfg, tower_state, items, val_items, test_items, enc, dev, ddp, rank,
 # Eval: closed accuracy (head), open BLEU-4 / ROUGE-L / METEOR and choice accuracy (generation)
 
 @torch.no_grad()
-def answer(model, enc, cfg, samples, cache, dev, ctx) -> list:
-    """Answers (strings) to samples: yes/no kinds through the head, the others by greedy generation with the KV
-    cache (grouped by question length, so a batch needs no padding). The answers never enter the input."""
+def yes_log_odds(model, enc, cfg, samples, cache, dev, ctx) -> dict:
+    """{index: logit(Yes) - logit(No)} of the head for every yes/no sample (closed, region)."""
     model.eval()
-    out, eos = [None] * len(samples), enc.encode_single_token("<|end_of_text|>")
-    yn = [j for j, (_, q) in enumerate(samples) if q["kind"] in ("closed", "region")]
+    yn, out = [j for j, (_, q) in enumerate(samples) if q["kind"] in ("closed", "region")], {}
     for s in range(0, len(yn), 64):
         js = yn[s: s + 64]
         feats, inputs, _, tmask, last, _ = vqa_batch([samples[j] for j in js], cache, enc, cfg, dev)
         with ctx:
             _, logits = model(feats, inputs, tmask, last)
-        for j, c in zip(js, logits.argmax(-1).tolist()):
-            out[j] = YES_NO[c]
+        out.update(zip(js, (logits[:, 1] - logits[:, 0]).float().tolist()))
+    return out
+
+
+@torch.no_grad()
+def answer(model, enc, cfg, samples, cache, dev, ctx) -> list:
+    """Answers (strings) to samples: yes/no kinds through the head, the others by greedy generation with the KV
+    cache (grouped by question length, so a batch needs no padding). The answers never enter the input."""
+    out, eos = [None] * len(samples), enc.encode_single_token("<|end_of_text|>")
+    for j, d in yes_log_odds(model, enc, cfg, samples, cache, dev, ctx).items():
+        out[j] = YES_NO[int(d > 0)]  # the argmax (a tie is "No")
     groups = {}
     for j, (_, q) in enumerate(samples):
         if q["kind"] not in ("closed", "region"):
@@ -1282,6 +1291,17 @@ def score(samples, preds) -> dict:
     return res
 
 
+def reads(samples, log_odds) -> dict:
+    """Which findings (closed questions) and regions (region questions) the model reads from the scan: per question
+    text asked with both answers among the samples, the AUROC of the head's log-odds against the reference answers."""
+    by = {}
+    for j, (_, q) in enumerate(samples):
+        if j in log_odds:
+            by.setdefault(q["question"], []).append((q["answer"] == "Yes", log_odds[j]))
+    return {t: dict(auroc=auroc([y for y, _ in v], [d for _, d in v]), n=len(v), yes=sum(y for y, _ in v))
+            for t, v in sorted(by.items()) if 0 < sum(y for y, _ in v) < len(v)}
+
+
 def correct(samples, preds, kind) -> np.ndarray:
     """1 per question of `kind` answered right (case and a final period aside), else 0: the bootstrap's input."""
     yn = lambda s: s.strip().lower().rstrip(".")
@@ -1310,6 +1330,10 @@ def print_results(res: dict):
     for name, d in res.get("paired", {}).items():
         print(f"{name}: {100 * d['diff']:+.1f} points, 95% paired bootstrap interval "
               f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] over {d['n']} questions")
+    for name, rd in res.get("reads", {}).items():  # 0.5: the answer does not depend on the scan
+        print(f"\nwhat {name} reads: AUROC of its P(Yes) per yes/no test question asked with both answers")
+        for t, r in sorted(rd.items(), key=lambda kv: -kv[1]["auroc"]):
+            print(f"  {r['auroc']:.2f}  ({r['yes']:>3} Yes of {r['n']:>3})  {t}")
 
 
 # -----------------------------------------------------------------------------
@@ -1561,7 +1585,8 @@ def main(argv=None):
             return "question-only (visual tokens zeroed)"
         return f"--prompt={r['prompt']} --decoder={r['decoder']}"
     res = {"rows": {"majority answer": majority(train_qs, test_qs), **{name(r): r["scores"] for r in results}},
-           "peak_mb": {name(r): r["peak_mb"] for r in results}, "paired": {}, "test_loss own / another scan": {}}
+           "peak_mb": {name(r): r["peak_mb"] for r in results}, "paired": {}, "test_loss own / another scan": {},
+           "reads": {name(results[0]): results[0]["reads"]}}
     for r in results:  # the image-blind check without retraining: the same model asked about another scan
         if "another_scan" in r:
             res["rows"][f"{name(r)}, another scan"] = r["another_scan"]

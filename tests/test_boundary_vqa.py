@@ -296,6 +296,8 @@ def test_main_end_to_end_resume_and_predict(tmp_path, capsys, monkeypatch):
         recs = [json.loads(line) for line in (out / f).read_text().splitlines()]
         assert recs and all(r["samples_per_s"] > 0 and 0 <= r["data_frac"] <= 1 and r["mfu"] > 0 for r in recs), f
     assert set(res["rows"]["majority answer"]) >= {"closed", "region"}
+    reads = res["reads"]["--prompt=contour --decoder=m"].values()  # AUROC per yes/no question asked with both answers
+    assert all(0 <= r["auroc"] <= 1 and 0 < r["yes"] < r["n"] for r in reads)
     own, other = res["test_loss own / another scan"]["--prompt=contour --decoder=m"]  # scan 0 <-> scan 1 swapped
     assert own != other and set(res["rows"]["--prompt=contour --decoder=m, another scan"]) >= {"closed", "region"}
     assert "closed: --prompt=contour --decoder=m minus the same model asked about another scan" in res["paired"]
@@ -500,3 +502,14 @@ def test_llm_trains_lora_with_the_base_frozen_and_a_finished_run_resumes_to_its_
 def test_table_without_a_siglip_tower_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
     code, err = cli(TINY + ["--table=true", f"--out_dir={tmp_path / 'none'}"], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and "--table" in err and "siglip.pt" in err, err
+
+
+def test_reads_is_the_auroc_of_the_heads_log_odds_per_question():
+    q = lambda text, ans, kind="closed": (0, {"question": text, "answer": ans, "kind": kind})
+    samples = [q("Is there A?", "Yes"), q("Is there A?", "No"), q("Is there A?", "No"),
+               q("Is there B?", "Yes"), q("Is there B?", "No"), q("Is there C?", "No"),
+               q("Where is A?", "Left", "open")]
+    log_odds = {0: 2.0, 1: -1.0, 2: 0.5, 3: 0.3, 4: 0.3, 5: 1.0}  # A separated, B a constant (blind), C one answer
+    r = bv.reads(samples, log_odds)
+    assert set(r) == {"Is there A?", "Is there B?"}  # C has no "Yes"; open questions have no head
+    assert r["Is there A?"] == dict(auroc=1.0, n=3, yes=1) and r["Is there B?"]["auroc"] == 0.5
