@@ -1513,14 +1513,43 @@ def get_tokenizer(cfg, items=None, save=True):
     return enc
 
 
-def main(argv=None):
-    cfg = parse_config(argv, DEFAULTS, PRESETS)
-    if cfg["table"]:
-        return table(cfg)
-    for key, ok in (("stage", ("all", "siglip", "vqa")), ("prompt", ("contour", "none")),
+def check_config(cfg):
+    """What parses but cannot work stops here, before any work, naming the key."""
+    for key, ok in (("stage", ("all", "siglip", "vqa")), ("prompt", ("contour", "none")), ("decoder", ("s", "m", "l")),
                     ("init_from", ("scratch", "resume")), ("rescale", ("auto", "header", "none"))):
         if cfg[key] not in ok:
             raise BadConfig(f"--{key}={cfg[key]!r}: expected one of {ok}")
+    for key in ("max_iters", "eval_interval", "batch_size", "grad_accum", "n_train", "n_val", "n_test", "siglip_iters",
+                "siglip_batch", "enc_kernel", "mixer_tokens", "proj_dim", "text_dim", "text_layers", "mssa_heads",
+                "lora_r", "vocab_size", "max_text_len", "max_new_tokens"):
+        if cfg[key] < 1:
+            raise BadConfig(f"--{key}={cfg[key]}: must be at least 1")
+    if cfg["enc_kernel"] % 2 == 0:
+        raise BadConfig(f"--enc_kernel={cfg['enc_kernel']}: must be odd (the decomposed convolutions keep the size)")
+    if cfg["text_dim"] % 4:
+        raise BadConfig(f"--text_dim={cfg['text_dim']}: must be a multiple of the text encoder's 4 heads")
+    for key in ("cb_beta", "lora_dropout"):  # negative values stop in parse_config
+        if cfg[key] >= 1:
+            raise BadConfig(f"--{key}={cfg[key]}: must be below 1")
+    if cfg["siglip_contour"] > 1:
+        raise BadConfig(f"--siglip_contour={cfg['siglip_contour']}: a share of the volumes, at most 1")
+    grid = [s // (st * 2 ** (len(cfg["enc_dims"]) - 1)) for s, st in zip(cfg["shape"], cfg["enc_stem"])]
+    if min(grid) < 1:
+        raise BadConfig(f"--shape={','.join(map(str, cfg['shape']))}: too small for the encoder (stem "
+                        f"{cfg['enc_stem']}, then /2 per stage: the last stage's grid would be {grid})")
+    i = "sml".index(cfg["decoder"])
+    d, h, kv = cfg["dims"][i], cfg["heads"][i], cfg["kv_heads"][i]
+    if not cfg["llm"] and (d % h or h % kv or (d // h) % 2 or d % cfg["mssa_heads"]):
+        raise BadConfig(f"--decoder={cfg['decoder']}: width {d}, {h} heads, {kv} key-value heads, --mssa_heads="
+                        f"{cfg['mssa_heads']}: the width must split into heads of an even size (RoPE), the heads into "
+                        "key-value groups, and the width into --mssa_heads")
+
+
+def main(argv=None):
+    cfg = parse_config(argv, DEFAULTS, PRESETS)
+    check_config(cfg)
+    if cfg["table"]:
+        return table(cfg)
     ddp, rank, world, dev, master = setup_ddp(cfg["device"])
     if master:
         print(f"preset {cfg['preset']}, device {dev}" + ("" if world == 1 else f", DDP world {world}"))

@@ -1458,6 +1458,14 @@ def check_config(cfg):
                          ("vit_stem", ("patch", "conv")), ("rescale", ("auto", "header", "none"))):
         if cfg[key] not in allowed:
             raise BadConfig(f"--{key}={cfg[key]!r}: not one of the allowed values (see --help)")
+    for key in ("max_iters", "eval_interval", "batch_size", "grad_accum", "n_train", "n_val", "n_test", "n_slices",
+                "vit_img", "vit_patch", "vit_dim", "vit_depth", "vit_heads", "agg_heads", "dino_batch", "warmup_batch",
+                "dim", "n_layers", "n_heads", "n_kv_heads", "max_new_tokens"):
+        if cfg[key] < 1:
+            raise BadConfig(f"--{key}={cfg[key]}: must be at least 1")
+    for a, b in (("vit_dim", "vit_heads"), ("vit_dim", "agg_heads"), ("dim", "n_heads"), ("n_heads", "n_kv_heads")):
+        if cfg[a] % cfg[b]:
+            raise BadConfig(f"--{a}={cfg[a]}: not a multiple of --{b}={cfg[b]}")
     if cfg["n_slices"] > cfg["shape"][0]:
         raise BadConfig(f"--n_slices={cfg['n_slices']}: the volume has only {cfg['shape'][0]} axial slices (--shape)")
     if cfg["prompt_iters"] and (cfg["prompt_iters"] >= cfg["max_iters"] or cfg["llm"]):

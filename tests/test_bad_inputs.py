@@ -250,6 +250,17 @@ FLAGS = [  # (script, flags, words of the error)
     (H, ["--eval_interval=0"], "--eval_interval=0: must be at least 1"),
     (H, ["--mode=bogus"], "--mode=bogus: expected one of hilt"),
     (H, ["--predict=scan.nii.gz"], "--predict needs a trained run"),
+    (S, ["--eval_interval=0"], "--eval_interval=0: must be at least 1"),
+    (S, ["--n_train=0"], "--n_train=0: must be at least 1"),
+    (S, ["--dim=100", "--n_heads=3"], "--dim=100: not a multiple of --n_heads=3"),
+    (BV, ["--eval_interval=0"], "--eval_interval=0: must be at least 1"),
+    (BV, ["--mixer_tokens=0"], "--mixer_tokens=0: must be at least 1"),
+    (BV, ["--decoder=xl"], "--decoder='xl': expected one of"),
+    (BV, ["--shape=8,8,8"], "--shape=8,8,8: too small for the encoder"),
+    (BV, ["--enc_kernel=4"], "--enc_kernel=4: must be odd"),
+    (BV, ["--cb_beta=1"], "--cb_beta=1.0: must be below 1"),
+    (BV, ["--dims=64,130,192"], "--decoder=m: width 130"),
+    (BV, ["--predict=scan.nii.gz"], "--predict needs a trained run"),
 ]
 
 

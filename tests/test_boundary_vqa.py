@@ -355,9 +355,9 @@ def test_main_end_to_end_resume_and_predict(tmp_path, capsys, monkeypatch):
         code, err = cli(pred[:-1] + argv if "--mask" in argv[0] else pred + argv, monkeypatch, capsys)
         assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and all(w in err for w in words), err
     bad = [f"--out_dir={tmp_path / 'bad'}", f"--cache_dir={tmp_path / 'cache'}", f"--siglip_from={out / 'siglip.pt'}",
-           "--stage=vqa", "--batch_size=0"]
+           "--stage=vqa", "--batch_size=1", "--grad_accum=2"]
     code, err = cli(TINY + bad, monkeypatch, capsys)
-    assert code == 2 and err.splitlines()[-1].startswith("error: --batch_size=0: below") and err.count("error") == 1, err
+    assert code == 2 and err.splitlines()[-1].startswith("error: --batch_size=1: below") and err.count("error") == 1, err
 
 
 def test_an_interrupted_siglip_stage_resumes_exactly_and_goes_on_to_vqa(tmp_path, monkeypatch):
