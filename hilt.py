@@ -1126,9 +1126,14 @@ def check_config(cfg):
         raise BadConfig(f"--init_from={cfg['init_from']}: expected one of scratch, resume")
     if cfg["encoder"] not in ENCODERS:
         raise BadConfig(f"--encoder={cfg['encoder']}: expected one of {', '.join(ENCODERS)}")
-    for key in ("max_iters", "eval_interval", "batch_size", "grad_accum", "n_train", "n_val", "n_test"):
+    for key in ("max_iters", "eval_interval", "batch_size", "grad_accum", "n_train", "n_val", "n_test", "n_heads",
+                "n_kv_heads"):
         if cfg[key] < 1:
             raise BadConfig(f"--{key}={cfg[key]}: must be at least 1")
+    if not cfg["llm"] and (cfg["dim"] % cfg["n_heads"] or cfg["n_heads"] % cfg["n_kv_heads"]
+                           or cfg["dim"] // cfg["n_heads"] % 2):
+        raise BadConfig(f"--dim={cfg['dim']}, --n_heads={cfg['n_heads']}, --n_kv_heads={cfg['n_kv_heads']}: the width "
+                        "must split into heads of an even size (RoPE), the heads into key-value groups")
     if cfg["data"] != "synthetic" and not os.path.isdir(cfg["data"]):
         raise BadConfig(f"--data={cfg['data']}: not 'synthetic' and not a folder (a CT-RATE root or a prepared cache)")
     if cfg["predict"] and cfg["init_from"] != "resume":

@@ -250,6 +250,7 @@ FLAGS = [  # (script, flags, words of the error)
     (H, ["--eval_interval=0"], "--eval_interval=0: must be at least 1"),
     (H, ["--mode=bogus"], "--mode=bogus: expected one of hilt"),
     (H, ["--predict=scan.nii.gz"], "--predict needs a trained run"),
+    (H, ["--dim=100", "--n_heads=3"], "--dim=100, --n_heads=3"),
     (S, ["--eval_interval=0"], "--eval_interval=0: must be at least 1"),
     (S, ["--n_train=0"], "--n_train=0: must be at least 1"),
     (S, ["--dim=100", "--n_heads=3"], "--dim=100: not a multiple of --n_heads=3"),
