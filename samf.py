@@ -64,6 +64,7 @@ Deviations:
 Commands:
     python samf.py                                           # cpu preset on CPU: dino -> warmup -> finetune -> eval
     python samf.py --stage=dino|warmup|finetune              # one stage (each resumable with --init_from=resume)
+    python samf.py --init_from=resume                        # after Ctrl-C: that stage goes on, then the later ones
     python samf.py --fusion=ao2d --out_dir=out/samf_ao2d     # + Ao2D (Eq. 11-12)
     python samf.py --max_iters=250 --prompt_iters=0 --eval_interval=125   # the paper's fine-tuning alone
     python samf.py --freeze_vit=true --freeze_aggregator=true --ssl_warmup=false   # Table 3's rows
@@ -1001,8 +1002,8 @@ def train(cfg, stage, model, batch_fn, evaluate, dev, ddp, master, ckpt=None, de
     pbar.close()
     if sig.stop:  # saved, then out through run(main): exit code 130, and no later stage starts on a cut-short one
         save()
-        raise Interrupted(f"stage {stage}: checkpoint saved in {cfg['out_dir']}; continue with --stage={stage} "
-                          f"--init_from=resume")
+        raise Interrupted(f"stage {stage}: checkpoint saved in {cfg['out_dir']}; continue with "
+                          f"{'--stage=' + stage + ' ' if cfg['stage'] else ''}--init_from=resume")
 
 
 @torch.no_grad()
@@ -1619,17 +1620,18 @@ def main(argv=None):
         check_fits(finetune_model, dev, "--stage=finetune", "pass --llm=<a Meta Llama folder> (the paper's setting: "
                    "a frozen decoder with LoRA) or a smaller decoder (--dim, --n_layers)")
     check_out_dir(out)  # made, and writable, before any stage works
+    iters = {"dino": cfg["dino_iters"], "warmup": cfg["warmup_iters"]}
+    done = lambda s: (out / CKPT[s]).is_file() and load_checkpoint(out / CKPT[s])["iter_num"] >= iters[s]
     if cfg["stage"]:
         stages = [cfg["stage"]]
-    elif cfg["init_from"] == "resume":
-        stages = ["finetune"]
-    else:  # what is missing, in order
-        stages = ([] if (out / CKPT["dino"]).is_file() else ["dino"]) + \
-                 (["warmup"] if cfg["ssl_warmup"] and not (out / CKPT["warmup"]).is_file() else []) + ["finetune"]
+    else:  # what is missing, in order (a stage cut short by Ctrl-C is not done); --init_from=resume continues the
+        # first of them from its checkpoint and starts the later ones from scratch
+        stages = [s for s in ("dino", "warmup") if (s == "dino" or cfg["ssl_warmup"]) and not done(s)] + ["finetune"]
     res, times = None, {}
-    for s in stages:
+    for k, s in enumerate(stages):
         t0 = time.time()
-        res = {"dino": run_dino, "warmup": run_warmup, "finetune": run_finetune}[s](cfg, dev, ddp, rank, world, master)
+        run_stage = {"dino": run_dino, "warmup": run_warmup, "finetune": run_finetune}[s]
+        res = run_stage(cfg if k == 0 else {**cfg, "init_from": "scratch"}, dev, ddp, rank, world, master)
         times[s] = time.time() - t0
         if master:
             print(f"stage {s}: {times[s]:.0f} s wall (including rendering the phantoms it first needed)")

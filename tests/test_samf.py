@@ -202,11 +202,27 @@ def test_each_stage_resumes_exactly(stage, tmp_path, monkeypatch):
 def test_ctrl_c_saves_then_stops_the_run(tmp_path, monkeypatch):
     """Ctrl-C in the DINO stage saves its checkpoint and ends the run (run(main) -> exit code 130): the warm-up and
     fine-tuning stages must not start on a cut-short f_2d."""
-    monkeypatch.setattr(samf, "StopOnSigint", StopAfter)
-    with pytest.raises(data.Interrupted, match="--stage=dino --init_from=resume"):
-        samf.main(TINY + ["--dino_iters=4", f"--out_dir={tmp_path}"])
+    with monkeypatch.context() as mp:
+        mp.setattr(samf, "StopOnSigint", StopAfter)
+        with pytest.raises(data.Interrupted, match="continue with --init_from=resume"):
+            samf.main(TINY + ["--dino_iters=4", f"--out_dir={tmp_path}"])
     assert torch.load(tmp_path / samf.CKPT["dino"], weights_only=True)["iter_num"] == 2
     assert not (tmp_path / samf.CKPT["warmup"]).exists()
+    # the command it names finishes DINO from its checkpoint, then runs the two later stages from scratch
+    samf.main(TINY + ["--dino_iters=4", f"--out_dir={tmp_path}", "--init_from=resume"])
+    assert torch.load(tmp_path / samf.CKPT["dino"], weights_only=True)["iter_num"] == 4
+    for stage in ("warmup", "finetune"):
+        assert torch.load(tmp_path / samf.CKPT[stage], weights_only=True)["iter_num"] == 2, stage
+
+
+def test_a_stage_cut_short_is_not_taken_as_done(tmp_path, monkeypatch):
+    """A plain re-run after Ctrl-C in DINO trains DINO again instead of warming up on the cut-short f_2d."""
+    with monkeypatch.context() as mp:
+        mp.setattr(samf, "StopOnSigint", StopAfter)
+        with pytest.raises(data.Interrupted):
+            samf.main(TINY + ["--dino_iters=4", f"--out_dir={tmp_path}"])
+    samf.main(TINY + ["--dino_iters=4", f"--out_dir={tmp_path}"])
+    assert torch.load(tmp_path / samf.CKPT["dino"], weights_only=True)["iter_num"] == 4
 
 
 @pytest.fixture(scope="module")
