@@ -1587,7 +1587,11 @@ def main(argv=None):
             return None
     if ddp:
         torch.distributed.barrier()
-    src = load_checkpoint(siglip_path)["model"] if ckpt is None else ckpt["model"]  # the twins' frozen tower
+    sig = load_checkpoint(siglip_path) if ckpt is None else ckpt
+    if ckpt is None and sig["iter_num"] < sig["config"]["siglip_iters"] and master:  # a SigLIP stage cut short
+        print(f"warning: {siglip_path} holds {sig['iter_num']} of its {sig['config']['siglip_iters']} SigLIP steps; "
+              f"finish it first with --stage=siglip --init_from=resume")
+    src = sig["model"]  # the twins' frozen tower
     tower_state = {k[len("tower."):]: v for k, v in src.items() if k.startswith("tower.")}
     test_items = get_items(cfg, "test", master)
     variants = [dict(cfg)]

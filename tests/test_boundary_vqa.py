@@ -360,7 +360,7 @@ def test_main_end_to_end_resume_and_predict(tmp_path, capsys, monkeypatch):
     assert code == 2 and err.splitlines()[-1].startswith("error: --batch_size=1: below") and err.count("error") == 1, err
 
 
-def test_an_interrupted_siglip_stage_resumes_exactly_and_goes_on_to_vqa(tmp_path, monkeypatch):
+def test_an_interrupted_siglip_stage_resumes_exactly_and_goes_on_to_vqa(tmp_path, monkeypatch, capsys):
     """Ctrl-C in the SigLIP stage of a full run: siglip.pt holds 2 of 4 steps, the message names the command, and
     that command (--stage=all --init_from=resume) ends with the weights of 4 steps straight, then trains VQA."""
     sig4 = ["--siglip_iters=4", f"--cache_dir={tmp_path / 'cache'}"]
@@ -372,6 +372,10 @@ def test_an_interrupted_siglip_stage_resumes_exactly_and_goes_on_to_vqa(tmp_path
             bv.main(cut)
     assert torch.load(tmp_path / "cut" / "siglip.pt", weights_only=True)["iter_num"] == 2
     assert not (tmp_path / "cut" / "ckpt.pt").exists()
+    capsys.readouterr()
+    bv.main(TINY + sig4 + [f"--out_dir={tmp_path / 'early'}", f"--siglip_from={tmp_path / 'cut' / 'siglip.pt'}",
+                           "--stage=vqa"])  # the VQA stage on the cut-short tower: it runs, and says so
+    assert "siglip.pt holds 2 of its 4 SigLIP steps" in capsys.readouterr().out
     (tmp_path / "cut" / "siglip.pt.tmp").write_bytes(b"partial")  # a kill during the save
     bv.main(cut + ["--init_from=resume"])
     assert not (tmp_path / "cut" / "siglip.pt.tmp").exists()
