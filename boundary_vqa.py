@@ -1605,8 +1605,11 @@ def main(argv=None):
             Path(v["out_dir"]).mkdir(parents=True, exist_ok=True)
             if master and not cfg["llm"]:
                 save_bpe(enc, Path(v["out_dir"]) / "bpe.tiktoken")
+        v_ckpt = ckpt if k == 0 else None
+        if k and ckpt is not None and (Path(v["out_dir"]) / "ckpt.pt").is_file():  # resumed: the twins go on too
+            v_ckpt = resume_checkpoint(v, MODEL_KEYS, master)
         results.append(run_vqa(v, tower_state, items, val_items, test_items, enc, dev, ddp, rank, world, master,
-                               ckpt if k == 0 else None))
+                               v_ckpt))
     if ddp:
         torch.distributed.destroy_process_group()
     if not master or not results[0]:

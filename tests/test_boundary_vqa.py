@@ -517,3 +517,13 @@ def test_reads_is_the_auroc_of_the_heads_log_odds_per_question():
     r = bv.reads(samples, log_odds)
     assert set(r) == {"Is there A?", "Is there B?"}  # C has no "Yes"; open questions have no head
     assert r["Is there A?"] == dict(auroc=1.0, n=3, yes=1) and r["Is there B?"]["auroc"] == 0.5
+
+
+def test_a_finished_run_resumed_evaluates_its_twins_without_training_them_again(tmp_path):
+    argv = TINY[:-1] + ["--baselines=true"] + run_dirs(tmp_path)
+    first = bv.main(argv)
+    twins = [tmp_path / "run" / d / "ckpt.pt" for d in ("prompt_none", "question_only")]
+    before = [p.read_bytes() for p in twins]
+    again = bv.main(argv + ["--init_from=resume"])
+    assert [p.read_bytes() for p in twins] == before  # nothing trained, nothing saved
+    assert again["rows"] == first["rows"] and again["paired"] == first["paired"]
