@@ -1624,6 +1624,8 @@ def main(argv=None):
     done = lambda s: (out / CKPT[s]).is_file() and load_checkpoint(out / CKPT[s])["iter_num"] >= iters[s]
     if cfg["stage"]:
         stages = [cfg["stage"]]
+    elif cfg["init_from"] == "resume" and (out / CKPT["finetune"]).is_file():
+        stages = ["finetune"]
     else:  # what is missing, in order (a stage cut short by Ctrl-C is not done); --init_from=resume continues the
         # first of them from its checkpoint and starts the later ones from scratch
         stages = [s for s in ("dino", "warmup") if (s == "dino" or cfg["ssl_warmup"]) and not done(s)] + ["finetune"]
