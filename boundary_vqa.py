@@ -40,7 +40,8 @@ Deviations, on purpose:
 
 Commands:
     python boundary_vqa.py                          # cpu: render, SigLIP, VQA with the contour + its two twins
-                                                    # (each non-blind model also asked about another scan)
+                                                    # (each non-blind model also asked about another scan; per
+                                                    # yes/no question, the AUROC of P(Yes): what the model reads)
     python boundary_vqa.py --table=true             # Table 1: prompt x decoder size, peak memory per size
     python boundary_vqa.py --preset=paper --llm=/path/to/Llama-3.2-1B-Instruct/original   # GPU, LoRA r 16
     torchrun --standalone --nproc_per_node=2 boundary_vqa.py --stage=vqa
