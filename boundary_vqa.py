@@ -823,9 +823,7 @@ def build_model(cfg: dict) -> nn.Module:
             dec.float()  # Meta ships bf16; bf16 matmul is very slow on CPU
         add_lora(dec, r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"])
         bos = enc.encode_single_token("<|begin_of_text|>")
-    else:
-        if cfg["decoder"] not in ("s", "m", "l"):
-            raise BadConfig(f"--decoder={cfg['decoder']!r}: expected s, m or l")
+    else:  # check_config has refused any other --decoder than s, m, l
         i = "sml".index(cfg["decoder"])
         dec = Decoder(ModelArgs(dim=cfg["dims"][i], n_layers=cfg["layers"][i], n_heads=cfg["heads"][i],
                                 n_kv_heads=cfg["kv_heads"][i], vocab_size=cfg["vocab_size"], max_seq_len=seq))
@@ -1210,11 +1208,10 @@ def run_vqa(cfg, tower_state, items, val_items, test_items, enc, dev, ddp, rank,
         return {}
     test_qs = questions_of(test_items)
     cache = feature_cache(model, test_items, test_qs, cfg, dev)
-    preds = answer(model, enc, cfg, test_qs, cache, dev, ctx)
+    log_odds = yes_log_odds(model, enc, cfg, test_qs, cache, dev, ctx)
+    preds = answer(model, enc, cfg, test_qs, cache, dev, ctx, log_odds)
     res = {"prompt": cfg["prompt"], "blind": cfg["blind"], "decoder": cfg["llm"] or cfg["decoder"],
-           "scores": score(test_qs, preds), "reads": reads(test_qs, yes_log_odds(model, enc, cfg, test_qs, cache, dev,
-                                                                                 ctx)),
-           "train_s": time.time() - t0, "peak_mb": peak_memory_mb(dev),
+           "scores": score(test_qs, preds), "reads": reads(test_qs, log_odds), "train_s": time.time() - t0, "peak_mb": peak_memory_mb(dev),
            "n_params": sum(p.numel() for p in model.decoder.parameters())}
     if not cfg["blind"] and len(test_items) > 1:  # each question about the scan half the split away (its own outline)
         other = [((i + len(test_items) // 2) % len(test_items), q) for i, q in test_qs]
@@ -1248,11 +1245,14 @@ def yes_log_odds(model, enc, cfg, samples, cache, dev, ctx) -> dict:
 
 
 @torch.no_grad()
-def answer(model, enc, cfg, samples, cache, dev, ctx) -> list:
-    """Answers (strings) to samples: yes/no kinds through the head, the others by greedy generation with the KV
-    cache (grouped by question length, so a batch needs no padding). The answers never enter the input."""
+def answer(model, enc, cfg, samples, cache, dev, ctx, log_odds=None) -> list:
+    """Answers (strings) to samples: yes/no kinds through the head (log_odds: yes_log_odds' output, if already
+    computed), the others by greedy generation with the KV cache (grouped by question length, so a batch needs no
+    padding). The answers never enter the input."""
     out, eos = [None] * len(samples), enc.encode_single_token("<|end_of_text|>")
-    for j, d in yes_log_odds(model, enc, cfg, samples, cache, dev, ctx).items():
+    if log_odds is None:
+        log_odds = yes_log_odds(model, enc, cfg, samples, cache, dev, ctx)
+    for j, d in log_odds.items():
         out[j] = YES_NO[int(d > 0)]  # the argmax (a tie is "No")
     groups = {}
     for j, (_, q) in enumerate(samples):

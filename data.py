@@ -1369,13 +1369,14 @@ def save_checkpoint(path, state: dict):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """A checkpoint is data, not code: weights_only=True."""
+def load_checkpoint(path, map_location="cpu", mmap=False) -> dict:
+    """A checkpoint is data, not code: weights_only=True. mmap: tensors are read from disk only when touched (to read
+    a step count without loading the weights)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no checkpoint here; train first or point --out_dir at the run to resume")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # truncated, not a checkpoint, or a pickle that needs code (refused by weights_only)
         raise BadVolume(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
 

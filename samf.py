@@ -1621,7 +1621,7 @@ def main(argv=None):
                    "a frozen decoder with LoRA) or a smaller decoder (--dim, --n_layers)")
     check_out_dir(out)  # made, and writable, before any stage works
     iters = {"dino": cfg["dino_iters"], "warmup": cfg["warmup_iters"]}
-    done = lambda s: (out / CKPT[s]).is_file() and load_checkpoint(out / CKPT[s])["iter_num"] >= iters[s]
+    done = lambda s: (out / CKPT[s]).is_file() and load_checkpoint(out / CKPT[s], mmap=True)["iter_num"] >= iters[s]
     if cfg["stage"]:
         stages = [cfg["stage"]]
     elif cfg["init_from"] == "resume" and (out / CKPT["finetune"]).is_file():
