@@ -163,7 +163,7 @@ bench = False  # time and peak memory of one training step vs HR size for hilt a
 strict = False  # a bad volume in a dataset is fatal instead of skipped
 rescale = "auto"  # --predict: stored values -> HU by the header | none | auto (header or header - 1024, by the air level)
 debug = False  # print the traceback of every error (without it, bad input is one line `error: ...`)
-num_workers = 2  # processes that render the synthetic splits once at start, or read volumes not kept in RAM
+num_workers = 4  # processes that render the synthetic splits at start, or render (GPU) / read volumes not in RAM
 # -----------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if k.islower() and not k.startswith("_") and type(v) in (bool, int, float, str, tuple)}
 
@@ -172,7 +172,7 @@ PRESETS = {
     "cpu": dict(hr=(96, 96, 48), lr=(64, 64, 32), patch=(8, 16, 16), spacing=(), encoder="hybrid", vit_dim=128,
                 vit_depth=2, vit_heads=2, vit_checkpoint=False, dim=192, n_layers=4, n_heads=6, n_kv_heads=2,
                 vocab_size=1024, standardize=True, label_prompt=True, pretrain_iters=300, aux_weight=1.0, max_iters=1000, eval_interval=200,
-                batch_size=8, learning_rate=2e-3, n_train=256, n_val=8, n_test=32, max_new_tokens=256),
+                batch_size=8, learning_rate=2e-3, n_train=256, n_val=8, n_test=32, max_new_tokens=256, num_workers=2),
 }
 MODEL_KEYS = ("mode", "hr", "lr", "patch", "spacing", "encoder", "stem_channels", "standardize", "label_prompt", "vit_dim", "vit_depth", "vit_heads",
               "proj_layers", "llm", "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "lora_r", "lora_alpha", "lora_dropout",
@@ -1152,6 +1152,7 @@ def main(argv=None):
     if cfg["bench"]:
         return bench(cfg)
     ddp, rank, world, dev, master = setup_ddp(cfg["device"])
+    cfg["device"] = dev  # under torchrun cuda:<local rank>: where this rank's loader workers render its phantoms
     if cfg["batch_size"] % (world * cfg["grad_accum"]):
         raise BadConfig(f"--batch_size={cfg['batch_size']}: must divide by the {world} processes x --grad_accum")
     ckpt = resume_checkpoint(cfg, MODEL_KEYS, master)  # None from scratch

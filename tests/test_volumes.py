@@ -343,11 +343,31 @@ def test_iterating_a_ctrate_split_gives_each_volume_once(tmp_path):
         assert names == [ds[i]["name"] for i in range(len(ds))] and len(set(names)) == len(ds) > 0
 
 
-def test_a_dataset_rendering_on_the_gpu_is_read_in_this_process():
+def test_a_dataset_rendering_on_the_gpu_gets_spawned_workers():
     """CUDA cannot start in a forked DataLoader worker (hilt's paper preset renders on the GPU and failed so on an
-    H200): such a dataset gets no workers and no pinning; a CPU dataset keeps both. Nothing is rendered here."""
+    H200): such a dataset gets spawned workers, which hand their batches back on the CPU to be pinned; with
+    --num_workers=0 it is rendered in this process, on the GPU, with nothing to pin. A CPU dataset keeps forked
+    workers. Nothing is rendered here."""
     sampler = [[0, 1]]
     gpu = data.make_loader(data.SyntheticCT("train", 2, device="cuda"), sampler, list, 2, 0, pin_memory=True)
+    inline = data.make_loader(data.SyntheticCT("train", 2, device="cuda"), sampler, list, 0, 0, pin_memory=True)
     cpu = data.make_loader(data.SyntheticCT("train", 2), sampler, list, 2, 0, pin_memory=True)
-    assert (gpu.num_workers, gpu.pin_memory) == (0, False)
-    assert (cpu.num_workers, cpu.pin_memory) == (2, True)
+    assert (gpu.num_workers, gpu.pin_memory, gpu.multiprocessing_context.get_start_method()) == (2, True, "spawn")
+    assert (inline.num_workers, inline.pin_memory) == (0, False)
+    assert (cpu.num_workers, cpu.pin_memory, cpu.multiprocessing_context) == (2, True, None)
+
+
+def test_spawned_workers_give_hilts_batches_exactly():
+    """What a spawned worker needs crosses the process boundary (the dataset, hilt's collate with its tokenizer), and
+    the batches equal the ones rendered in this process, in the same order (the same spawn path a GPU split takes,
+    rendered on the CPU here)."""
+    import hilt
+    from functools import partial
+    ds, sampler = data.SyntheticCT("train", 4, shape=(16, 32, 32), seed=3), [[2, 0], [1, 3], [3, 2]]
+    enc = data.train_bpe(data.reports_of(ds), 300)
+    collate = partial(hilt.collate_reports, enc=enc, max_text_len=64)
+    spawned = list(data.make_loader(ds, sampler, collate, 2, 0, spawn=True))
+    inline = list(data.make_loader(ds, sampler, collate, 0, 0))
+    assert len(spawned) == len(inline) == 3
+    for a, b in zip(spawned, inline):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
