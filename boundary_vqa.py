@@ -32,6 +32,8 @@ Deviations, on purpose:
   whose report states its findings, b starting at -log(batch); --siglip_contour of its volumes carry a region's
   outline, and such a volume is paired only with sentences about that region (region-grounded, as the VQA questions).
 - --system_prompt=false (the cpu preset) drops the constant ~100-token system instruction.
+- --roi_hist=true (off by default, as in the paper) adds one visual token: the CT's intensity histogram inside the
+  outline's filled contour (the whole volume without one), through a trained LayerNorm + Linear in the tower.
 - The frozen features are standardised per (token, channel) with training-set statistics, then a trained Linear
   adapts the fixed Mixer width (--proj_dim) to each decoder.
 - --extra_questions: training scans get extra yes/no questions from their own labels; test questions are
@@ -101,6 +103,7 @@ enc_depths = (1, 1, 1, 1, 1)  # DCFormer blocks per stage (nano; small is 1,2,3,
 enc_kernel = 7  # k of the decomposed (k,1,1), (1,k,1), (1,1,k) kernels
 mixer_tokens = 8  # tokens per slice out of each Mixer stream's token-mixing MLP
 proj_dim = 768  # Mixer output width (frozen), adapted to the decoder by a trained Linear
+roi_hist = False  # not the paper's: one more visual token, the CT's intensity histogram inside the outline
 text_dim = 256  # SigLIP text encoder width
 text_layers = 2  # SigLIP text encoder layers
 siglip_iters = 3000  # SigLIP steps (stage siglip)
@@ -130,6 +133,7 @@ weight_decay = 2e-2  # AdamW, on the LoRA parameters only (Sec. 4)
 lora_l2 = 1e-4  # lambda_reg of the L2 penalty on the LoRA parameters
 focal_gamma = 2.0  # focal loss gamma (Sec. 4)
 cb_beta = 0.999  # class-balanced weights (1 - beta) / (1 - beta^n_class)
+calibrate = False  # not the paper's: Yes above a log-odds threshold per kind chosen on the validation questions, not 0
 grad_clip = 1.0  # clip the global gradient norm; 0 = off
 n_train = 14440  # synthetic training volumes (RadGenome's train split size)
 n_val = 2032  # synthetic validation volumes
@@ -155,9 +159,9 @@ PRESETS = {
                 vocab_size=1024, max_iters=1000, eval_interval=100, batch_size=32, learning_rate=1e-3,
                 warmup_iters=30, n_train=400, n_val=40, n_test=100, num_workers=2),
 }
-MODEL_KEYS = ("shape", "enc_stem", "enc_dims", "enc_depths", "enc_kernel", "mixer_tokens", "proj_dim", "text_dim",
-              "text_layers", "decoder", "dims", "layers", "heads", "kv_heads", "llm", "lora_r", "lora_alpha",
-              "lora_dropout", "ssa_layers", "mssa_heads", "vocab_size", "max_text_len", "prompt", "blind",
+MODEL_KEYS = ("shape", "enc_stem", "enc_dims", "enc_depths", "enc_kernel", "mixer_tokens", "proj_dim", "roi_hist",
+              "text_dim", "text_layers", "decoder", "dims", "layers", "heads", "kv_heads", "llm", "lora_r",
+              "lora_alpha", "lora_dropout", "ssa_layers", "mssa_heads", "vocab_size", "max_text_len", "prompt", "blind",
               "system_prompt")
 KINDS = ("closed", "region", "choice", "open")  # closed + region: yes/no through the head; choice + open: generated
 YES_NO = ("No", "Yes")
@@ -358,11 +362,36 @@ class VisionTower(nn.Module):
                                      for g, c in zip(grids, cfg["enc_dims"][-2:]))
         self.centres = [(z + 0.5) * st[0] for g, st in zip(grids, self.encoder.strides[-2:]) for z in range(g[0])
                         for _ in range(cfg["mixer_tokens"])]  # each token's slice centre, in input slices
+        self.roi = (nn.Sequential(nn.LayerNorm(ROI_BINS), nn.Linear(ROI_BINS, cfg["proj_dim"])) if cfg["roi_hist"]
+                    else None)
+        if self.roi is not None:
+            self.centres.append(cfg["shape"][0] / 2)
         self.n_visual = len(self.centres)
 
     def forward(self, x):
         feats = self.encoder(x)[-2:]
-        return torch.cat([s(f) for s, f in zip(self.streams, feats)], dim=1)  # (B, N_s, proj_dim)
+        tokens = [s(f) for s, f in zip(self.streams, feats)]
+        if self.roi is not None:
+            tokens.append(self.roi(roi_histogram(x))[:, None])
+        return torch.cat(tokens, dim=1)  # (B, N_s, proj_dim)
+
+
+ROI_BINS = 32
+
+
+@torch.no_grad()
+def roi_histogram(x) -> torch.Tensor:
+    """--roi_hist (not the paper's): (B, 2, Z, Y, X) [CT in [0, 1], outline] -> (B, ROI_BINS) log-frequencies of the CT
+    inside the outline (its slices' contours filled, as Eq. 1 drew them), of the whole volume when there is none. A
+    learned 3-D encoder did not pick up diffuse density changes (emphysema, mosaic attenuation) from 400 volumes; a
+    histogram over the outlined region carries them without learning (a region-of-interest pooling of the input)."""
+    ct, ring = x[:, 0], x[:, 1] > 0.5
+    B, Z, Y, X = ct.shape
+    inside = fill_holes(ring.reshape(B * Z, Y, X)).view(B, -1)
+    inside |= ~inside.any(1, keepdim=True)  # no outline (--prompt=none): the whole volume
+    bins = (ct.clamp(0, 1) * (ROI_BINS - 1e-3)).long().view(B, -1)
+    h = torch.zeros(B, ROI_BINS, device=x.device).scatter_add_(1, bins, inside.float())
+    return torch.log(h / h.sum(1, keepdim=True) + 1e-3)
 
 
 class TextEncoder(nn.Module):
@@ -1206,17 +1235,20 @@ def run_vqa(cfg, tower_state, items, val_items, test_items, enc, dev, ddp, rank,
                master=master, model_args=lambda b: (b[0], b[1], b[3], b[4]))
     if not master:
         return {}
+    thr = val_thresholds(val_qs, yes_log_odds(model, enc, cfg, val_qs, val_cache, dev, ctx)) if cfg["calibrate"] else {}
+    if thr:
+        print(f"--calibrate: Yes above the log-odds {thr} (chosen on the {len(val_qs)} validation questions)")
     test_qs = questions_of(test_items)
     cache = feature_cache(model, test_items, test_qs, cfg, dev)
     log_odds = yes_log_odds(model, enc, cfg, test_qs, cache, dev, ctx)
-    preds = answer(model, enc, cfg, test_qs, cache, dev, ctx, log_odds)
+    preds = answer(model, enc, cfg, test_qs, cache, dev, ctx, log_odds, thr)
     res = {"prompt": cfg["prompt"], "blind": cfg["blind"], "decoder": cfg["llm"] or cfg["decoder"],
            "scores": score(test_qs, preds), "reads": reads(test_qs, log_odds), "train_s": time.time() - t0, "peak_mb": peak_memory_mb(dev),
-           "n_params": sum(p.numel() for p in model.decoder.parameters())}
+           "n_params": sum(p.numel() for p in model.decoder.parameters()), "thresholds": thr}
     if not cfg["blind"] and len(test_items) > 1:  # each question about the scan half the split away (its own outline)
         other = [((i + len(test_items) // 2) % len(test_items), q) for i, q in test_qs]
         o_cache = feature_cache(model, test_items, other, cfg, dev)
-        res["another_preds"] = answer(model, enc, cfg, other, o_cache, dev, ctx)
+        res["another_preds"] = answer(model, enc, cfg, other, o_cache, dev, ctx, thresholds=thr)
         res.update(another_scan=score(test_qs, res["another_preds"]), loss_own=mean_loss(test_qs, cache),
                    loss_another=mean_loss(other, o_cache))
     (Path(cfg["out_dir"]) / "vqa_metrics.json").write_text(  # this variant alone
@@ -1245,15 +1277,15 @@ def yes_log_odds(model, enc, cfg, samples, cache, dev, ctx) -> dict:
 
 
 @torch.no_grad()
-def answer(model, enc, cfg, samples, cache, dev, ctx, log_odds=None) -> list:
+def answer(model, enc, cfg, samples, cache, dev, ctx, log_odds=None, thresholds=None) -> list:
     """Answers (strings) to samples: yes/no kinds through the head (log_odds: yes_log_odds' output, if already
-    computed), the others by greedy generation with the KV cache (grouped by question length, so a batch needs no
-    padding). The answers never enter the input."""
+    computed; "Yes" above thresholds[kind], 0 by default: the argmax), the others by greedy generation with the KV
+    cache (grouped by question length, so a batch needs no padding). The answers never enter the input."""
     out, eos = [None] * len(samples), enc.encode_single_token("<|end_of_text|>")
     if log_odds is None:
         log_odds = yes_log_odds(model, enc, cfg, samples, cache, dev, ctx)
     for j, d in log_odds.items():
-        out[j] = YES_NO[int(d > 0)]  # the argmax (a tie is "No")
+        out[j] = YES_NO[int(d > (thresholds or {}).get(samples[j][1]["kind"], 0.0))]  # a tie is "No"
     groups = {}
     for j, (_, q) in enumerate(samples):
         if q["kind"] not in ("closed", "region"):
@@ -1273,6 +1305,20 @@ def answer(model, enc, cfg, samples, cache, dev, ctx, log_odds=None) -> list:
                 model.set_ctx(None)
             for (j, _), row in zip(part, new.tolist()):
                 out[j] = enc.decode(row[: row.index(eos)] if eos in row else row).strip()
+    return out
+
+
+def val_thresholds(samples, log_odds) -> dict:
+    """--calibrate: per yes/no kind, the log-odds threshold (a grid step of 0.05 in [-4, 4]) with the most right
+    answers on these (validation) samples; of equals, the one nearest 0. The focal loss leaves the head's log-odds
+    bunched near 0, where a small shift moves many answers."""
+    grid = sorted(np.linspace(-4, 4, 161).round(2), key=abs)
+    out = {}
+    for kind in ("closed", "region"):
+        d = np.array([log_odds[j] for j in log_odds if samples[j][1]["kind"] == kind])
+        y = np.array([samples[j][1]["answer"] == "Yes" for j in log_odds if samples[j][1]["kind"] == kind])
+        if len(d):
+            out[kind] = float(max(grid, key=lambda t: ((d > t) == y).sum()))  # max keeps the first (nearest 0)
     return out
 
 
@@ -1396,7 +1442,9 @@ def predict_file(cfg, model, enc, dev) -> str:
     feats = model.features(model_input(vol[None], outline)[None].to(dev)).float().cpu()
     q = {"question": cfg["question"], "kind": kind, "answer": "No", "outline": "mask"}
     cache = {(0, "mask" if outline is not None else None): feats[0]}
-    ans = answer(model, enc, cfg, [(0, q)], cache, dev, nullcontext())[0]
+    metrics = Path(cfg["out_dir"]) / "vqa_metrics.json"  # the thresholds its evaluation used (--calibrate), if any
+    thr = json.loads(metrics.read_text()).get("thresholds", {}) if metrics.is_file() else {}
+    ans = answer(model, enc, cfg, [(0, q)], cache, dev, nullcontext(), thresholds=thr)[0]
     png = Path(cfg["out_dir"]) / f"predict_{Path(cfg['predict']).name.split('.')[0]}.png"
     zs = montage(vol, outline if outline is not None else torch.zeros_like(vol), png)
     print(f"{cfg['predict']}: (z, y, x) {tuple(raw.shape)} -> {tuple(vol.shape)}; outline on {len(zs)} shown slices "
@@ -1419,7 +1467,8 @@ def table(cfg):
             argv = [f"--preset={cfg['preset']}", f"--device={cfg['device']}", "--stage=vqa", "--baselines=false",
                     f"--decoder={size}", f"--prompt={pr}", f"--out_dir={out}", f"--siglip_from={siglip}",
                     f"--cache_dir={cfg['cache_dir']}", f"--seed={cfg['seed']}", f"--n_train={cfg['n_train']}",
-                    f"--n_val={cfg['n_val']}", f"--n_test={cfg['n_test']}", f"--max_iters={cfg['max_iters']}"]
+                    f"--n_val={cfg['n_val']}", f"--n_test={cfg['n_test']}", f"--max_iters={cfg['max_iters']}",
+                    f"--roi_hist={cfg['roi_hist']}"]
             r = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True, text=True)
             if r.returncode:
                 print(f"{size} {pr}: failed\n{r.stderr[-2000:]}")
@@ -1559,8 +1608,9 @@ def main(argv=None):
     # ckpt.pt (a SigLIP stage stopped part-way goes on, then the VQA stage starts); None from scratch
     on_siglip = not cfg["predict"] and (cfg["stage"] == "siglip" or (cfg["stage"] == "all"
                                                                      and not (out / "ckpt.pt").is_file()))
-    ckpt = None if on_siglip else resume_checkpoint(cfg, MODEL_KEYS, master)
-    sig_ckpt = resume_checkpoint(cfg, MODEL_KEYS, master, "siglip.pt", "log_siglip.jsonl") if on_siglip else None
+    ckpt = None if on_siglip else resume_checkpoint(cfg, MODEL_KEYS, master, defaults=DEFAULTS)
+    sig_ckpt = None if not on_siglip else resume_checkpoint(cfg, MODEL_KEYS, master, "siglip.pt", "log_siglip.jsonl",
+                                                            defaults=DEFAULTS)
     if cfg["predict"]:
         if ckpt is None:
             raise BadConfig("--predict needs a trained run: add --init_from=resume (and its --out_dir)")
@@ -1589,6 +1639,9 @@ def main(argv=None):
     if ddp:
         torch.distributed.barrier()
     sig = load_checkpoint(siglip_path) if ckpt is None else ckpt
+    if sig["config"].get("roi_hist", False) != cfg["roi_hist"]:
+        raise BadConfig(f"--roi_hist={cfg['roi_hist']}: {siglip_path} holds a tower trained with "
+                        f"--roi_hist={sig['config'].get('roi_hist', False)}; pass that, or train a tower (--stage=all)")
     if ckpt is None and sig["iter_num"] < sig["config"]["siglip_iters"] and master:  # a SigLIP stage cut short
         print(f"warning: {siglip_path} holds {sig['iter_num']} of its {sig['config']['siglip_iters']} SigLIP steps; "
               f"finish it first with --stage=siglip --init_from=resume")
@@ -1608,7 +1661,7 @@ def main(argv=None):
                 save_bpe(enc, Path(v["out_dir"]) / "bpe.tiktoken")
         v_ckpt = ckpt if k == 0 else None
         if k and ckpt is not None and (Path(v["out_dir"]) / "ckpt.pt").is_file():  # resumed: the twins go on too
-            v_ckpt = resume_checkpoint(v, MODEL_KEYS, master)
+            v_ckpt = resume_checkpoint(v, MODEL_KEYS, master, defaults=DEFAULTS)
         results.append(run_vqa(v, tower_state, items, val_items, test_items, enc, dev, ddp, rank, world, master,
                                v_ckpt))
     if ddp:

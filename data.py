@@ -162,18 +162,21 @@ def resume_cleanup(out_dir, iter_num: int, ckpt: str = "ckpt.pt", log: str = "lo
         print(f"resume: dropped {len(lines) - len(keep)} {log.name} line(s) written after step {iter_num}")
 
 
-def resume_checkpoint(cfg: dict, model_keys, master: bool, name: str = "ckpt.pt", log: str = "log.jsonl"):
+def resume_checkpoint(cfg: dict, model_keys, master: bool, name: str = "ckpt.pt", log: str = "log.jsonl",
+                      defaults=None):
     """--init_from=resume: out_dir/ckpt.pt (None when training from scratch). The model's keys come from the
     checkpoint (a line names any the command line asked differently); before training on, rank 0 removes a stale
     ckpt.pt.tmp and log lines past the checkpoint (resume_cleanup). The same few lines in every script's main();
-    name and log: a stage's own checkpoint and log (boundary_vqa's siglip.pt, log_siglip.jsonl)."""
+    name and log: a stage's own checkpoint and log (boundary_vqa's siglip.pt, log_siglip.jsonl); defaults: the
+    values of the keys that a checkpoint saved before they existed lacks (what the code did then)."""
     if cfg["init_from"] != "resume":
         return None
     ckpt = load_checkpoint(Path(cfg["out_dir"]) / name)
-    changed = {k: (cfg[k], ckpt["config"][k]) for k in model_keys if cfg[k] != ckpt["config"][k]}
+    saved = {k: ckpt["config"][k] if k in ckpt["config"] or defaults is None else defaults[k] for k in model_keys}
+    changed = {k: (cfg[k], saved[k]) for k in model_keys if cfg[k] != saved[k]}
     if changed and master:
         print(f"resume: the model keys come from the checkpoint; ignoring the given {changed}")
-    cfg.update({k: ckpt["config"][k] for k in model_keys})
+    cfg.update(saved)
     if master and not cfg.get("predict"):
         resume_cleanup(cfg["out_dir"], ckpt["iter_num"], name, log)
     return ckpt

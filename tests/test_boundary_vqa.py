@@ -527,3 +527,64 @@ def test_a_finished_run_resumed_evaluates_its_twins_without_training_them_again(
     again = bv.main(argv + ["--init_from=resume"])
     assert [p.read_bytes() for p in twins] == before  # nothing trained, nothing saved
     assert again["rows"] == first["rows"] and again["paired"] == first["paired"]
+
+
+# ----------------------------------------------------------------------------- --roi_hist (not the paper's)
+
+def test_roi_histogram_counts_the_outlined_interior_or_the_whole_volume():
+    """The histogram is of the CT inside the outline's filled contour (Eq. 1's ring sits on the region's side, dilated
+    one pixel out), not of the ring alone; with no outline it is the whole volume's."""
+    a = 10  # a square region of side a, CT 0.1 inside and 0.9 outside, on 3 slices
+    m = torch.zeros(3, 32, 32, dtype=torch.bool)
+    m[:, 11:11 + a, 11:11 + a] = True
+    ct = torch.where(m, 0.1, 0.9)
+    x = torch.stack([ct, bv.boundary_prompt(m)])[None]  # (1, 2, Z, Y, X)
+    p = bv.roi_histogram(x).exp()[0] - 1e-3  # frequencies
+    low, high = int(0.1 * (bv.ROI_BINS - 1e-3)), int(0.9 * (bv.ROI_BINS - 1e-3))
+    torch.testing.assert_close(p[low], torch.tensor(a * a / (a + 2) ** 2), rtol=0, atol=1e-6)  # filled + 1 px
+    torch.testing.assert_close(p[high], torch.tensor(1 - a * a / (a + 2) ** 2), rtol=0, atol=1e-6)
+    x[:, 1] = 0  # --prompt=none
+    whole = bv.roi_histogram(x).exp()[0] - 1e-3
+    ref = torch.histc(ct.flatten(), bv.ROI_BINS, 0, 1) / ct.numel()
+    torch.testing.assert_close(whole, ref, rtol=0, atol=1e-6)
+
+
+def test_roi_hist_adds_one_token_and_the_paper_tower_has_none():
+    off, on = (bv.VisionTower(cfg_of(TINY + [f"--roi_hist={v}"])) for v in ("false", "true"))
+    assert off.roi is None and not any("roi" in k for k in off.state_dict())
+    assert on.n_visual == off.n_visual + 1 == len(on.centres)
+    x = torch.rand(2, 2, 8, 16, 16)
+    assert on(x).shape == (2, on.n_visual, 16) and off(x).shape == (2, off.n_visual, 16)
+
+
+def test_a_checkpoint_from_before_roi_hist_resumes_as_the_paper_tower(tmp_path, capsys):
+    """A ckpt.pt saved before the key existed holds no roi_hist: resuming takes the code's behaviour then (False, the
+    default), whatever the command line says, and says so; a --stage=vqa on a tower trained the other way is one
+    line naming the flag."""
+    bv.main(TINY + run_dirs(tmp_path))
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    del ck["config"]["roi_hist"]
+    torch.save(ck, tmp_path / "run" / "ckpt.pt")
+    cfg = cfg_of(TINY + run_dirs(tmp_path) + ["--init_from=resume", "--roi_hist=true"])
+    data.resume_checkpoint(cfg, bv.MODEL_KEYS, True, defaults=bv.DEFAULTS)
+    assert cfg["roi_hist"] is False and "'roi_hist': (True, False)" in capsys.readouterr().out
+    with pytest.raises(data.BadConfig, match=r"--roi_hist=True: .*siglip.pt holds a tower trained with "
+                                             r"--roi_hist=False"):
+        bv.main(TINY + [f"--out_dir={tmp_path / 'other'}", f"--cache_dir={tmp_path / 'cache'}", "--stage=vqa",
+                        f"--siglip_from={tmp_path / 'run' / 'siglip.pt'}", "--roi_hist=true"])
+
+
+def test_calibrated_threshold_is_the_validation_best_and_nearest_zero_of_equals():
+    """--calibrate (not the paper's): per kind, the threshold with the most right answers on the given samples; of
+    equal ones the nearest 0; answer() says Yes above it, and at 0 without one (the argmax)."""
+    samples = [(0, {"kind": "closed", "answer": a}) for a in ("No", "No", "Yes", "Yes")] + \
+              [(0, {"kind": "region", "answer": a}) for a in ("No", "Yes")]
+    log_odds = {0: -1.0, 1: 0.3, 2: 0.6, 3: 2.0, 4: -0.2, 5: 0.4}
+    thr = bv.val_thresholds(samples, log_odds)
+    assert thr["closed"] == pytest.approx(0.3)  # (0.3, 0.6) separates all four; 0.3 is the nearest 0 of them
+    assert thr["region"] == pytest.approx(0.0)  # -0.2 < t < 0.4 all separate: 0 itself
+    enc = data.train_bpe(["Yes No"] * 4, 300)  # answer() needs one only for generated kinds (none here)
+    ans = bv.answer(None, enc, None, samples, None, "cpu", None, log_odds=log_odds, thresholds=thr)
+    assert ans == ["No", "No", "Yes", "Yes", "No", "Yes"]
+    assert bv.answer(None, enc, None, samples, None, "cpu", None, log_odds=log_odds) == \
+        ["No", "Yes", "Yes", "Yes", "No", "Yes"]
