@@ -163,6 +163,7 @@ MODEL_KEYS = ("shape", "enc_stem", "enc_dims", "enc_depths", "enc_kernel", "mixe
               "text_dim", "text_layers", "decoder", "dims", "layers", "heads", "kv_heads", "llm", "lora_r",
               "lora_alpha", "lora_dropout", "ssa_layers", "mssa_heads", "vocab_size", "max_text_len", "prompt", "blind",
               "system_prompt")
+TOWER_KEYS = MODEL_KEYS[:8]  # what builds the DCFormer + Mixer (+ the --roi_hist token)
 KINDS = ("closed", "region", "choice", "open")  # closed + region: yes/no through the head; choice + open: generated
 YES_NO = ("No", "Yes")
 SYSTEM = ("You are a vision-language model that receives a 3-D CT volume and a blue, thin boundary that tightly "
@@ -1639,9 +1640,10 @@ def main(argv=None):
     if ddp:
         torch.distributed.barrier()
     sig = load_checkpoint(siglip_path) if ckpt is None else ckpt
-    if sig["config"].get("roi_hist", False) != cfg["roi_hist"]:
-        raise BadConfig(f"--roi_hist={cfg['roi_hist']}: {siglip_path} holds a tower trained with "
-                        f"--roi_hist={sig['config'].get('roi_hist', False)}; pass that, or train a tower (--stage=all)")
+    for k in TOWER_KEYS:  # the frozen tower is built from this run's flags: they must be the ones it was trained with
+        if (v := sig["config"].get(k, DEFAULTS[k])) != cfg[k]:
+            raise BadConfig(f"--{k}={cfg[k]}: {siglip_path} holds a tower trained with --{k}={v}; pass that, or train "
+                            f"a tower (--stage=all)")
     if ckpt is None and sig["iter_num"] < sig["config"]["siglip_iters"] and master:  # a SigLIP stage cut short
         print(f"warning: {siglip_path} holds {sig['iter_num']} of its {sig['config']['siglip_iters']} SigLIP steps; "
               f"finish it first with --stage=siglip --init_from=resume")
