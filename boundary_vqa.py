@@ -5,23 +5,28 @@ Paper: anonymous, "Boundary Guidance for Efficient 3D CT Vision-Language Reasoni
 arXiv id, no public code). Built on Med3DVLM (arXiv:2503.20047), DCFormer (arXiv:2502.05091), SigLIP (ICCV 2023),
 LoRA (arXiv:2106.09685), focal loss (ICCV 2017), RadGenome-ChestCT (arXiv:2404.16754).
 
-What this file implements (M the binary mask of the QUESTION's region, x one CT volume):
-    Eq. 1     B = {(x, y) : sum_{(u,v) in N8(x,y)} |M_uv - M_xy| > 0} per axial slice, on M's largest component per
-              slice with its holes filled (vessels, airways); its side inside M dilated to 3 px, interior empty; drawn
-              as the second input channel [CT, B] (the paper's blue outline). Sec. 3.3: a system instruction +
-              "Within the blue-outlined area of the CT volume," ("Inside the blue boundary," before a wh-question).
-              --prompt=none drops the channel (zeros) AND the text. The region is the one the question names
-              (closed: the finding's organ, "lungs" for lung findings), never the side where the finding is.
-    Sec. 3.2  DCFormer: DC(x) = K_z * x + K_y * x + K_x * x (depthwise (k,1,1), (1,k,1), (1,1,k)) in MetaFormer blocks;
-              the dual-stream MLP-Mixer over the last two stages (per slice: token- then channel-mixing MLP) -> V
-              (N_s x d). --stage=siglip pre-trains both with L = -1/B sum_ij log sigmoid(z_ij (t x_i.y_j + b));
-              --stage=vqa freezes them.
-    Eq. 2     SSA(V, T) = (V T^T / sqrt(d)) T, added through a zero-initialised gate g: V <- V + g SSA.
-    Eq. 3-4   MSSA(Z) = concat_i softmax(Q_i K_i^T / sqrt(d_k) + R) V_i W_O over Z = [V; T], h = 4, R a learnable
-              bias per head indexed by the slice offset of two visual tokens (0 for text). Both sit in the first
-              k = ssa_layers decoder blocks, before the block's causal attention, and update only [V; T].
-    Sec. 4    L = FL_cb(head(h_last), y) + NLL(open answer tokens) + 1e-4 ||LoRA||^2, FL = -a_y (1 - p_y)^2 log p_y,
-              a class-balanced (effective number, beta 0.999); AdamW (0.9, 0.98), weight decay 2e-2 on LoRA only.
+What this file implements (M the binary mask of the QUESTION's region, x one CT volume), and where:
+    Eq. 1     boundary_prompt(): B = {(x, y) : sum_{(u,v) in N8(x,y)} |M_uv - M_xy| > 0} per axial slice, on M's
+              largest component per slice with its holes filled (vessels, airways); its side inside M dilated to
+              3 px, interior empty; drawn as the second input channel [CT, B] (the paper's blue outline).
+    Sec. 3.3  rewrite(): a system instruction + "Within the blue-outlined area of the CT volume," ("Inside the blue
+              boundary," before a wh-question). --prompt=none drops the channel (zeros) AND the text. The region
+              is the one the question names (question_region(); closed: the finding's organ, "lungs" for lung
+              findings), never the side where the finding is.
+    Sec. 3.2  DecomposedConv3d, DCFormer, MixerStream, VisionTower: DC(x) = K_z * x + K_y * x + K_x * x (depthwise
+              (k,1,1), (1,k,1), (1,1,k)) in MetaFormer blocks; the dual-stream MLP-Mixer over the last two stages
+              (per slice: token- then channel-mixing MLP) -> V (N_s x d). --stage=siglip pre-trains both (SigLIP,
+              train_siglip) with L = -1/B sum_ij log sigmoid(z_ij (t x_i.y_j + b)); --stage=vqa freezes them.
+    Eq. 2     SliceBlock.fuse: SSA(V, T) = (V T^T / sqrt(d)) T, added through a zero-initialised gate g:
+              V <- V + g SSA.
+    Eq. 3-4   MSSA: MSSA(Z) = concat_i softmax(Q_i K_i^T / sqrt(d_k) + R) V_i W_O over Z = [V; T], h = 4, R a
+              learnable bias per head indexed by the slice offset of two visual tokens (0 for text). Both sit in
+              the first k = ssa_layers decoder blocks, before the block's causal attention, and update only [V; T].
+    Sec. 4    vqa_losses: L = FL_cb(head(h_last), y) + NLL(open answer tokens) + 1e-4 ||LoRA||^2,
+              FL = -a_y (1 - p_y)^2 log p_y (focal_loss), a class-balanced (class_balanced_alpha: effective number,
+              beta 0.999); AdamW (0.9, 0.98), weight decay 2e-2 on LoRA only (run_vqa).
+The paper's parts are the three sections after the config (Boundary prompt, Vision, Slice self-attention: ~390
+lines); the copied decoder, data, training, evaluation, predict and the command line follow, in that order.
 
 Decoder (DESIGN §5): hilt.py's Llama-3 decoder, copied below; from-scratch sizes --decoder=s|m|l (the paper's
 Qwen-2.5 0.5B/1.5B/3B shapes at --preset=paper), or --llm=path: a Meta-format Llama frozen with LoRA r 16 (the paper
@@ -1243,9 +1248,9 @@ def run_vqa(cfg, tower_state, items, val_items, test_items, enc, dev, ddp, rank,
     cache = feature_cache(model, test_items, test_qs, cfg, dev)
     log_odds = yes_log_odds(model, enc, cfg, test_qs, cache, dev, ctx)
     preds = answer(model, enc, cfg, test_qs, cache, dev, ctx, log_odds, thr)
-    res = {"prompt": cfg["prompt"], "blind": cfg["blind"], "decoder": cfg["llm"] or cfg["decoder"],
-           "scores": score(test_qs, preds), "reads": reads(test_qs, log_odds), "train_s": time.time() - t0, "peak_mb": peak_memory_mb(dev),
-           "n_params": sum(p.numel() for p in model.decoder.parameters()), "thresholds": thr}
+    res = {"prompt": cfg["prompt"], "blind": cfg["blind"], "decoder": cfg["llm"] or cfg["decoder"], "thresholds": thr,
+           "scores": score(test_qs, preds), "reads": reads(test_qs, log_odds), "train_s": time.time() - t0,
+           "peak_mb": peak_memory_mb(dev), "n_params": sum(p.numel() for p in model.decoder.parameters())}
     if not cfg["blind"] and len(test_items) > 1:  # each question about the scan half the split away (its own outline)
         other = [((i + len(test_items) // 2) % len(test_items), q) for i, q in test_qs]
         o_cache = feature_cache(model, test_items, other, cfg, dev)
