@@ -25,8 +25,9 @@ What this file implements (M the binary mask of the QUESTION's region, x one CT 
     Sec. 4    vqa_losses: L = FL_cb(head(h_last), y) + NLL(open answer tokens) + 1e-4 ||LoRA||^2,
               FL = -a_y (1 - p_y)^2 log p_y (focal_loss), a class-balanced (class_balanced_alpha: effective number,
               beta 0.999); AdamW (0.9, 0.98), weight decay 2e-2 on LoRA only (run_vqa).
-The paper's parts are the three sections after the config (Boundary prompt, Vision, Slice self-attention: ~390
-lines); the copied decoder, data, training, evaluation, predict and the command line follow, in that order.
+The paper's parts sit in the three sections after the config (Boundary prompt, Vision, Slice self-attention: ~390
+lines, with SigLIP's text side and the --roi_hist token); the copied decoder, data, training, evaluation, predict
+and the command line follow, in that order.
 
 Decoder (DESIGN §5): hilt.py's Llama-3 decoder, copied below; from-scratch sizes --decoder=s|m|l (the paper's
 Qwen-2.5 0.5B/1.5B/3B shapes at --preset=paper), or --llm=path: a Meta-format Llama frozen with LoRA r 16 (the paper
