@@ -2356,8 +2356,10 @@ def _add_texture_and_noise(cv, an, shape, roi):
 
 class SyntheticCT(torch.utils.data.Dataset):
     """The procedural chest CT: item i of a split is one patient, rendered on the fly at
-    `shape` over the fixed FOV, identical for the same (seed, split, i, shape) on any machine. Splits never share a
-    patient (the split is part of every seed). `difficulty` in [0, 1] weakens findings and raises noise."""
+    `shape` over the fixed FOV, the same patient for the same (seed, split, i, shape) on any machine: labels, masks,
+    report and questions bit for bit, voxel values to a few thousandths of a HU (CPU kernels and thread counts round
+    differently). Splits never share a patient (the split is part of every seed). `difficulty` in [0, 1] weakens
+    findings and raises noise."""
 
     def __init__(self, split, n, shape=(64, 128, 128), seed=0, *, window=(-1000, 200), norm="unit",
                  difficulty=0.5, device=None):

@@ -405,7 +405,9 @@ def test_refit_label_head_is_the_linear_probe_folded_back():
     x = hilt.mean_features(model, ds, "cpu", hilt.nullcontext())
     y = hilt.labels_of(ds)
     want = hilt.linear_probe(x, y, x)
-    torch.testing.assert_close(torch.sigmoid(model.label_head(x)).detach(), want, atol=1e-4, rtol=1e-3)
+    # the folded head rounds differently from the probe's standardised form (float32, w.mu cancels): up to 3e-4 on
+    # some CPUs; a fold that drops the standardisation or the bias term is off by far more
+    torch.testing.assert_close(torch.sigmoid(model.label_head(x)).detach(), want, atol=1e-3, rtol=1e-3)
     # with thresholds: the calls are the probe's p >= its best-F1 threshold on these scans
     hilt.refit_label_head(model, ds, "cpu", hilt.nullcontext())
     t = data.best_f1_thresholds(y.numpy(), want.numpy())
