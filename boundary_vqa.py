@@ -165,11 +165,11 @@ PRESETS = {
                 vocab_size=1024, max_iters=1000, eval_interval=100, batch_size=32, learning_rate=1e-3,
                 warmup_iters=30, n_train=400, n_val=40, n_test=100, num_workers=2),
 }
-MODEL_KEYS = ("shape", "enc_stem", "enc_dims", "enc_depths", "enc_kernel", "mixer_tokens", "proj_dim", "roi_hist",
-              "text_dim", "text_layers", "decoder", "dims", "layers", "heads", "kv_heads", "llm", "lora_r",
-              "lora_alpha", "lora_dropout", "ssa_layers", "mssa_heads", "vocab_size", "max_text_len", "prompt", "blind",
-              "system_prompt")
-TOWER_KEYS = MODEL_KEYS[:8]  # what builds the DCFormer + Mixer (+ the --roi_hist token)
+TOWER_KEYS = ("shape", "enc_stem", "enc_dims", "enc_depths", "enc_kernel", "mixer_tokens", "proj_dim",
+              "roi_hist")  # what builds the DCFormer + Mixer (+ the --roi_hist token)
+MODEL_KEYS = TOWER_KEYS + ("text_dim", "text_layers", "decoder", "dims", "layers", "heads", "kv_heads", "llm", "lora_r",
+                           "lora_alpha", "lora_dropout", "ssa_layers", "mssa_heads", "vocab_size", "max_text_len",
+                           "prompt", "blind", "system_prompt")
 KINDS = ("closed", "region", "choice", "open")  # closed + region: yes/no through the head; choice + open: generated
 YES_NO = ("No", "Yes")
 SYSTEM = ("You are a vision-language model that receives a 3-D CT volume and a blue, thin boundary that tightly "
