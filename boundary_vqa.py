@@ -1462,20 +1462,28 @@ def predict_file(cfg, model, enc, dev) -> str:
 # -----------------------------------------------------------------------------
 # Table 1: prompt x decoder size, each cell a fresh process (its own peak memory)
 
+TABLE_OWN = ("preset", "table", "stage", "baselines", "decoder", "prompt", "out_dir", "siglip_from", "init_from")
+
+
 def table(cfg):
+    """Each cell is this command's own configuration (every flag given to it, --data, --cache_dir, --calibrate, ...)
+    with TABLE_OWN's keys set per cell: --stage=vqa from the one SigLIP tower, no twins, from scratch."""
     rows, base = [], Path(cfg["out_dir"])
+    if cfg["llm"]:
+        raise BadConfig(f"--table with --llm={cfg['llm']}: the table's rows are the three from-scratch decoder sizes "
+                        "(--decoder=s|m|l); run the --llm model alone (without --table)")
     siglip = Path(cfg["siglip_from"] or base / "siglip.pt")
     if not siglip.is_file():
         raise BadConfig(f"--table: {siglip}: no SigLIP tower; train one first (python boundary_vqa.py "
                         f"--stage=siglip --out_dir={base}) or pass --siglip_from")
+    as_arg = lambda v: ",".join(map(str, v)) if isinstance(v, tuple) else str(v).lower() if isinstance(v, bool) else v
+    preset = {**DEFAULTS, **PRESETS[cfg["preset"]]}
+    given = [f"--{k}={as_arg(v)}" for k, v in cfg.items() if k not in TABLE_OWN and v != preset[k]]
     for size in "sml":
         for pr in ("none", "contour"):
             out = base / f"table_{size}_{pr}"
-            argv = [f"--preset={cfg['preset']}", f"--device={cfg['device']}", "--stage=vqa", "--baselines=false",
-                    f"--decoder={size}", f"--prompt={pr}", f"--out_dir={out}", f"--siglip_from={siglip}",
-                    f"--cache_dir={cfg['cache_dir']}", f"--seed={cfg['seed']}", f"--n_train={cfg['n_train']}",
-                    f"--n_val={cfg['n_val']}", f"--n_test={cfg['n_test']}", f"--max_iters={cfg['max_iters']}",
-                    f"--roi_hist={cfg['roi_hist']}"]
+            argv = [f"--preset={cfg['preset']}", *given, "--stage=vqa", "--baselines=false", f"--decoder={size}",
+                    f"--prompt={pr}", f"--out_dir={out}", f"--siglip_from={siglip}"]
             r = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True, text=True)
             if r.returncode:
                 print(f"{size} {pr}: failed\n{r.stderr[-2000:]}")

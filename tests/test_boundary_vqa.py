@@ -508,6 +508,32 @@ def test_table_without_a_siglip_tower_is_one_line_naming_it(tmp_path, monkeypatc
     assert code == 2 and err.count("\n") == 1 and "--table" in err and "siglip.pt" in err, err
 
 
+def test_table_cells_run_with_every_flag_the_table_was_given(tmp_path, monkeypatch, capsys):
+    """Each cell is a fresh process: it must get the table's own --data, --cache_dir, --calibrate, tower shape, ...
+    (not only a fixed list of them), with only the cell's decoder size, prompt and out_dir its own."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "siglip.pt").write_bytes(b"")  # table() only checks that the tower exists
+    argv = TINY + run_dirs(tmp_path) + ["--table=true", "--data=/some/RadGenome", "--calibrate=true", "--lora_l2=0.002",
+                                        "--system_prompt=true"]
+    calls = []
+    monkeypatch.setattr(bv.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or
+                        __import__("subprocess").CompletedProcess(cmd, 1, "", "not run in this test"))
+    bv.main(argv)
+    parent = cfg_of(argv)
+    assert len(calls) == 6
+    cells = {(c["decoder"], c["prompt"]) for c in (cfg_of(cmd[2:]) for cmd in calls)}
+    assert cells == {(s, p) for s in "sml" for p in ("none", "contour")}
+    for cmd in calls:
+        cell = cfg_of(cmd[2:])
+        assert cell["stage"] == "vqa" and not cell["baselines"] and not cell["table"]
+        assert cell["siglip_from"] == str(tmp_path / "run" / "siglip.pt")
+        assert cell["out_dir"] == str(tmp_path / "run" / f"table_{cell['decoder']}_{cell['prompt']}")
+        own = ("stage", "baselines", "table", "siglip_from", "out_dir", "decoder", "prompt")
+        assert {k: v for k, v in cell.items() if k not in own} == {k: v for k, v in parent.items() if k not in own}
+    code, err = cli(argv + ["--llm=/a/llama"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "--table" in err and "--llm" in err, err
+
+
 def test_reads_is_the_auroc_of_the_heads_log_odds_per_question():
     q = lambda text, ans, kind="closed": (0, {"question": text, "answer": ans, "kind": kind})
     samples = [q("Is there A?", "Yes"), q("Is there A?", "No"), q("Is there A?", "No"),
