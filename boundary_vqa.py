@@ -1469,6 +1469,9 @@ def table(cfg):
     """Each cell is this command's own configuration (every flag given to it, --data, --cache_dir, --calibrate, ...)
     with TABLE_OWN's keys set per cell: --stage=vqa from the one SigLIP tower, no twins, from scratch."""
     rows, base = [], Path(cfg["out_dir"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise BadConfig("--table under torchrun: every rank would run all six cells; run it with python (each cell is "
+                        "its own process)")
     if cfg["llm"]:
         raise BadConfig(f"--table with --llm={cfg['llm']}: the table's rows are the three from-scratch decoder sizes "
                         "(--decoder=s|m|l); run the --llm model alone (without --table)")

@@ -532,6 +532,9 @@ def test_table_cells_run_with_every_flag_the_table_was_given(tmp_path, monkeypat
         assert {k: v for k, v in cell.items() if k not in own} == {k: v for k, v in parent.items() if k not in own}
     code, err = cli(argv + ["--llm=/a/llama"], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and "--table" in err and "--llm" in err, err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = cli(argv, monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "--table under torchrun" in err and len(calls) == 6, err
 
 
 def test_reads_is_the_auroc_of_the_heads_log_odds_per_question():
