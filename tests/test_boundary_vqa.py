@@ -437,6 +437,32 @@ def test_radgenome_layout_round_trip(tmp_path):
         data.RadGenomeCT(root, "test", strict=True)
 
 
+def test_main_on_a_radgenome_layout_skips_a_bad_mask_and_asks_another_scan_that_has_the_region(tmp_path, capsys):
+    """--data=<RadGenome root> end to end: its QA has no closed questions (the paired bootstrap over none crashed after
+    training), a scan lacks one region's row (the another-scan check must pick a scan that has the region), and a
+    mask of the wrong shape is skipped with a warning naming it instead of stopping the run."""
+    import csv
+    root = data.write_radgenome_layout(tmp_path / "rg", 8, shape=(8, 16, 16), seed=0, n_valid=3)
+    path = root / "radgenome_files" / "validation_region_vqa.csv"
+    rows = list(csv.reader(path.open()))
+    rows = [r for r in rows if r[:2] != ["valid_2_a_1.nii.gz", "heart"]]
+    csv.writer(path.open("w", newline="")).writerows(rows)
+    bad = root / "masks" / "seg_train_3_a_1" / "aorta.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), bad)
+    capsys.readouterr()
+    res = bv.main(TINY + run_dirs(tmp_path) + [f"--data={root}"])
+    err = capsys.readouterr().err
+    assert "warning: skipped" in err and str(bad) in err and "mask shape" in err
+    own, other = res["test_loss own / another scan"]["--prompt=contour --decoder=m"]
+    assert own != other and "region: --prompt=contour --decoder=m minus the same model asked about another scan" \
+        in res["paired"] and not any(k.startswith("closed") for k in res["paired"])
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["rows"].keys() == res["rows"].keys()
+    items = bv.get_items(cfg_of(TINY + run_dirs(tmp_path) + [f"--data={root}"]), "test")
+    assert [sorted(it["outlines"]) == sorted(data.RADGENOME_REGIONS) for it in items] == [True, False, True]
+    assert bv.another_scan(items, 0, "heart") == 2 and bv.another_scan(items, 0, "aorta") == 1
+    assert bv.another_scan(items[:1], 0, "heart") is None
+
+
 def test_sentence_pairs_positive_for_every_volume_stating_the_finding():
     items = [{"report": "The heart is enlarged (mild cardiomegaly). No pleural effusion is seen."},
              {"report": "Mild cardiomegaly is present. A small pleural effusion is seen in the right hemithorax."},
