@@ -58,6 +58,7 @@ Commands:
         --question="Is there an abnormality in the left lung?"   # the answer + a PNG montage of the prompted slices
     python boundary_vqa.py --init_from=resume       # after Ctrl-C: either stage goes on exactly (siglip.pt / ckpt.pt)
 """
+import hashlib
 import json
 import math
 import os
@@ -868,27 +869,35 @@ def build_model(cfg: dict) -> nn.Module:
 
 
 # -----------------------------------------------------------------------------
-# Data: rendered once per split (float16 volumes + uint8 masks in RAM, cached on disk), questions per item
+# Data: rendered (or read) once per split, memory-mapped from cache_dir (float16 volumes, uint8 masks), questions
 
 SIGLIP_REGIONS = ("right lung", "left lung", "lungs", "heart", "aorta", "mediastinum", "pleura", "esophagus")
 
 
 class _Rendered(torch.utils.data.Dataset):
-    """Phantom i as kept in RAM: float16 volume, uint8 masks, and the outline of every region its questions name
-    (plus one for SigLIP) as flat voxel indices: Eq. (1) once per (volume, region), in the render workers."""
-    def __init__(self, ds: SyntheticCT):
+    """Item i as get_items keeps it: float16 volume, the outline of every region its questions name (a phantom: plus
+    one for SigLIP; a RadGenome scan: every region it has a mask of) as flat voxel indices, Eq. (1) once per (volume,
+    region) in the loader's workers, and a phantom's uint8 masks; a RadGenome file that fails to load: its error."""
+    def __init__(self, ds):
         self.ds = ds
 
     def __len__(self):
         return len(self.ds)
 
     def __getitem__(self, i):
-        it = self.ds[i]
-        regions = {question_region(q) for q in it["questions"]} | {SIGLIP_REGIONS[i % len(SIGLIP_REGIONS)]}
+        try:
+            it = self.ds[i]
+        except BadVolume as e:
+            return str(e)
+        regions = set(it["region_masks"]) if "region_masks" in it else (
+            {question_region(q) for q in it["questions"]} | {SIGLIP_REGIONS[i % len(SIGLIP_REGIONS)]})
         outlines = {r: torch.nonzero(boundary_prompt(region_mask(it, r)).flatten())[:, 0].int()
                     for r in sorted(regions)}
-        return dict(volume=it["volume"].half(), masks=it["masks"].to(torch.uint8), questions=it["questions"],
-                    report=it["report"], name=it["name"], labels=it["labels"], outlines=outlines)
+        out = dict(volume=it["volume"].half(), questions=it["questions"], report=it["report"], name=it["name"],
+                   outlines=outlines)
+        if "masks" in it:
+            out.update(masks=it["masks"].to(torch.uint8), labels=it["labels"])
+        return out
 
 
 def another_scan(items: list, i: int, region: str):
@@ -896,16 +905,14 @@ def another_scan(items: list, i: int, region: str):
     region (a RadGenome scan has masks only for the regions its QA rows name); None if no other scan has it."""
     n = len(items)
     for j in ((i + n // 2 + k) % n for k in range(n)):
-        it = items[j]
-        if j != i and (region in it.get("outlines", {}) or region in it.get("region_masks", {})
-                       or ("masks" in it and region in REGION_IDS)):
+        if j != i and (region in items[j]["outlines"] or ("masks" in items[j] and region in REGION_IDS)):
             return j
     return None
 
 
 def outline_of(item: dict, region: str, dev=None) -> torch.Tensor:
-    """The (Z, Y, X) outline of a region in an item, on dev: from the render cache, else computed (RadGenome,
-    predict)."""
+    """The (Z, Y, X) outline of a region in an item, on dev: from the render cache, else computed (a phantom's
+    region its questions do not name)."""
     if region in item.get("outlines", {}):
         out = torch.zeros(item["volume"][0].numel(), device=dev)
         out[item["outlines"][region].long().to(dev)] = 1.0
@@ -913,31 +920,68 @@ def outline_of(item: dict, region: str, dev=None) -> torch.Tensor:
     return boundary_prompt(region_mask(item, region)).to(dev)
 
 
+def load_cache(stem: Path) -> list:
+    """A split written by get_items: stem.meta.pt (all but the voxels), stem.f16 (volumes), for phantoms stem.u8
+    (masks), read as memory maps: the OS pages the voxels in, so a split need not fit in RAM."""
+    meta = torch.load(f"{stem}.meta.pt", weights_only=True)
+    n, shape = len(meta["items"]), tuple(meta["shape"])
+    vols = np.memmap(f"{stem}.f16", np.float16, "c", shape=(n, 1, *shape))  # "c": writable views, file untouched
+    masks = np.memmap(f"{stem}.u8", np.uint8, "c", shape=(n, *shape)) if meta["masks"] else None
+    return [{**m, "volume": torch.from_numpy(vols[i]), **({} if masks is None else {"masks": torch.from_numpy(masks[i])})}
+            for i, m in enumerate(meta["items"])]
+
+
 def get_items(cfg, split: str, master: bool = True) -> list:
-    """A split as a list of items; synthetic ones rendered once and cached in cache_dir (written by rank 0 alone:
-    under torchrun two ranks renaming one .tmp file raced)."""
-    n = {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_test"]}[split]
-    if cfg["data"] != "synthetic":  # kept as the phantoms are: float16 volume, the outline of each masked region
-        spacing = tuple(f / s for f, s in zip(FOV, cfg["shape"]))
-        ds = RadGenomeCT(cfg["data"], split, shape=tuple(cfg["shape"]), spacing=spacing, strict=cfg["strict"])
-        items = [dict(volume=it["volume"].half(), name=it["name"], report=it["report"], questions=it["questions"],
-                      outlines={r: torch.nonzero(boundary_prompt(m).flatten())[:, 0].int()
-                                for r, m in sorted(it["region_masks"].items())})
-                 for it in tqdm(ds, total=len(ds), desc=f"load {split}", leave=False)]  # a bad file: skipped, warned
-        if not items:
-            raise InputError(f"{cfg['data']}: no readable volume in the {split} split")
-        return items
-    path = Path(cfg["cache_dir"]) / f"{split}_{n}_{'x'.join(map(str, cfg['shape']))}_{cfg['seed']}.pt"
-    if path.is_file():
-        return torch.load(path, weights_only=True)
+    """A split as a list of items, rendered (phantoms) or read (RadGenome; a file that fails to load is skipped with a
+    warning) once by --num_workers processes, and cached in cache_dir by rank 0 alone while the other ranks wait for
+    it (two ranks renaming one .tmp file raced); the voxels go to memory-mapped files row by row, never all in RAM."""
+    shape, n = tuple(cfg["shape"]), {"train": cfg["n_train"], "val": cfg["n_val"], "test": cfg["n_test"]}[split]
+    tag, with_masks = "x".join(map(str, shape)), cfg["data"] == "synthetic"
+    if with_masks:
+        ds, name = SyntheticCT(split, n, shape=shape, seed=cfg["seed"]), f"{split}_{n}_{tag}_{cfg['seed']}"
+    else:  # named by the folder and its QA table's size and time: an edited table is read again
+        ds = RadGenomeCT(cfg["data"], split, shape=shape, spacing=tuple(f / s for f, s in zip(FOV, shape)),
+                         strict=cfg["strict"])
+        qa = Path(cfg["data"]) / "radgenome_files" / f"{'validation' if split == 'test' else 'train'}_region_vqa.csv"
+        key = f"{Path(cfg['data']).resolve()}|{qa.stat().st_size}|{qa.stat().st_mtime_ns}"
+        name = f"radgenome_{hashlib.sha1(key.encode()).hexdigest()[:10]}_{split}_{tag}"
+    stem = Path(cfg["cache_dir"]) / name
+    while not master and not Path(f"{stem}.meta.pt").is_file():  # polled, not a collective: rendering takes hours
+        time.sleep(2)                                                # at the paper's shape
+    if Path(f"{stem}.meta.pt").is_file():
+        return load_cache(stem)
+    if not len(ds):
+        raise InputError(f"{cfg['data']}: no volume in the {split} split")
     t0 = time.time()
-    ds = _Rendered(SyntheticCT(split, n, shape=tuple(cfg["shape"]), seed=cfg["seed"]))
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=cfg["num_workers"])
-    items = list(tqdm(loader, total=n, desc=f"render {split} {tuple(cfg['shape'])}", leave=False))
-    if master:
-        print(f"{split}: {n} phantoms rendered (+ outlines) in {time.time() - t0:.0f}s, cached in {path}")
-        save_checkpoint(path, items)
-    return items
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    out = {".f16": np.memmap(f"{stem}.f16.tmp", np.float16, "w+", shape=(len(ds), 1, *shape))}
+    if with_masks:
+        out[".u8"] = np.memmap(f"{stem}.u8.tmp", np.uint8, "w+", shape=(len(ds), *shape))
+    meta = []
+    loader = torch.utils.data.DataLoader(_Rendered(ds), batch_size=None, num_workers=cfg["num_workers"])
+    for it in tqdm(loader, total=len(ds), desc=f"render {split} {shape}", leave=False):
+        if isinstance(it, str):  # a RadGenome volume or mask that failed to load
+            if cfg["strict"]:
+                raise BadVolume(it)
+            print(f"warning: skipped {it}", file=sys.stderr)
+            continue
+        out[".f16"][len(meta)] = it.pop("volume").numpy()
+        if with_masks:
+            out[".u8"][len(meta)] = it.pop("masks").numpy()
+        meta.append(it)
+    if not meta:
+        raise InputError(f"{cfg['data']}: no readable volume in the {split} split")
+    for suffix in list(out):
+        arr = out.pop(suffix)
+        arr.flush()
+        row = arr[0].nbytes
+        del arr  # unmapped before the file shrinks
+        os.truncate(f"{stem}{suffix}.tmp", len(meta) * row)  # drops the rows of skipped files
+        os.replace(f"{stem}{suffix}.tmp", f"{stem}{suffix}")
+    save_checkpoint(f"{stem}.meta.pt", {"shape": shape, "masks": with_masks, "items": meta})  # last: the cache is whole
+    print(f"{split}: {len(meta)} {'phantoms rendered' if with_masks else 'scans read'} (+ outlines) in "
+          f"{time.time() - t0:.0f}s, cached in {stem}.*")
+    return load_cache(stem)
 
 
 def questions_of(items: list) -> list:

@@ -625,16 +625,6 @@ class RadGenomeCT(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.names)
 
-    def __iter__(self):
-        """Each readable item once; a volume or mask that fails to load is skipped with a warning (strict: raised)."""
-        for i in range(len(self)):
-            try:
-                item = self[i]
-            except BadVolume as e:
-                self._bad(e)
-                continue
-            yield item
-
     def __getitem__(self, i):
         name = self.names[i]
         hu, sp = load_nifti(self.root / "volumes" / self.folder / name)

@@ -461,6 +461,13 @@ def test_main_on_a_radgenome_layout_skips_a_bad_mask_and_asks_another_scan_that_
     assert [sorted(it["outlines"]) == sorted(data.RADGENOME_REGIONS) for it in items] == [True, False, True]
     assert bv.another_scan(items, 0, "heart") == 2 and bv.another_scan(items, 0, "aorta") == 1
     assert bv.another_scan(items[:1], 0, "heart") is None
+    n_read = {split: len(bv.get_items(cfg_of(TINY + run_dirs(tmp_path) + [f"--data={root}"]), split))
+              for split in ("train", "val")}
+    assert sum(n_read.values()) == 7  # of 8: the bad mask's scan left out, and its row left out of the cache file
+    sizes = sorted(p.stat().st_size for p in (tmp_path / "cache").glob("radgenome_*_t*.f16"))
+    assert sorted(2 * 8 * 16 * 16 * k for k in (n_read["train"], 3)) == sizes
+    with pytest.raises(data.BadVolume, match="mask shape"):
+        bv.get_items(cfg_of(TINY + [f"--data={root}", f"--cache_dir={tmp_path / 'strict'}", "--strict=true"]), "train")
 
 
 def test_sentence_pairs_positive_for_every_volume_stating_the_finding():
@@ -504,14 +511,30 @@ def test_torchrun_two_ranks_trains_all_three_variants(tmp_path):
         assert [r["iter"] for r in log] == [1, 2]  # one writer, not two
 
 
-def test_only_rank_zero_writes_the_phantom_cache(tmp_path):
-    """Under torchrun each rank renders a split; two ranks renaming one cache .tmp file raced (rank 0 failed)."""
+def test_only_rank_zero_writes_the_phantom_cache_and_the_others_read_it(tmp_path):
+    """Under torchrun two ranks renaming one cache .tmp file raced (rank 0 failed): rank 0 renders and writes, the
+    others wait for the finished cache and read it; the voxels are memory maps of it, equal to a fresh render."""
+    import threading
     cfg, cache = cfg_of(TINY + run_dirs(tmp_path)), tmp_path / "cache"
-    other = bv.get_items(cfg, "val", master=False)
-    assert not cache.exists() or not any(cache.iterdir())
+    other = []
+    waiter = threading.Thread(target=lambda: other.extend(bv.get_items(cfg, "val", master=False)))
+    waiter.start()
+    waiter.join(3)
+    assert waiter.is_alive() and not other and not cache.exists()  # waiting, writing nothing
     mine = bv.get_items(cfg, "val")
-    assert [p.name for p in cache.iterdir()] == [f"val_{cfg['n_val']}_8x16x16_{cfg['seed']}.pt"]
-    assert all(torch.equal(a["volume"], b["volume"]) for a, b in zip(other, mine))
+    waiter.join(30)
+    stem = f"val_{cfg['n_val']}_8x16x16_{cfg['seed']}"
+    assert sorted(p.name for p in cache.iterdir()) == [f"{stem}.f16", f"{stem}.meta.pt", f"{stem}.u8"]
+    fresh = [bv._Rendered(data.SyntheticCT("val", cfg["n_val"], shape=(8, 16, 16), seed=cfg["seed"]))[i]
+             for i in range(cfg["n_val"])]
+    assert len(other) == len(mine) == len(fresh) == cfg["n_val"]
+    for a, b, f in zip(other, mine, fresh):
+        assert a.keys() == b.keys() == f.keys() and a["name"] == f["name"] and a["questions"] == f["questions"]
+        for k in ("volume", "masks"):
+            assert a[k].dtype == f[k].dtype and torch.equal(a[k], f[k]) and torch.equal(b[k], f[k]), k
+        assert all(torch.equal(a["outlines"][r], f["outlines"][r]) for r in f["outlines"])
+    voxels = cfg["n_val"] * 8 * 16 * 16
+    assert (cache / f"{stem}.f16").stat().st_size == 2 * voxels and (cache / f"{stem}.u8").stat().st_size == voxels
 
 
 def test_llm_trains_lora_with_the_base_frozen_and_a_finished_run_resumes_to_its_evaluation(tmp_path):
