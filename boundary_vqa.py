@@ -1269,8 +1269,8 @@ def run_vqa(cfg, tower_state, items, val_items, test_items, enc, dev, ddp, rank,
         opt.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"])
     ctx = autocast_ctx(cfg["dtype"], dev)
-    if cfg["compile"]:
-        model.decoder = torch.compile(model.decoder)
+    if cfg["compile"]:  # in place: the state dict keeps its names (torch.compile's wrapper would add "_orig_mod.",
+        model.decoder.compile()  # and its checkpoint would not load without --compile)
     if master:
         n_all, n_tr = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in lora + other)
         print(f"VQA --prompt={cfg['prompt']}{' --blind' if cfg['blind'] else ''} "

@@ -360,6 +360,20 @@ def test_main_end_to_end_resume_and_predict(tmp_path, capsys, monkeypatch):
     assert code == 2 and err.splitlines()[-1].startswith("error: --batch_size=1: below") and err.count("error") == 1, err
 
 
+def test_a_compiled_run_resumes_and_predicts_without_compile(tmp_path, monkeypatch):
+    """--compile=true: the checkpoint's names are the plain model's (torch.compile's wrapper saved them under
+    "decoder._orig_mod.", and --init_from=resume failed to load them). Dynamo's eager backend keeps the test fast."""
+    compiled = []
+    orig = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(1) or orig(self, backend="eager"))
+    res = bv.main(TINY + run_dirs(tmp_path) + ["--compile=true"])
+    state = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
+    assert "decoder.tok_embeddings.weight" in state and not any("_orig_mod" in k for k in state)
+    assert compiled
+    again = bv.main(TINY + run_dirs(tmp_path) + ["--init_from=resume", "--stage=vqa"])
+    assert again["rows"] == res["rows"]
+
+
 def test_an_interrupted_siglip_stage_resumes_exactly_and_goes_on_to_vqa(tmp_path, monkeypatch, capsys):
     """Ctrl-C in the SigLIP stage of a full run: siglip.pt holds 2 of 4 steps, the message names the command, and
     that command (--stage=all --init_from=resume) ends with the weights of 4 steps straight, then trains VQA."""
