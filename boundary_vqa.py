@@ -1493,6 +1493,8 @@ def predict_file(cfg, model, enc, dev) -> str:
     spacing = tuple(f / s for f, s in zip(FOV, cfg["shape"]))
     vol = preprocess(raw, sp, target_spacing=spacing, shape=tuple(cfg["shape"]), window=(-1000, 200), norm="unit")
     outline = None
+    if cfg["prompt"] == "none" and cfg["mask"]:
+        print(f"note: --mask={cfg['mask']} is not used: {cfg['out_dir']} holds a --prompt=none model (no outline)")
     if cfg["prompt"] == "contour":
         if not cfg["mask"]:
             raise BadConfig("--mask: missing; a --prompt=contour model needs the region's mask (.nii.gz)")
@@ -1519,7 +1521,8 @@ def predict_file(cfg, model, enc, dev) -> str:
     ans = answer(model, enc, cfg, [(0, q)], cache, dev, nullcontext(), thresholds=thr)[0]
     png = Path(cfg["out_dir"]) / f"predict_{Path(cfg['predict']).name.split('.')[0]}.png"
     zs = montage(vol, outline if outline is not None else torch.zeros_like(vol), png)
-    print(f"{cfg['predict']}: (z, y, x) {tuple(raw.shape)} -> {tuple(vol.shape)}; outline on {len(zs)} shown slices "
+    drawn = "outline on" if outline is not None else "no outline (a --prompt=none model);"
+    print(f"{cfg['predict']}: (z, y, x) {tuple(raw.shape)} -> {tuple(vol.shape)}; {drawn} {len(zs)} shown slices "
           f"{zs} -> {png}\nQ ({kind}): {rewrite(cfg['question'], cfg['prompt'], cfg['system_prompt'])}\nA: {ans}")
     return ans
 
