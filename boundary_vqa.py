@@ -925,6 +925,11 @@ def load_cache(stem: Path) -> list:
     (masks), read as memory maps: the OS pages the voxels in, so a split need not fit in RAM."""
     meta = torch.load(f"{stem}.meta.pt", weights_only=True)
     n, shape = len(meta["items"]), tuple(meta["shape"])
+    for suffix, size in ((".f16", 2), (".u8", 1))[: 1 + meta["masks"]]:
+        f, want = Path(f"{stem}{suffix}"), n * math.prod(shape) * size
+        if not f.is_file() or f.stat().st_size != want:
+            raise InputError(f"{f}: {f'{f.stat().st_size} bytes' if f.is_file() else 'missing'}, expected {want} for "
+                             f"{n} items of {shape} listed in {stem}.meta.pt; delete {stem}.* to render the split again")
     vols = np.memmap(f"{stem}.f16", np.float16, "c", shape=(n, 1, *shape))  # "c": writable views, file untouched
     masks = np.memmap(f"{stem}.u8", np.uint8, "c", shape=(n, *shape)) if meta["masks"] else None
     return [{**m, "volume": torch.from_numpy(vols[i]), **({} if masks is None else {"masks": torch.from_numpy(masks[i])})}

@@ -549,6 +549,10 @@ def test_only_rank_zero_writes_the_phantom_cache_and_the_others_read_it(tmp_path
         assert all(torch.equal(a["outlines"][r], f["outlines"][r]) for r in f["outlines"])
     voxels = cfg["n_val"] * 8 * 16 * 16
     assert (cache / f"{stem}.f16").stat().st_size == 2 * voxels and (cache / f"{stem}.u8").stat().st_size == voxels
+    with open(cache / f"{stem}.u8", "r+b") as f:  # a cache cut short (disk full, a copy interrupted): named, not read
+        f.truncate(voxels - 1)
+    with pytest.raises(data.InputError, match=f"{stem}.u8: {voxels - 1} bytes, expected {voxels}"):
+        bv.get_items(cfg, "val")
 
 
 def test_llm_trains_lora_with_the_base_frozen_and_a_finished_run_resumes_to_its_evaluation(tmp_path):
