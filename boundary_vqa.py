@@ -428,11 +428,11 @@ class SigLIP(nn.Module):
     def forward(self, x, ids, pad, z=None):
         """x (B, 2, Z, Y, X), texts (N, T); z (B, N) in {-1, 1}: which texts belong to which volume (default: the
         diagonal, N = B)."""
-        img = F.normalize(self.tower(x).mean(1), dim=-1)  # (B, proj_dim)
-        txt = F.normalize(self.text(ids, pad), dim=-1)  # (N, proj_dim)
-        logits = img @ txt.T * self.t_prime.exp() + self.b  # (B, N)
-        z = 2 * torch.eye(len(x), device=x.device) - 1 if z is None else z
-        return -F.logsigmoid(z * logits).sum() / len(x)
+        v, t = self.tower(x).float().mean(1), self.text(ids, pad).float()  # (B, proj_dim), (N, proj_dim)
+        with torch.autocast("cuda", enabled=False) if x.is_cuda else nullcontext():  # the loss in fp32 (--dtype)
+            logits = F.normalize(v, dim=-1) @ F.normalize(t, dim=-1).T * self.t_prime.exp() + self.b  # (B, N)
+            z = 2 * torch.eye(len(x), device=x.device) - 1 if z is None else z
+            return -F.logsigmoid(z * logits).sum() / len(x)
 
 
 # -----------------------------------------------------------------------------
@@ -1186,6 +1186,7 @@ def train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master, ckpt
     with torch.no_grad():  # b = -10 suits 32k-pair batches; at a few dozen it only collapses the first steps
         model.b.fill_(-math.log(cfg["siglip_batch"]))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["siglip_lr"], betas=(0.9, 0.98), weight_decay=1e-4)
+    ctx = autocast_ctx(cfg["dtype"], dev)  # bf16 on CUDA: the 3-D activations at 128 x 256 x 256 are most of memory
     if ckpt is not None:
         if "optimizer" not in ckpt:
             raise BadConfig(f"{Path(cfg['out_dir']) / 'siglip.pt'}: saved without its optimizer, so it cannot go on; "
@@ -1211,7 +1212,12 @@ def train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master, ckpt
     @torch.no_grad()
     def val_fn():
         idx = list(range(min(len(val_items), cfg["siglip_batch"])))
-        return model(*batch_on(val_items, idx, torch.Generator().manual_seed(0))).item()
+        with ctx:
+            return model(*batch_on(val_items, idx, torch.Generator().manual_seed(0))).item()
+
+    def loss_fn(fwd, batch):
+        with ctx:
+            return fwd(*batch)
 
     def save(it, best):
         save_checkpoint(Path(cfg["out_dir"]) / "siglip.pt", {"model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -1220,7 +1226,7 @@ def train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master, ckpt
     iters = cfg["siglip_iters"]
     train_loop({**cfg, "eval_interval": max(1, iters // 3), "grad_accum": 1}, "siglip", model, opt, len(items),
                lambda idx: batch_on(items, idx, torch.Generator().manual_seed(idx[0] * 7919 + len(idx))),
-               lambda fwd, b: fwd(*b), val_fn, save, iters=iters, lr=cfg["siglip_lr"], warmup=max(1, iters // 10),
+               loss_fn, val_fn, save, iters=iters, lr=cfg["siglip_lr"], warmup=max(1, iters // 10),
                micro=cfg["siglip_batch"] // world, start=0 if ckpt is None else ckpt["iter_num"], dev=dev, ddp=ddp,
                rank=rank, world=world, master=master)
 

@@ -328,6 +328,31 @@ def bvqa_memory_estimate(decoder="m", llm_args=None, argv=("--preset=paper",), v
     return _step_estimate(name, B, model, step, verbose)
 
 
+def bvqa_siglip_memory_estimate(argv=("--preset=paper",), dtype=torch.bfloat16, verbose=True) -> dict:
+    """boundary_vqa.py's SigLIP step on the meta device: the preset's siglip_batch 2-channel volumes (built in fp32,
+    counted; cast to dtype as autocast's first convolution does) and two 32-token sentences per volume, forward +
+    backward. The model in dtype: bf16 approximates --dtype=bfloat16's autocast (which keeps the norms in fp32, so
+    this is a lower bound), fp32 is the stage without autocast. Weights and AdamW (5.5M parameters) are left out."""
+    import boundary_vqa as bv
+    from data import meta_memory
+    cfg = bv.parse_config([*argv, "--device=cuda"], bv.DEFAULTS, bv.PRESETS)
+    B = cfg["siglip_batch"]
+    with torch.device("meta"):
+        model = bv.SigLIP(bv.VisionTower(cfg), bv.TextEncoder(cfg["vocab_size"], cfg["text_dim"], cfg["text_layers"],
+                                                               cfg["proj_dim"])).to(dtype).train()
+        ids, pad, z = torch.zeros(2 * B, 32, dtype=torch.long), torch.zeros(2 * B, 32, dtype=torch.bool), -torch.ones(
+            B, 2 * B)
+
+    def step():
+        x = torch.empty(B, 2, *cfg["shape"], device="meta")
+        model(x.to(dtype), ids, pad, z).backward()
+    res = {"model": f"boundary_vqa SigLIP {str(dtype).removeprefix('torch.')}", "batch": B,
+           "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "step_peak_gb": meta_memory(step) / 1e9}
+    if verbose:
+        print(" | ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()), flush=True)
+    return res
+
+
 # ---- tests -------------------------------------------------------------------------------------------------------
 
 def _gpu_commands():
@@ -481,6 +506,10 @@ def test_samf_and_bvqa_memory_estimates_count_their_models():
         assert math.isclose(r["adam_gb"], r["trained_m"] * 8e6 / 1e9) and r["step_peak_gb"] > 0, r
         lora = est(llm_args=tiny, argv=argv[:1], verbose=False)
         assert lora["trained_m"] < lora["params_m"] and lora["weights_gb"] < lora["params_m"] * 4e6 / 1e9, lora
+    fp32, bf16 = (bvqa_siglip_memory_estimate(["--preset=cpu"], dtype, verbose=False)
+                  for dtype in (torch.float32, torch.bfloat16))
+    x_gb = 32 * 2 * 48 * 64 * 64 * 4 / 1e9  # the cpu preset's SigLIP batch in fp32, alive the whole step
+    assert fp32["step_peak_gb"] > x_gb and x_gb < bf16["step_peak_gb"] < fp32["step_peak_gb"], (fp32, bf16)
 
 
 def test_meta_memory_counts_live_tensors():
@@ -627,3 +656,6 @@ if __name__ == "__main__":
     for size in "sml":
         bvqa_memory_estimate(size)
     bvqa_memory_estimate(llm_args=LLAMA_1B)
+    print("boundary_vqa.py paper preset, one SigLIP step (batch 64 at 128 x 256 x 256; meta-device estimate):")
+    bvqa_siglip_memory_estimate(dtype=torch.float32)
+    bvqa_siglip_memory_estimate()
