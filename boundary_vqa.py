@@ -1720,11 +1720,14 @@ def main(argv=None):
         check_fits(lambda: build_model({**cfg, "vocab_size": 256 + len(SPECIAL_TOKENS)}), dev,
                    f"--decoder={cfg['decoder']}", "pass a smaller --decoder or --llm=<a Meta Llama folder> (frozen, "
                    "with LoRA)")
+    siglip_path = Path(cfg["siglip_from"] or out / "siglip.pt")
+    if cfg["stage"] == "vqa" and ckpt is None and not siglip_path.is_file():  # before hours of rendering
+        raise BadConfig(f"--stage=vqa: {siglip_path}: no SigLIP tower; train one (--stage=siglip or --stage=all) or "
+                        "pass --siglip_from")
     items, val_items = get_items(cfg, "train", master), get_items(cfg, "val", master)
     enc = get_tokenizer(cfg, None if ckpt is not None or sig_ckpt is not None else items, save=master)
     if not cfg["llm"]:
         cfg["vocab_size"] = enc.n_vocab  # a small corpus can run out of merges before the requested size
-    siglip_path = Path(cfg["siglip_from"] or out / "siglip.pt")
     if cfg["stage"] in ("all", "siglip") and ckpt is None:
         t0 = time.time()
         train_siglip(cfg, items, val_items, enc, dev, ddp, rank, world, master, sig_ckpt)

@@ -589,6 +589,10 @@ def test_llm_trains_lora_with_the_base_frozen_and_a_finished_run_resumes_to_its_
 def test_table_without_a_siglip_tower_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
     code, err = cli(TINY + ["--table=true", f"--out_dir={tmp_path / 'none'}"], monkeypatch, capsys)
     assert code == 2 and err.count("\n") == 1 and "--table" in err and "siglip.pt" in err, err
+    for flag in ([], [f"--siglip_from={tmp_path / 'nope.pt'}"]):  # --stage=vqa: said before any phantom is rendered
+        code, err = cli(TINY + run_dirs(tmp_path) + ["--stage=vqa", *flag], monkeypatch, capsys)
+        assert code == 2 and err.count("\n") == 1 and "--stage=vqa" in err and "siglip" in err, err
+        assert not (tmp_path / "cache").exists()
 
 
 def test_table_cells_run_with_every_flag_the_table_was_given(tmp_path, monkeypatch, capsys):
