@@ -1721,9 +1721,15 @@ def main(argv=None):
                    f"--decoder={cfg['decoder']}", "pass a smaller --decoder or --llm=<a Meta Llama folder> (frozen, "
                    "with LoRA)")
     siglip_path = Path(cfg["siglip_from"] or out / "siglip.pt")
-    if cfg["stage"] == "vqa" and ckpt is None and not siglip_path.is_file():  # before hours of rendering
-        raise BadConfig(f"--stage=vqa: {siglip_path}: no SigLIP tower; train one (--stage=siglip or --stage=all) or "
-                        "pass --siglip_from")
+    if cfg["stage"] == "vqa" and ckpt is None:  # the tower's file and flags, checked before hours of rendering
+        if not siglip_path.is_file():
+            raise BadConfig(f"--stage=vqa: {siglip_path}: no SigLIP tower; train one (--stage=siglip or --stage=all) "
+                            "or pass --siglip_from")
+        trained = load_checkpoint(siglip_path, mmap=True)["config"]
+        for k in TOWER_KEYS:  # the frozen tower is built from this run's flags: the ones it was trained with
+            if (v := trained.get(k, DEFAULTS[k])) != cfg[k]:
+                raise BadConfig(f"--{k}={cfg[k]}: {siglip_path} holds a tower trained with --{k}={v}; pass that, or "
+                                f"train a tower (--stage=all)")
     items, val_items = get_items(cfg, "train", master), get_items(cfg, "val", master)
     enc = get_tokenizer(cfg, None if ckpt is not None or sig_ckpt is not None else items, save=master)
     if not cfg["llm"]:
@@ -1739,10 +1745,6 @@ def main(argv=None):
     if ddp:
         torch.distributed.barrier()
     sig = load_checkpoint(siglip_path) if ckpt is None else ckpt
-    for k in TOWER_KEYS:  # the frozen tower is built from this run's flags: they must be the ones it was trained with
-        if (v := sig["config"].get(k, DEFAULTS[k])) != cfg[k]:
-            raise BadConfig(f"--{k}={cfg[k]}: {siglip_path} holds a tower trained with --{k}={v}; pass that, or train "
-                            f"a tower (--stage=all)")
     if ckpt is None and sig["iter_num"] < sig["config"]["siglip_iters"] and master:  # a SigLIP stage cut short
         print(f"warning: {siglip_path} holds {sig['iter_num']} of its {sig['config']['siglip_iters']} SigLIP steps; "
               f"finish it first with --stage=siglip --init_from=resume")

@@ -686,8 +686,9 @@ def test_a_checkpoint_from_before_roi_hist_resumes_as_the_paper_tower(tmp_path, 
     assert cfg["roi_hist"] is False and "'roi_hist': (True, False)" in capsys.readouterr().out
     with pytest.raises(data.BadConfig, match=r"--roi_hist=True: .*siglip.pt holds a tower trained with "
                                              r"--roi_hist=False"):
-        bv.main(TINY + [f"--out_dir={tmp_path / 'other'}", f"--cache_dir={tmp_path / 'cache'}", "--stage=vqa",
+        bv.main(TINY + [f"--out_dir={tmp_path / 'other'}", f"--cache_dir={tmp_path / 'cache2'}", "--stage=vqa",
                         f"--siglip_from={tmp_path / 'run' / 'siglip.pt'}", "--roi_hist=true"])
+    assert not (tmp_path / "cache2").exists()  # said before any phantom is rendered
 
 
 def test_calibrated_threshold_is_the_validation_best_and_nearest_zero_of_equals():
