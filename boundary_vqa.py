@@ -1566,6 +1566,7 @@ def table(cfg):
             out = base / f"table_{size}_{pr}"
             argv = [f"--preset={cfg['preset']}", *given, "--stage=vqa", "--baselines=false", f"--decoder={size}",
                     f"--prompt={pr}", f"--out_dir={out}", f"--siglip_from={siglip}"]
+            print(f"{size} {pr}: training in its own process -> {out}", flush=True)  # its output comes when it ends
             r = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv], capture_output=True, text=True)
             if r.returncode:
                 print(f"{size} {pr}: failed\n{r.stderr[-2000:]}")
