@@ -58,6 +58,7 @@ Commands:
         --question="Is there an abnormality in the left lung?"   # the answer + a PNG montage of the prompted slices
     python boundary_vqa.py --init_from=resume       # after Ctrl-C: either stage goes on exactly (siglip.pt / ckpt.pt)
 """
+import functools
 import hashlib
 import json
 import math
@@ -1155,6 +1156,15 @@ def outline_covers(outline, regions) -> bool:
     return outline is None or outline in regions or ("lungs" in regions and "lung" in outline)
 
 
+@functools.lru_cache(maxsize=None)
+def report_sentences(report: str) -> tuple:
+    """A report's sentences, their rows of data.report_labels (n, 18) and the whole report's row (18,), bool: read once
+    per report (the keyword labeler was most of a SigLIP batch's CPU time). Shared: never modify them."""
+    sents = re.split(r"(?<=[.!?])\s+", report)
+    rows = report_labels(sents + [report]).astype(bool)
+    return sents, rows[:-1], rows[-1]
+
+
 def sentence_pairs(items, idx, g: torch.Generator, per_report: int = 2, outlines=None):
     """Sentence-level SigLIP pairs: up to `per_report` abnormal sentences of each report in the batch, and of a
     volume drawn with an outline (outlines: its region or None, per idx) only those about the outlined region; a
@@ -1162,16 +1172,17 @@ def sentence_pairs(items, idx, g: torch.Generator, per_report: int = 2, outlines
     are not pushed apart, and whose outline covers the sentence's region, so that the frozen tower learns what the
     outline channel means (the paper froze Med3DVLM's tower, never shown an outline). -> texts, z (B, N) in {-1, 1}."""
     outlines = outlines or [None] * len(idx)
-    texts = []
+    texts, labs = [], []
     for i, r in zip(idx, outlines):
-        sents = re.split(r"(?<=[.!?])\s+", items[i]["report"])
-        sents = [t for t, l in zip(sents, report_labels(sents)) if l.any() and outline_covers(r, sentence_regions(l))]
-        for k in torch.randperm(len(sents), generator=g)[:per_report].tolist():
-            texts.append(sents[k])
+        sents, rows, _ = report_sentences(items[i]["report"])
+        keep = [(t, l) for t, l in zip(sents, rows) if l.any() and outline_covers(r, sentence_regions(l))]
+        for k in torch.randperm(len(keep), generator=g)[:per_report].tolist():
+            texts.append(keep[k][0])
+            labs.append(keep[k][1])
     if not texts:  # a batch of normal scans: fall back to whole reports on the diagonal
         return [items[i]["report"] for i in idx], None
-    labs = torch.as_tensor(report_labels(texts)).bool()  # (N, 18)
-    rep = torch.as_tensor(report_labels([items[i]["report"] for i in idx])).bool()  # (B, 18)
+    labs = torch.as_tensor(np.stack(labs))  # (N, 18)
+    rep = torch.as_tensor(np.stack([report_sentences(items[i]["report"])[2] for i in idx]))  # (B, 18)
     z = (labs[None] <= rep[:, None]).all(-1)  # (B, N): the report has every finding the sentence states
     where = torch.tensor([[outline_covers(r, sentence_regions(l)) for l in labs.tolist()] for r in outlines])
     return texts, (z & where).float() * 2 - 1
