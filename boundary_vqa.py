@@ -930,11 +930,14 @@ def load_cache(stem: Path) -> list:
         f, want = Path(f"{stem}{suffix}"), n * math.prod(shape) * size
         if not f.is_file() or f.stat().st_size != want:
             raise InputError(f"{f}: {f'{f.stat().st_size} bytes' if f.is_file() else 'missing'}, expected {want} for "
-                             f"{n} items of {shape} listed in {stem}.meta.pt; delete {stem}.* to render the split again")
+                             f"{n} items of {shape} listed in {stem}.meta.pt; delete {stem}.* to render the split "
+                             "again")
     vols = np.memmap(f"{stem}.f16", np.float16, "c", shape=(n, 1, *shape))  # "c": writable views, file untouched
     masks = np.memmap(f"{stem}.u8", np.uint8, "c", shape=(n, *shape)) if meta["masks"] else None
-    return [{**m, "volume": torch.from_numpy(vols[i]), **({} if masks is None else {"masks": torch.from_numpy(masks[i])})}
-            for i, m in enumerate(meta["items"])]
+    items = [{**m, "volume": torch.from_numpy(vols[i])} for i, m in enumerate(meta["items"])]
+    for i, it in enumerate(items if masks is not None else []):
+        it["masks"] = torch.from_numpy(masks[i])
+    return items
 
 
 def get_items(cfg, split: str, master: bool = True) -> list:
