@@ -65,6 +65,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -963,6 +964,11 @@ def get_items(cfg, split: str, master: bool = True) -> list:
         raise InputError(f"{cfg['data']}: no volume in the {split} split")
     t0 = time.time()
     stem.parent.mkdir(parents=True, exist_ok=True)
+    need, free = len(ds) * math.prod(shape) * (3 if with_masks else 2), shutil.disk_usage(stem.parent).free
+    if need > free:  # said now, not as a SIGBUS when a write to the memory map finds the disk full
+        raise InputError(f"--cache_dir={cfg['cache_dir']}: the {split} split's {len(ds)} volumes of {shape} need "
+                         f"{need / 1e9:.1f} GB, {free / 1e9:.1f} GB free; free space, point --cache_dir elsewhere, or "
+                         f"lower --n_{split}" + ("" if with_masks else " (RadGenome: all of its volumes)"))
     out = {".f16": np.memmap(f"{stem}.f16.tmp", np.float16, "w+", shape=(len(ds), 1, *shape))}
     if with_masks:
         out[".u8"] = np.memmap(f"{stem}.u8.tmp", np.uint8, "w+", shape=(len(ds), *shape))

@@ -570,6 +570,12 @@ def test_only_rank_zero_writes_the_phantom_cache_and_the_others_read_it(tmp_path
         f.truncate(voxels - 1)
     with pytest.raises(data.InputError, match=f"{stem}.u8: {voxels - 1} bytes, expected {voxels}"):
         bv.get_items(cfg, "val")
+    full = __import__("collections").namedtuple("usage", "total used free")(10**9, 10**9 - 1000, 1000)
+    with pytest.MonkeyPatch.context() as mp:  # a disk without room for the split: one line before any write
+        mp.setattr(__import__("shutil"), "disk_usage", lambda path: full)
+        with pytest.raises(data.InputError, match=r"--cache_dir=.*the test split's 2 volumes .* need 0.0 GB, 0.0 GB "):
+            bv.get_items(cfg, "test")
+    assert not list(cache.glob("test_*"))
 
 
 def test_llm_trains_lora_with_the_base_frozen_and_a_finished_run_resumes_to_its_evaluation(tmp_path):
