@@ -435,6 +435,30 @@ def test_prompt_none_feeds_no_contour_anywhere(tmp_path, monkeypatch):
     assert seen and all(s > 0 for s in seen)
 
 
+def test_feature_cache_equals_the_tower_on_each_volume_alone_with_its_outline_drawn_again(tmp_path):
+    """The fast path (frozen features once per (scan, region), in chunks, outlines from the cache's voxel indices)
+    against its slow twin: the tower on one volume at a time, the outline computed from the region's mask."""
+    cfg = cfg_of(TINY + run_dirs(tmp_path))
+    items = bv.get_items(cfg, "train")
+    qs = bv.questions_of(items) + bv.extra_questions(items, "train", cfg["seed"])
+    for prompt in ("contour", "none"):
+        c = {**cfg, "prompt": prompt}
+        torch.manual_seed(0)
+        model = bv.build_model(c)
+        cache = bv.feature_cache(model, items, qs, c, "cpu")
+        want = {(i, q["outline"] if prompt == "contour" else None) for i, q in qs}
+        assert set(cache) == want and (len(want) > len(items) if prompt == "contour" else len(want) == len(items))
+        for (i, r), f in cache.items():
+            vol = items[i]["volume"].float()
+            ring = None if r is None else bv.boundary_prompt(bv.region_mask(items[i], r))
+            assert ring is None or ring.sum() > 0
+            slow = model.features(bv.model_input(vol, ring)[None])[0]
+            assert torch.allclose(f, slow, atol=1e-5), (i, r)
+    blind = bv.feature_cache(model, items, qs, {**cfg, "blind": True}, "cpu")
+    assert set(blind) == {(i, q["outline"]) for i, q in qs}
+    assert all(v.abs().sum() == 0 and v.shape == (model.tower.n_visual, cfg["proj_dim"]) for v in blind.values())
+
+
 def test_unknown_question_kind_is_named():
     with pytest.raises(ValueError, match="unknown kind 'riddle'"):
         bv.questions_of([{"name": "v1", "questions": [{"question": "Why?", "answer": "x", "kind": "riddle"}]}])
