@@ -736,3 +736,26 @@ def test_calibrated_threshold_is_the_validation_best_and_nearest_zero_of_equals(
     assert ans == ["No", "No", "Yes", "Yes", "No", "Yes"]
     assert bv.answer(None, enc, None, samples, None, "cpu", None, log_odds=log_odds) == \
         ["No", "Yes", "Yes", "Yes", "No", "Yes"]
+
+
+# ----------------------------------------------------------------------------- tools/probe_tower.py
+
+def test_probe_finds_a_label_the_features_carry_and_not_one_they_do_not():
+    from tools import probe_tower
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(200, generator=g) < 0.3).float()
+    noise = torch.randn(200, 10, generator=g)
+    carried = torch.cat([noise, y[:, None] + 0.3 * torch.randn(200, 1, generator=g)], 1)
+    assert probe_tower.probe(carried, y) > 0.95
+    assert 0.3 < probe_tower.probe(noise, y) < 0.7
+
+
+def test_probe_tower_runs_on_a_trained_tower_and_names_a_missing_one(tmp_path, capsys):
+    from tools import probe_tower
+    bv.main(TINY + run_dirs(tmp_path) + ["--stage=siglip", "--n_train=12"])
+    for kind in ("tower", "hist"):
+        res = probe_tower.main([str(tmp_path / "run"), f"--features={kind}"])
+        assert res and set(res) <= set(data.LABELS) and all(0 <= a <= 1 for a in res.values())
+    assert "carried (AUROC >= 0.8)" in capsys.readouterr().out
+    with pytest.raises(data.BadConfig, match=f"{tmp_path / 'none' / 'siglip.pt'}: no SigLIP tower"):
+        probe_tower.main([str(tmp_path / "none")])
