@@ -753,9 +753,11 @@ def test_probe_finds_a_label_the_features_carry_and_not_one_they_do_not():
 def test_probe_tower_runs_on_a_trained_tower_and_names_a_missing_one(tmp_path, capsys):
     from tools import probe_tower
     bv.main(TINY + run_dirs(tmp_path) + ["--stage=siglip", "--n_train=12"])
-    for kind in ("tower", "hist"):
-        res = probe_tower.main([str(tmp_path / "run"), f"--features={kind}"])
-        assert res and set(res) <= set(data.LABELS) and all(0 <= a <= 1 for a in res.values())
+    got = {}
+    for kind in ("tower", "hist", "untrained", "random_conv"):
+        got[kind] = probe_tower.main([str(tmp_path / "run"), f"--features={kind}"])
+        assert got[kind] and set(got[kind]) <= set(data.LABELS) and all(0 <= a <= 1 for a in got[kind].values())
+    assert got["random_conv"] != got["tower"] and got["untrained"] != got["tower"]
     assert "carried (AUROC >= 0.8)" in capsys.readouterr().out
     with pytest.raises(data.BadConfig, match=f"{tmp_path / 'none' / 'siglip.pt'}: no SigLIP tower"):
         probe_tower.main([str(tmp_path / "none")])

@@ -7,7 +7,10 @@ Features of each training phantom (its split as the tower's run cached it; --cac
   tower  the tower's visual tokens, flattened, with the outline of the finding's organ drawn (boundary_vqa.ORGAN;
          both lungs for lung findings), as a closed question about that finding would draw it;
   hist   a 32-bin histogram of the CT inside that organ's mask (the phantom's masks, which no model gets): what the
-         48 x 64 x 64 input holds for a probe that is told where to look.
+         48 x 64 x 64 input holds for a probe that is told where to look;
+  untrained    the tower's tokens as above, from the tower the SigLIP stage starts from (its flags and seed);
+  random_conv  one random, untrained 5 x 5 x 5 convolution of the CT (64 filters), the mean over the volume of each
+         filter's positive and of its negative part (128 features, no outline): one nonlinear layer, no learning.
 The probe: 5 folds over the scans, a logistic regression on standardised features (L2 1e-2, L-BFGS) fitted on four
 folds and scored on the fifth; the AUROC of the out-of-fold scores per finding. A finding is "carried" at AUROC >= 0.8.
 Nothing here is used by boundary_vqa.py's own runs; it is the measurement behind the README's "carried" counts.
@@ -61,8 +64,18 @@ def features(cfg, ckpt, items, kind: str) -> dict:
                              for it in items])  # (N, 32)
             out[r] = torch.log(h / h.sum(1, keepdim=True).clamp(min=1) + 1e-3)
         return out
+    if kind == "random_conv":
+        torch.manual_seed(0)
+        conv = torch.nn.Conv3d(1, 64, 5, padding=2)
+        out = []
+        for s in range(0, len(items), 20):
+            f = conv(torch.stack([it["volume"].float() for it in items[s: s + 20]]))  # (20, 64, Z, Y, X)
+            out.append(torch.cat([f.clamp(min=0).mean((2, 3, 4)), (-f).clamp(min=0).mean((2, 3, 4))], 1))
+        return dict.fromkeys(organs, torch.cat(out))  # (N, 128), the same for every organ
+    torch.manual_seed(cfg["seed"])
     tower = bv.VisionTower(cfg)
-    tower.load_state_dict({k[len("tower."):]: v for k, v in ckpt["model"].items() if k.startswith("tower.")})
+    if kind == "tower":
+        tower.load_state_dict({k[len("tower."):]: v for k, v in ckpt["model"].items() if k.startswith("tower.")})
     tower.eval()
     return {r: torch.cat([tower(torch.stack([bv.model_input(it["volume"].float(), bv.outline_of(it, r))
                                              for it in items[s: s + 32]])).flatten(1)
@@ -72,7 +85,7 @@ def features(cfg, ckpt, items, kind: str) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out_dir", help="a boundary_vqa.py --out_dir holding siglip.pt")
-    ap.add_argument("--features", default="tower", choices=("tower", "hist"))
+    ap.add_argument("--features", default="tower", choices=("tower", "hist", "untrained", "random_conv"))
     ap.add_argument("--cache_dir", default="", help="where the phantoms are cached (default: the run's)")
     args = ap.parse_args(argv)
     path = Path(args.out_dir) / "siglip.pt"
