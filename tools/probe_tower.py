@@ -16,7 +16,6 @@ folds and scored on the fifth; the AUROC of the out-of-fold scores per finding. 
 Nothing here is used by boundary_vqa.py's own runs; it is the measurement behind the README's "carried" counts.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
