@@ -761,3 +761,32 @@ def test_probe_tower_runs_on_a_trained_tower_and_names_a_missing_one(tmp_path, c
     assert "carried (AUROC >= 0.8)" in capsys.readouterr().out
     with pytest.raises(data.BadConfig, match=f"{tmp_path / 'none' / 'siglip.pt'}: no SigLIP tower"):
         probe_tower.main([str(tmp_path / "none")])
+
+
+# ----------------------------------------------------------------------------- tools/oracle_vqa.py
+
+def test_oracle_writes_each_scans_labels_into_its_first_token_and_runs_the_vqa_stage(tmp_path, monkeypatch):
+    from tools import oracle_vqa
+    items = [{"labels": np.eye(18, dtype=np.int64)[k]} for k in (3, 7)]
+    cache = {(0, "heart"): torch.randn(5, 24), (1, None): torch.randn(5, 24)}
+    out = oracle_vqa.with_labels(cache, items)
+    assert out.keys() == cache.keys()
+    for (i, r), f in out.items():
+        assert torch.equal(f[0, :18], 3.0 * torch.as_tensor(items[i]["labels"]).float())
+        assert torch.equal(f[0, 18:], cache[(i, r)][0, 18:]) and torch.equal(f[1:], cache[(i, r)][1:])
+    with pytest.raises(data.BadConfig, match="--proj_dim=16"):
+        oracle_vqa.main(TINY + run_dirs(tmp_path))
+    argv = TINY + run_dirs(tmp_path) + ["--proj_dim=24"]
+    bv.main(argv + ["--stage=siglip"])
+    fed, prefix = [], bv.BoundaryVQA.prefix
+
+    def spy(self, feats):
+        fed.append((self.blind, feats.detach().clone()))
+        return prefix(self, feats)
+    monkeypatch.setattr(bv.BoundaryVQA, "prefix", spy)
+    res = oracle_vqa.main(argv + ["--baselines=true"])
+    assert bv.feature_cache is oracle_vqa._feature_cache  # put back
+    assert "question-only (visual tokens zeroed)" in res["rows"]
+    seen = torch.cat([f[:, 0, :18] for blind, f in fed if not blind])
+    assert ((seen == 0) | (seen == 3)).all() and (seen == 3).any()  # the labels, not the tower's features
+    assert all(f.abs().sum() == 0 for blind, f in fed if blind)  # the question-only twin still sees nothing

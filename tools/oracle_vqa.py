@@ -1,0 +1,51 @@
+"""An upper bound for boundary_vqa.py: its VQA stage on a tower that carries every finding perfectly.
+
+    python -m tools.oracle_vqa --siglip_from=out/bvqa_region/siglip.pt --out_dir=out/bv_oracle --baselines=false
+
+Each scan's 18 labels (x 3) replace the first 18 channels of its first visual token, in training, validation and
+test alike; the rest is boundary_vqa.py as it is (every flag is its own; --stage=vqa is implied). This is not a model
+(the labels reach it at test time): it measures how far the decoder and its training could go on the closed and
+region questions if the frozen tower carried every finding, against the tower's four (tools/probe_tower.py). The
+question-only twin is unchanged (its visual tokens are zeroed), so its numbers are the plain run's.
+"""
+import sys
+
+import torch
+
+import boundary_vqa as bv
+from data import BadConfig, LABELS, run
+
+_feature_cache = bv.feature_cache
+
+
+def with_labels(cache: dict, items: list) -> dict:
+    """{(item, region): (N_s, proj_dim)} -> the same with the item's labels (x 3) in token 0, channels 0..17."""
+    out = {}
+    for (i, r), f in cache.items():
+        f = f.clone()
+        f[0, : len(LABELS)] = 3.0 * torch.as_tensor(items[i]["labels"], dtype=f.dtype)
+        out[(i, r)] = f
+    return out
+
+
+def oracle_feature_cache(model, items, qs, cfg, dev) -> dict:
+    cache = _feature_cache(model, items, qs, cfg, dev)
+    return cache if cfg["blind"] else with_labels(cache, items)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = bv.parse_config(argv, bv.DEFAULTS, bv.PRESETS)
+    if cfg["data"] != "synthetic":
+        raise BadConfig(f"--data={cfg['data']}: the oracle needs the phantoms' 18 labels")
+    if cfg["proj_dim"] < len(LABELS):
+        raise BadConfig(f"--proj_dim={cfg['proj_dim']}: the oracle writes {len(LABELS)} labels into one token")
+    bv.feature_cache = oracle_feature_cache
+    try:
+        return bv.main(argv + ["--stage=vqa"])
+    finally:
+        bv.feature_cache = _feature_cache
+
+
+if __name__ == "__main__":
+    run(main)
