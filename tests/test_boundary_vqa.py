@@ -774,8 +774,13 @@ def test_oracle_writes_each_scans_labels_into_its_first_token_and_runs_the_vqa_s
     for (i, r), f in out.items():
         assert torch.equal(f[0, :18], 3.0 * torch.as_tensor(items[i]["labels"]).float())
         assert torch.equal(f[0, 18:], cache[(i, r)][0, 18:]) and torch.equal(f[1:], cache[(i, r)][1:])
+    only = oracle_vqa.with_labels(cache, items, only=True)
+    assert all(torch.equal(only[k][0, :18], out[k][0, :18]) and only[k].abs().sum() == out[k][0, :18].sum()
+               for k in cache)  # the labels and nothing else
     with pytest.raises(data.BadConfig, match="--proj_dim=16"):
         oracle_vqa.main(TINY + run_dirs(tmp_path))
+    with pytest.raises(data.BadConfig, match="--labels_only=yes: expected true or false"):
+        oracle_vqa.main(TINY + run_dirs(tmp_path) + ["--labels_only=yes"])
     argv = TINY + run_dirs(tmp_path) + ["--proj_dim=24"]
     bv.main(argv + ["--stage=siglip"])
     fed, prefix = [], bv.BoundaryVQA.prefix
@@ -790,3 +795,7 @@ def test_oracle_writes_each_scans_labels_into_its_first_token_and_runs_the_vqa_s
     seen = torch.cat([f[:, 0, :18] for blind, f in fed if not blind])
     assert ((seen == 0) | (seen == 3)).all() and (seen == 3).any()  # the labels, not the tower's features
     assert all(f.abs().sum() == 0 for blind, f in fed if blind)  # the question-only twin still sees nothing
+    fed.clear()
+    oracle_vqa.main(argv + ["--labels_only=true", f"--out_dir={tmp_path / 'only'}",
+                            f"--siglip_from={tmp_path / 'run' / 'siglip.pt'}"])
+    assert fed and all(f[:, :, 18:].abs().sum() == 0 and f[:, 1:].abs().sum() == 0 for _, f in fed)

@@ -6,7 +6,8 @@ Each scan's 18 labels (x 3) replace the first 18 channels of its first visual to
 test alike; the rest is boundary_vqa.py as it is (every flag is its own; --stage=vqa is implied). This is not a model
 (the labels reach it at test time): it measures how far the decoder and its training could go on the closed and
 region questions if the frozen tower carried every finding, against the tower's four (tools/probe_tower.py). The
-question-only twin is unchanged (its visual tokens are zeroed), so its numbers are the plain run's.
+question-only twin is unchanged (its visual tokens are zeroed), so its numbers are the plain run's. --labels_only=true
+(this tool's one flag) zeroes the tower's own features around the labels.
 """
 import sys
 
@@ -18,23 +19,32 @@ from data import BadConfig, LABELS, run
 _feature_cache = bv.feature_cache
 
 
-def with_labels(cache: dict, items: list) -> dict:
-    """{(item, region): (N_s, proj_dim)} -> the same with the item's labels (x 3) in token 0, channels 0..17."""
+def with_labels(cache: dict, items: list, only: bool = False) -> dict:
+    """{(item, region): (N_s, proj_dim)} -> the same with the item's labels (x 3) in token 0, channels 0..17 (only:
+    zeros everywhere else)."""
     out = {}
     for (i, r), f in cache.items():
-        f = f.clone()
+        f = torch.zeros_like(f) if only else f.clone()
         f[0, : len(LABELS)] = 3.0 * torch.as_tensor(items[i]["labels"], dtype=f.dtype)
         out[(i, r)] = f
     return out
 
 
+LABELS_ONLY = False
+
+
 def oracle_feature_cache(model, items, qs, cfg, dev) -> dict:
     cache = _feature_cache(model, items, qs, cfg, dev)
-    return cache if cfg["blind"] else with_labels(cache, items)
+    return cache if cfg["blind"] else with_labels(cache, items, LABELS_ONLY)
 
 
 def main(argv=None):
+    global LABELS_ONLY
     argv = list(sys.argv[1:] if argv is None else argv)
+    flag = [a for a in argv if a.startswith("--labels_only=")]
+    if flag and flag[-1] not in ("--labels_only=true", "--labels_only=false"):
+        raise BadConfig(f"{flag[-1]}: expected true or false")
+    LABELS_ONLY, argv = flag[-1:] == ["--labels_only=true"], [a for a in argv if a not in flag]
     cfg = bv.parse_config(argv, bv.DEFAULTS, bv.PRESETS)
     if cfg["data"] != "synthetic":
         raise BadConfig(f"--data={cfg['data']}: the oracle needs the phantoms' 18 labels")
