@@ -9,6 +9,7 @@ region questions if the frozen tower carried every finding, against the tower's 
 question-only twin is unchanged (its visual tokens are zeroed), so its numbers are the plain run's. --labels_only=true
 (this tool's one flag) zeroes the tower's own features around the labels.
 """
+import functools
 import sys
 
 import torch
@@ -30,27 +31,23 @@ def with_labels(cache: dict, items: list, only: bool = False) -> dict:
     return out
 
 
-LABELS_ONLY = False
-
-
-def oracle_feature_cache(model, items, qs, cfg, dev) -> dict:
+def oracle_feature_cache(model, items, qs, cfg, dev, only: bool = False) -> dict:
     cache = _feature_cache(model, items, qs, cfg, dev)
-    return cache if cfg["blind"] else with_labels(cache, items, LABELS_ONLY)
+    return cache if cfg["blind"] else with_labels(cache, items, only)
 
 
 def main(argv=None):
-    global LABELS_ONLY
     argv = list(sys.argv[1:] if argv is None else argv)
     flag = [a for a in argv if a.startswith("--labels_only=")]
     if flag and flag[-1] not in ("--labels_only=true", "--labels_only=false"):
         raise BadConfig(f"{flag[-1]}: expected true or false")
-    LABELS_ONLY, argv = flag[-1:] == ["--labels_only=true"], [a for a in argv if a not in flag]
+    only, argv = flag[-1:] == ["--labels_only=true"], [a for a in argv if a not in flag]
     cfg = bv.parse_config(argv, bv.DEFAULTS, bv.PRESETS)
     if cfg["data"] != "synthetic":
         raise BadConfig(f"--data={cfg['data']}: the oracle needs the phantoms' 18 labels")
     if cfg["proj_dim"] < len(LABELS):
         raise BadConfig(f"--proj_dim={cfg['proj_dim']}: the oracle writes {len(LABELS)} labels into one token")
-    bv.feature_cache = oracle_feature_cache
+    bv.feature_cache = functools.partial(oracle_feature_cache, only=only)
     try:
         return bv.main(argv + ["--stage=vqa"])
     finally:
