@@ -49,7 +49,8 @@ Deviations, on purpose:
 Commands:
     python boundary_vqa.py                          # cpu: render, SigLIP, VQA with the contour + its two twins
                                                     # (each non-blind model also asked about another scan; per
-                                                    # yes/no question, the AUROC of P(Yes): what the model reads)
+                                                    # yes/no question, the AUROC of P(Yes): what the model reads;
+                                                    # blind: the majority answer, the answer-rate prior)
     python boundary_vqa.py --table=true             # Table 1: prompt x decoder size, peak memory per size
     python boundary_vqa.py --preset=paper --llm=/path/to/Llama-3.2-1B-Instruct/original   # GPU, LoRA r 16
     torchrun --standalone --nproc_per_node=2 boundary_vqa.py --stage=vqa
@@ -1464,10 +1465,17 @@ def peak_memory_mb(dev: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def majority(train_qs, test_qs) -> dict:
-    """Image-blind baselines: the most frequent training answer of each kind, given to every test question."""
-    top = {k: Counter(q["answer"] for _, q in train_qs if q["kind"] == k).most_common(1) for k in KINDS}
-    return score(test_qs, [top[q["kind"]][0][0] if top[q["kind"]] else "" for _, q in test_qs])
+def blind_answers(train_qs, test_qs, by: str) -> list:
+    """Image-blind answers from the dataset's own training questions (not --extra_questions'): the most frequent answer
+    of each test question's kind (by="kind": the majority answer), or of its own text (by="question": the answer-rate
+    prior, which knows that the phantom asks about one present finding and two absent ones; a text never asked in
+    training gets its kind's)."""
+    top = {}
+    for _, q in train_qs:
+        for key in ((q["kind"],), (q["kind"], q["question"]))[: 1 + (by == "question")]:
+            top.setdefault(key, Counter())[q["answer"]] += 1
+    pick = lambda key: top[key].most_common(1)[0][0] if key in top else None
+    return [pick((q["kind"], q["question"])) or pick((q["kind"],)) or "" for _, q in test_qs]
 
 
 def print_results(res: dict):
@@ -1798,7 +1806,9 @@ def main(argv=None):
         if r["blind"]:
             return "question-only (visual tokens zeroed)"
         return f"--prompt={r['prompt']} --decoder={r['decoder']}"
-    res = {"rows": {"majority answer": majority(train_qs, test_qs), **{name(r): r["scores"] for r in results}},
+    priors = {b: blind_answers(train_qs, test_qs, by) for b, by in (("majority answer", "kind"),
+                                                                    ("answer-rate prior", "question"))}
+    res = {"rows": {**{b: score(test_qs, p) for b, p in priors.items()}, **{name(r): r["scores"] for r in results}},
            "peak_mb": {name(r): r["peak_mb"] for r in results}, "paired": {}, "test_loss own / another scan": {},
            "reads": {name(results[0]): results[0]["reads"]}}
     for r in results:  # the image-blind check without retraining: the same model asked about another scan
@@ -1806,6 +1816,7 @@ def main(argv=None):
             res["rows"][f"{name(r)}, another scan"] = r["another_scan"]
             res["test_loss own / another scan"][name(r)] = (r["loss_own"], r["loss_another"])
     pairs = [(results[0]["preds"], r["preds"], name(r)) for r in results[1:]]
+    pairs += [(results[0]["preds"], p, f"the {b}") for b, p in priors.items()]
     if "another_preds" in results[0]:
         pairs.append((results[0]["preds"], results[0]["another_preds"], "the same model asked about another scan"))
     for own, ref, ref_name in pairs:

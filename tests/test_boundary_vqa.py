@@ -295,7 +295,8 @@ def test_main_end_to_end_resume_and_predict(tmp_path, capsys, monkeypatch):
     for f in ("log.jsonl", "log_siglip.jsonl"):  # data.StepTimer's numbers in every log line
         recs = [json.loads(line) for line in (out / f).read_text().splitlines()]
         assert recs and all(r["samples_per_s"] > 0 and 0 <= r["data_frac"] <= 1 and r["mfu"] > 0 for r in recs), f
-    assert set(res["rows"]["majority answer"]) >= {"closed", "region"}
+    assert set(res["rows"]["majority answer"]) >= {"closed", "region"} <= set(res["rows"]["answer-rate prior"])
+    assert "closed: --prompt=contour --decoder=m minus the answer-rate prior" in res["paired"]
     reads = res["reads"]["--prompt=contour --decoder=m"].values()  # AUROC per yes/no question asked with both answers
     assert all(0 <= r["auroc"] <= 1 and 0 < r["yes"] < r["n"] for r in reads)
     own, other = res["test_loss own / another scan"]["--prompt=contour --decoder=m"]  # scan 0 <-> scan 1 swapped
@@ -664,6 +665,17 @@ def test_reads_is_the_auroc_of_the_heads_log_odds_per_question():
     r = bv.reads(samples, log_odds)
     assert set(r) == {"Is there A?", "Is there B?"}  # C has no "Yes"; open questions have no head
     assert r["Is there A?"] == dict(auroc=1.0, n=3, yes=1) and r["Is there B?"]["auroc"] == 0.5
+
+
+def test_answer_rate_prior_answers_each_question_text_by_its_training_answers():
+    q = lambda text, ans, kind="closed": (0, {"question": text, "answer": ans, "kind": kind})
+    train = [q("Is there A?", "Yes"), q("Is there A?", "Yes"), q("Is there A?", "No"), q("Is there B?", "No"),
+             q("Is there C?", "No"), q("Is there C?", "No"), q("Is there D?", "Yes"), q("In the heart?", "Yes", "region")]
+    test = [q("Is there A?", "Yes"), q("Is there B?", "No"), q("Is there D?", "Yes"), q("Is there E?", "No"),
+            q("In the heart?", "No", "region"), q("Where?", "Left", "open")]
+    assert bv.blind_answers(train, test, "kind") == ["No", "No", "No", "No", "Yes", ""]  # the majority answer
+    # per text: A and D are mostly "Yes"; E was never asked: its kind's majority; an unseen kind: nothing
+    assert bv.blind_answers(train, test, "question") == ["Yes", "No", "Yes", "No", "Yes", ""]
 
 
 def test_a_finished_run_resumed_evaluates_its_twins_without_training_them_again(tmp_path):
