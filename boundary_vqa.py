@@ -1305,10 +1305,11 @@ def run_vqa(cfg, tower_state, items, val_items, test_items, enc, dev, ddp, rank,
         model.decoder.compile()  # and its checkpoint would not load without --compile)
     if master:
         n_all, n_tr = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in lora + other)
+        k = sum(isinstance(layer, SliceBlock) for layer in model.decoder.layers)
         print(f"VQA --prompt={cfg['prompt']}{' --blind' if cfg['blind'] else ''} "
               f"--decoder={cfg['llm'] or cfg['decoder']}: {n_all / 1e6:.2f}M parameters, {n_tr / 1e6:.2f}M trained "
               f"({100 * n_tr / n_all:.1f}%), "
-              f"{model.tower.n_visual} visual tokens, SSA/MSSA in blocks 0..{cfg['ssa_layers'] - 1}, "
+              f"{model.tower.n_visual} visual tokens, SSA/MSSA {f'in blocks 0..{k - 1}' if k else 'off'}, "
               f"{len(qs)} train / {len(val_qs)} val questions, class weights No/Yes {alpha.tolist()}")
 
     def loss_fn(fwd, batch):
