@@ -1358,8 +1358,9 @@ def run_vqa(cfg, tower_state, items, val_items, test_items, enc, dev, ddp, rank,
               "other test scan has")
     (Path(cfg["out_dir"]) / "vqa_metrics.json").write_text(  # this variant alone
         json.dumps({k: v for k, v in res.items() if k != "another_preds"}, indent=2))
-    lines = [f"{test_items[i]['name']} [{q['kind']}, outline: {q['outline']}] {q['question']}\n  answer: {p}  "
-             f"reference: {q['answer']}" for (i, q), p in zip(test_qs, preds)]
+    one = lambda s: " ".join(str(s).splitlines())  # a generated newline would break the file's two lines a question
+    lines = [f"{test_items[i]['name']} [{q['kind']}, outline: {q['outline']}] {one(q['question'])}\n  answer: "
+             f"{one(p)}  reference: {one(q['answer'])}" for (i, q), p in zip(test_qs, preds)]
     (Path(cfg["out_dir"]) / "answers.txt").write_text("\n".join(lines) + "\n")
     return {**res, "preds": preds}
 

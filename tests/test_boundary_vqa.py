@@ -687,6 +687,12 @@ def test_a_finished_run_resumed_evaluates_its_twins_without_training_them_again(
     again = bv.main(argv + ["--init_from=resume"])
     assert [p.read_bytes() for p in twins] == before  # nothing trained, nothing saved
     assert again["rows"] == first["rows"] and again["paired"] == first["paired"]
+    from tools import pair_answers  # the two runs' answers.txt give the interval the script printed for the pair
+    got = pair_answers.main([str(tmp_path / "run" / d / "answers.txt") for d in ("", "question_only")])
+    for kind, r in got.items():
+        want = first["paired"][f"{kind}: --prompt=contour --decoder=m minus question-only (visual tokens zeroed)"]
+        assert (r["diff"], r["lo"], r["hi"], r["n"]) == pytest.approx((want["diff"], want["lo"], want["hi"], want["n"]))
+    assert set(got) == {"closed", "region"}
 
 
 # ----------------------------------------------------------------------------- --roi_hist (not the paper's)
@@ -812,3 +818,37 @@ def test_oracle_writes_each_scans_labels_into_its_first_token_and_runs_the_vqa_s
     oracle_vqa.main(argv + ["--labels_only=true", f"--out_dir={tmp_path / 'only'}",
                             f"--siglip_from={tmp_path / 'run' / 'siglip.pt'}"])
     assert fed and all(f[:, :, 18:].abs().sum() == 0 and f[:, 1:].abs().sum() == 0 for _, f in fed)
+
+
+# ----------------------------------------------------------------------------- tools/pair_answers.py
+
+def test_pair_answers_pairs_two_runs_question_by_question_and_refuses_other_questions(tmp_path):
+    from tools import pair_answers
+    q = lambda k, kind, ans, ref: f"scan_{k} [{kind}, outline: heart] Is there {k}?\n  answer: {ans}  reference: {ref}"
+    a = [q(0, "closed", "Yes", "Yes"), q(1, "closed", "No", "Yes"), q(2, "region", "yes.", "Yes"),
+         q(3, "open", "12 mm", "12 mm")]
+    b = [q(0, "closed", "No", "Yes"), q(1, "closed", "No", "Yes"), q(2, "region", "No", "Yes"),
+         q(3, "open", "9 mm", "12 mm")]
+    for name, lines in (("a", a), ("b", b), ("short", b[:3]), ("other", [q(9, "closed", "No", "No")] + b[1:]),
+                        ("broken", [a[0].split("\n")[0]] + a[1:])):
+        (tmp_path / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    r = pair_answers.main([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")])
+    assert set(r) == {"closed", "region"}  # open answers have no right/wrong to pair here
+    assert (r["closed"]["a"], r["closed"]["b"], r["closed"]["diff"], r["closed"]["n"]) == (0.5, 0.0, 0.5, 2)
+    assert (r["region"]["diff"], r["region"]["lo"], r["region"]["hi"]) == (1.0, 1.0, 1.0)  # "yes." is "Yes"
+    with pytest.raises(data.InputError, match="has 4 questions, .* 3"):
+        pair_answers.main([str(tmp_path / "a.txt"), str(tmp_path / "short.txt")])
+    with pytest.raises(data.InputError, match="part at question 1"):
+        pair_answers.main([str(tmp_path / "a.txt"), str(tmp_path / "other.txt")])
+    with pytest.raises(data.InputError, match="broken.txt:1: not a question line"):
+        pair_answers.main([str(tmp_path / "broken.txt"), str(tmp_path / "b.txt")])
+
+
+def test_answers_txt_keeps_a_generated_newline_on_its_answer_line(tmp_path, monkeypatch):
+    from tools import pair_answers
+    real = bv.answer
+    monkeypatch.setattr(bv, "answer", lambda *a, **k: [p if p in bv.YES_NO else "left\nlung" for p in real(*a, **k)])
+    bv.main(TINY + run_dirs(tmp_path))
+    text = (tmp_path / "run" / "answers.txt").read_text()
+    got = pair_answers.read_answers(tmp_path / "run" / "answers.txt")
+    assert "answer: left lung  reference:" in text and len(got) == len(text.splitlines()) // 2
