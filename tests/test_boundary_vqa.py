@@ -796,6 +796,14 @@ def test_oracle_writes_each_scans_labels_into_its_first_token_and_runs_the_vqa_s
     only = oracle_vqa.with_labels(cache, items, only=True)
     assert all(torch.equal(only[k][0, :18], out[k][0, :18]) and only[k].abs().sum() == out[k][0, :18].sum()
                for k in cache)  # the labels and nothing else
+    one = oracle_vqa.with_labels(cache, items, findings=[data.LABELS[3]])  # scan 0 has it, scan 1 not
+    assert one[(0, "heart")][0, 3] == 3.0 and one[(1, None)][0, 3] == 0.0
+    for k in cache:  # every other channel is the tower's
+        keep = torch.ones_like(cache[k], dtype=torch.bool)
+        keep[0, 3] = False
+        assert torch.equal(one[k][keep], cache[k][keep])
+    with pytest.raises(data.BadConfig, match="--findings: 'Nodule' is not a finding"):
+        oracle_vqa.main(TINY + run_dirs(tmp_path) + ["--findings=Atelectasis,Nodule"])
     with pytest.raises(data.BadConfig, match="--proj_dim=16"):
         oracle_vqa.main(TINY + run_dirs(tmp_path))
     with pytest.raises(data.BadConfig, match="--labels_only=yes: expected true or false"):
