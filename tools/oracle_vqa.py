@@ -40,23 +40,26 @@ def oracle_feature_cache(model, items, qs, cfg, dev, only: bool = False, finding
     return cache if cfg["blind"] else with_labels(cache, items, only, findings)
 
 
+def own_flag(argv: list, key: str):
+    """This tool's --key=value taken out of boundary_vqa.py's command line -> (its last value or None, the rest)."""
+    mine = [a for a in argv if a.startswith(f"--{key}=")]
+    return (mine[-1].split("=", 1)[1] if mine else None), [a for a in argv if a not in mine]
+
+
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    flag = [a for a in argv if a.startswith("--labels_only=")]
-    if flag and flag[-1] not in ("--labels_only=true", "--labels_only=false"):
-        raise BadConfig(f"{flag[-1]}: expected true or false")
-    only, argv = flag[-1:] == ["--labels_only=true"], [a for a in argv if a not in flag]
-    chosen = [a for a in argv if a.startswith("--findings=")]
-    findings = chosen[-1].removeprefix("--findings=").split(",") if chosen else LABELS
+    only, argv = own_flag(list(sys.argv[1:] if argv is None else argv), "labels_only")
+    if only not in (None, "true", "false"):
+        raise BadConfig(f"--labels_only={only}: expected true or false")
+    findings, argv = own_flag(argv, "findings")
+    findings = findings.split(",") if findings is not None else LABELS
     if unknown := [f for f in findings if f not in LABELS]:
         raise BadConfig(f"--findings: {unknown[0]!r} is not a finding; expected names from {', '.join(LABELS)}")
-    argv = [a for a in argv if a not in chosen]
     cfg = bv.parse_config(argv, bv.DEFAULTS, bv.PRESETS)
     if cfg["data"] != "synthetic":
         raise BadConfig(f"--data={cfg['data']}: the oracle needs the phantoms' 18 labels")
     if cfg["proj_dim"] < len(LABELS):
         raise BadConfig(f"--proj_dim={cfg['proj_dim']}: the oracle writes {len(LABELS)} labels into one token")
-    bv.feature_cache = functools.partial(oracle_feature_cache, only=only, findings=findings)
+    bv.feature_cache = functools.partial(oracle_feature_cache, only=only == "true", findings=findings)
     try:
         return bv.main(argv + ["--stage=vqa"])
     finally:
