@@ -1455,10 +1455,13 @@ def reads(samples, log_odds) -> dict:
             for t, v in sorted(by.items()) if 0 < sum(y for y, _ in v) < len(v)}
 
 
+def same_answer(a: str, b: str) -> bool:  # case and a final period aside
+    return a.strip().lower().rstrip(".") == b.strip().lower().rstrip(".")
+
+
 def correct(samples, preds, kind) -> np.ndarray:
-    """1 per question of `kind` answered right (case and a final period aside), else 0: the bootstrap's input."""
-    yn = lambda s: s.strip().lower().rstrip(".")
-    return np.array([yn(p) == yn(q["answer"]) for (_, q), p in zip(samples, preds) if q["kind"] == kind], dtype=float)
+    """1 per question of `kind` answered right (same_answer), else 0: the bootstrap's input."""
+    return np.array([same_answer(p, q["answer"]) for (_, q), p in zip(samples, preds) if q["kind"] == kind], float)
 
 
 def peak_memory_mb(dev: str) -> float:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from boundary_vqa import same_answer
 from data import InputError, bootstrap_diff, run
 
 HEAD = re.compile(r"^\S+ \[(\w+), outline: [^\]]*\] .+$")  # "<scan> [<kind>, outline: <region>] <question>"
@@ -21,17 +22,16 @@ ANSWER = re.compile(r"^  answer: (.*)  reference: (.*)$")
 
 def read_answers(path) -> list:
     """answers.txt -> [(question line, kind, 1.0 if answered right else 0.0)], right as boundary_vqa.correct counts
-    it (case and a final period aside)."""
+    it (boundary_vqa.same_answer)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: missing; expected a finished boundary_vqa.py run's answers.txt")
     lines, out = path.read_text().splitlines(), []
-    norm = lambda s: s.strip().lower().rstrip(".")
     for n in range(0, len(lines) - 1, 2):
         head, ans = HEAD.match(lines[n]), ANSWER.match(lines[n + 1])
         if not head or not ans:
             raise InputError(f"{path}:{n + 1}: not a question line followed by its answer line")
-        out.append((lines[n], head.group(1), float(norm(ans.group(1)) == norm(ans.group(2)))))
+        out.append((lines[n], head.group(1), float(same_answer(ans.group(1), ans.group(2)))))
     if len(lines) % 2 or not out:
         raise InputError(f"{path}: {len(lines)} lines; expected question and answer lines in pairs")
     return out
