@@ -778,8 +778,38 @@ def test_probe_tower_runs_on_a_trained_tower_and_names_a_missing_one(tmp_path, c
         assert got[kind] and set(got[kind]) <= set(data.LABELS) and all(0 <= a <= 1 for a in got[kind].values())
     assert got["random_conv"] != got["tower"] and got["untrained"] != got["tower"]
     assert "carried (AUROC >= 0.8)" in capsys.readouterr().out
+    closed = probe_tower.main([str(tmp_path / "run"), "--closed", "--n_test=3"])["closed"]
+    assert len(closed) == 4 and all(0 <= v <= 1 for v in closed.values())
+    assert "closed questions of the 3 test phantoms" in capsys.readouterr().out
     with pytest.raises(data.BadConfig, match=f"{tmp_path / 'none' / 'siglip.pt'}: no SigLIP tower"):
         probe_tower.main([str(tmp_path / "none")])
+
+
+def test_probe_closed_answers_use_the_probe_on_carried_findings_and_the_prior_elsewhere(monkeypatch):
+    from tools import probe_tower
+    a, b = "Cardiomegaly", "Atelectasis"  # organs: heart, lungs
+    ask = lambda label, yes: {"question": f"Is there {data._finding_name(label)} in this scan?", "kind": "closed",
+                              "answer": "Yes" if yes else "No", "region": "lungs"}
+
+    def item(ya, yb, questions):
+        labels = np.zeros(18, np.int64)
+        labels[data.LABELS.index(a)], labels[data.LABELS.index(b)] = ya, yb
+        return {"labels": labels, "questions": questions, "name": "x"}
+    # training: the scans' own questions make "No" the prior answer for a and "Yes" for b (20 of 30)
+    train = [item(i % 2, i % 3 == 0, [ask(a, False), ask(b, i < 20)]) for i in range(30)]
+    test = [item(i % 2, i < 3, [ask(a, i % 2), ask(b, i < 3)]) for i in range(10)]  # b: Yes 3 of 10
+
+    def fake_features(cfg, ckpt, items, kind):  # both organs' features carry their finding's label, plus noise
+        g = torch.Generator().manual_seed(len(items))
+        col = lambda label: torch.tensor([float(it["labels"][data.LABELS.index(label)]) for it in items])[:, None]
+        return {"heart": torch.cat([col(a), 0.1 * torch.randn(len(items), 2, generator=g)], 1),
+                "lungs": torch.cat([col(b), 0.1 * torch.randn(len(items), 2, generator=g)], 1)}
+    monkeypatch.setattr(probe_tower, "features", fake_features)
+    acc = probe_tower.closed_answers({}, None, "tower", train, test, carried={a})
+    assert acc['"No"'] == pytest.approx((5 + 7) / 20)
+    assert acc["answer-rate prior"] == pytest.approx((5 + 3) / 20)  # a: "No", b: "Yes"
+    assert acc["probe"] == 1.0
+    assert acc["probe on the carried findings, the prior elsewhere"] == pytest.approx((10 + 3) / 20)
 
 
 # ----------------------------------------------------------------------------- tools/oracle_vqa.py
