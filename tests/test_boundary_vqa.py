@@ -805,7 +805,8 @@ def test_probe_closed_answers_use_the_probe_on_carried_findings_and_the_prior_el
         return {"heart": torch.cat([col(a), 0.1 * torch.randn(len(items), 2, generator=g)], 1),
                 "lungs": torch.cat([col(b), 0.1 * torch.randn(len(items), 2, generator=g)], 1)}
     monkeypatch.setattr(probe_tower, "features", fake_features)
-    acc = probe_tower.closed_answers({}, None, "tower", train, test, carried={a})
+    acc = probe_tower.closed_answers({}, None, "tower", train, fake_features({}, None, train, "tower"), test,
+                                     carried={a})
     assert acc['"No"'] == pytest.approx((5 + 7) / 20)
     assert acc["answer-rate prior"] == pytest.approx((5 + 3) / 20)  # a: "No", b: "Yes"
     assert acc["probe"] == 1.0

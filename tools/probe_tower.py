@@ -89,15 +89,16 @@ def features(cfg, ckpt, items, kind: str) -> dict:
                           for s in range(0, len(items), 32)]) for r in organs}
 
 
-def closed_answers(cfg, ckpt, kind: str, train: list, test: list, carried: set) -> dict:
+def closed_answers(cfg, ckpt, kind: str, train: list, f_train: dict, test: list, carried: set) -> dict:
     """--closed: the test split's closed questions ("Is there <finding> in this scan?") answered without a decoder,
     each by fit() on its finding's organ features over all training scans (Yes when its logit is above 0); by the
     answer-rate prior (boundary_vqa.blind_answers); and by the probe for the carried findings, the prior elsewhere.
-    -> {rule: accuracy}, "No" everywhere included. The test labels are only scored against, never fitted."""
+    f_train: features(cfg, ckpt, train, kind). -> {rule: accuracy}, "No" everywhere included. The test labels are
+    only scored against, never fitted."""
     finding = {f"Is there {_finding_name(label)} in this scan?": label for label in LABELS}
     train_qs, test_qs = bv.questions_of(train), [s for s in bv.questions_of(test) if s[1]["kind"] == "closed"]
     y = torch.tensor(np.array([it["labels"] for it in train])).float()
-    f_train, f_test = features(cfg, ckpt, train, kind), features(cfg, ckpt, test, kind)
+    f_test = features(cfg, ckpt, test, kind)
     logit = {}
     for label in sorted({finding[q["question"]] for _, q in test_qs}):
         j, organ = LABELS.index(label), bv.ORGAN.get(label, "lungs")
@@ -121,6 +122,8 @@ def main(argv=None) -> dict:
                     "probes (fitted on all training scans), against the answer-rate prior and \"No\"")
     ap.add_argument("--n_test", type=int, default=0, help="--closed: test phantoms (default: the run's n_test)")
     args = ap.parse_args(argv)
+    if args.n_test < 0:
+        raise BadConfig(f"--n_test={args.n_test}: a number of test phantoms, at least 1 (0: the run's)")
     path = Path(args.out_dir) / "siglip.pt"
     if not path.is_file():
         raise BadConfig(f"{path}: no SigLIP tower; train one with python boundary_vqa.py --stage=siglip "
@@ -140,7 +143,7 @@ def main(argv=None) -> dict:
     carried = [label for label, a in res.items() if a >= CARRIED]
     print(f"{len(carried)} of {len(res)} carried (AUROC >= {CARRIED}), mean AUROC {np.mean(list(res.values())):.3f}")
     if args.closed:
-        acc = closed_answers(cfg, ckpt, args.features, items, bv.get_items(cfg, "test"), set(carried))
+        acc = closed_answers(cfg, ckpt, args.features, items, feats, bv.get_items(cfg, "test"), set(carried))
         print(f"closed questions of the {cfg['n_test']} test phantoms, answered without a decoder (x100):")
         for name, a in acc.items():
             print(f"  {100 * a:5.1f}  {name}")
