@@ -859,6 +859,36 @@ def test_oracle_writes_each_scans_labels_into_its_first_token_and_runs_the_vqa_s
     assert fed and all(f[:, :, 18:].abs().sum() == 0 and f[:, 1:].abs().sum() == 0 for _, f in fed)
 
 
+# ----------------------------------------------------------------------------- tools/init_seed.py
+
+def test_init_seed_changes_the_initial_weights_alone_and_equal_to_seed_is_the_plain_run(tmp_path):
+    from tools import init_seed
+    cfg = cfg_of(TINY)
+    torch.manual_seed(0)
+    a = init_seed.seeded(bv.build_model, 5)(cfg).state_dict()
+    torch.manual_seed(1)  # another RNG state before the build: the same weights
+    b = init_seed.seeded(bv.build_model, 5)(cfg).state_dict()
+    c = init_seed.seeded(bv.build_model, 6)(cfg).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("decoder."))
+    with pytest.raises(data.BadConfig, match="--init_seed=N is required"):
+        init_seed.main(TINY + run_dirs(tmp_path))
+    with pytest.raises(data.BadConfig, match="--init_seed=x: expected an integer"):
+        init_seed.main(TINY + run_dirs(tmp_path) + ["--init_seed=x"])
+    argv = TINY + run_dirs(tmp_path)
+    bv.main(argv + ["--stage=siglip"])
+    tower = f"--siglip_from={tmp_path / 'run' / 'siglip.pt'}"
+    weights = lambda name: torch.load(tmp_path / name / "ckpt.pt", weights_only=False)["model"]
+    bv.main(argv + ["--stage=vqa", tower, f"--out_dir={tmp_path / 'plain'}"])
+    init_seed.main(argv + [tower, f"--init_seed={cfg['seed']}", f"--out_dir={tmp_path / 'same'}"])
+    init_seed.main(argv + [tower, "--init_seed=7", f"--out_dir={tmp_path / 'other'}"])
+    assert bv.build_model is init_seed._build_model  # put back
+    plain, same, other = weights("plain"), weights("same"), weights("other")
+    assert all(torch.equal(plain[k], same[k]) for k in plain)
+    assert all(torch.equal(plain[k], other[k]) for k in plain if k.startswith("tower."))  # the frozen tower is kept
+    assert any(not torch.equal(plain[k], other[k]) for k in plain if k.startswith("decoder."))
+
+
 # ----------------------------------------------------------------------------- tools/pair_answers.py
 
 def test_pair_answers_pairs_two_runs_question_by_question_and_refuses_other_questions(tmp_path):
