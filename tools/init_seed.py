@@ -10,6 +10,7 @@ after the build draws from that RNG (answers are greedy): --init_seed equal to -
 is boundary_vqa.py's; --stage=vqa is implied.
 """
 import sys
+from unittest import mock
 
 import torch
 
@@ -35,11 +36,8 @@ def main(argv=None):
     except (TypeError, ValueError):
         raise BadConfig(f"--init_seed={seed}: expected an integer" if seed is not None else
                         "--init_seed=N is required (the seed of the VQA models' initial weights)") from None
-    bv.build_model = seeded(_build_model, seed)
-    try:
+    with mock.patch.object(bv, "build_model", seeded(_build_model, seed)):  # put back after the run
         return bv.main(argv + ["--stage=vqa"])
-    finally:
-        bv.build_model = _build_model
 
 
 if __name__ == "__main__":

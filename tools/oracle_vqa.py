@@ -14,6 +14,7 @@ finding would give.
 """
 import functools
 import sys
+from unittest import mock
 
 import torch
 
@@ -59,11 +60,9 @@ def main(argv=None):
         raise BadConfig(f"--data={cfg['data']}: the oracle needs the phantoms' 18 labels")
     if cfg["proj_dim"] < len(LABELS):
         raise BadConfig(f"--proj_dim={cfg['proj_dim']}: the oracle writes {len(LABELS)} labels into one token")
-    bv.feature_cache = functools.partial(oracle_feature_cache, only=only == "true", findings=findings)
-    try:
+    oracle = functools.partial(oracle_feature_cache, only=only == "true", findings=findings)
+    with mock.patch.object(bv, "feature_cache", oracle):  # put back after the run
         return bv.main(argv + ["--stage=vqa"])
-    finally:
-        bv.feature_cache = _feature_cache
 
 
 if __name__ == "__main__":
