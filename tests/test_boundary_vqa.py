@@ -921,3 +921,50 @@ def test_answers_txt_keeps_a_generated_newline_on_its_answer_line(tmp_path, monk
     text = (tmp_path / "run" / "answers.txt").read_text()
     got = pair_answers.read_answers(tmp_path / "run" / "answers.txt")
     assert "answer: left lung  reference:" in text and len(got) == len(text.splitlines()) // 2
+
+
+# ----------------------------------------------------------------------------- tools/train_reads.py
+
+def test_train_reads_thresholds_are_chosen_on_the_given_answers_nearest_zero_of_equals():
+    from tools import train_reads
+    assert train_reads.best_threshold(np.array([1.0, 2.0]), np.array([True, True])) == 0.0  # any t < 1: nearest 0
+    t = train_reads.best_threshold(np.array([-1.0, -0.5]), np.array([True, True]))
+    assert -1.05 < t < -1.0
+    t = train_reads.best_threshold(np.array([-2.0, -1.0, 0.5, 1.0]), np.array([False, True, True, True]))
+    assert -2.0 < t < -1.0
+    # a head that ignores the scan (one log-odds per question text): thresholds per question text answer each text's
+    # training majority, the answer-rate prior
+    ask = lambda text, ans: (0, {"question": text, "kind": "closed", "answer": ans})
+    train = [ask("A", "Yes"), ask("A", "Yes"), ask("A", "No"), ask("B", "No"), ask("B", "No"), ask("B", "No"),
+             ask("B", "Yes")]
+    test = [ask("A", "Yes"), ask("A", "No"), ask("B", "No"), ask("B", "Yes"), ask("C", "No")]
+    d = {"A": -0.3, "B": -0.2, "C": -0.25}  # all below 0: Yes above 0 would say No everywhere
+    t = train_reads.thresholds(train, {j: d[q["question"]] for j, (_, q) in enumerate(train)})
+    per_q = lambda q: t.get((q["kind"], q["question"]), t[(q["kind"],)])
+    lo = {j: d[q["question"]] for j, (_, q) in enumerate(test)}
+    got = ["Yes" if lo[j] > per_q(q) else "No" for j, (_, q) in enumerate(test)]
+    assert got == bv.blind_answers(train, test, by="question") == ["Yes", "Yes", "No", "No", "No"]
+    assert train_reads.right(test, lo, "closed", per_q).tolist() == [1, 0, 1, 0, 1]
+    assert train_reads.right(test, lo, "closed").tolist() == [0, 1, 1, 0, 1]  # Yes above 0
+
+
+def test_train_reads_runs_on_a_finished_run_and_its_twin(tmp_path, capsys, monkeypatch):
+    from tools import train_reads
+    with pytest.raises(data.BadConfig, match=f"{tmp_path / 'run' / 'ckpt.pt'}: no VQA checkpoint"):
+        train_reads.main([str(tmp_path / "run")])
+    bv.main(TINY + run_dirs(tmp_path) + ["--baselines=true", "--n_train=6", "--n_test=3"])
+    res = train_reads.main([str(tmp_path / "run")])
+    for name in ("model", "twin"):
+        reads = res[name]["reads"]
+        assert set(reads) == {"train", "test"} and reads["train"]
+        assert all(0 <= r["auroc"] <= 1 and 0 < r["yes"] < r["n"] <= 6 for r in reads["train"].values())
+        assert all(r["n"] <= 3 for r in reads["test"].values())
+        assert all(0 <= v <= 1 for kind in ("closed", "region") for v in res[name][kind].values())
+    assert all(r["auroc"] == 0.5 for r in res["twin"]["reads"]["train"].values())  # the twin reads no scan
+    assert ("closed", "per question") in res["model minus twin"]
+    out = capsys.readouterr().out
+    assert "0.50 for every question on both splits" in out and "model minus twin, region" in out
+    real = bv.get_items  # phantoms cached under this run's names whose labels are not its seed's
+    monkeypatch.setattr(bv, "get_items", lambda *a, **k: [{**it, "labels": 1 - it["labels"]} for it in real(*a, **k)])
+    with pytest.raises(data.BadConfig, match="not the ones --seed=1337 draws"):
+        train_reads.main([str(tmp_path / "run")])
